@@ -1,0 +1,425 @@
+"""Configuration: one TOML file turned into frozen dataclasses.
+
+Every key the agent accepts is a field of a dataclass below; `load_config` checks each value's
+type and range and raises `ConfigError` naming the file, the key and what is expected. Unknown
+keys are errors too, with the nearest valid key suggested, so a typo never silently falls back
+to a default. The upload token is held in a `Secret` whose repr never shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edge_agent.errors import ConfigError
+
+WhenFull = Literal["drop_oldest", "drop_newest", "block"]
+Shape = Literal["long", "wide"]
+LineKind = Literal["json", "kv", "csv", "regex", "number"]
+PayloadKind = Literal["json", "number", "kv"]
+
+
+class Secret:
+    """A token or password: compares and reveals on demand, never shows in repr or str."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    data_dir: str = "/var/lib/edge-agent"
+    device_id: str | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    url: str = ""
+    token_env: str | None = None
+    token_file: str | None = None
+    max_batch_records: int = 500
+    max_batch_bytes: int = 1_000_000
+    flush_interval_s: float = 2.0
+    timeout_s: float = 10.0
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    record_id_field: str | None = None
+    gzip: bool = False
+    verify_tls: bool = True
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    proxy: str | None = None
+
+
+@dataclass(frozen=True)
+class BufferConfig:
+    max_bytes: int = 268_435_456
+    when_full: WhenFull = "drop_oldest"
+    commit_interval_ms: int = 200
+    sync: Literal["full", "normal"] = "full"
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    name: str
+    type: Literal["serial", "mqtt"]
+    datasource_id: str
+    format: LineKind = "json"
+    shape: Shape = "long"
+    tags: Mapping[str, str] = field(default_factory=dict)
+    # serial
+    port: str | None = None
+    baudrate: int = 9600
+    columns: tuple[str, ...] = ()
+    delimiter: str = ","
+    pattern: str | None = None
+    metric: str = "value"
+    max_line_bytes: int = 4096
+    encoding: str = "utf-8"
+    silence_timeout_s: float | None = None
+    reopen_backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    agent: AgentConfig
+    endpoint: EndpointConfig
+    buffer: BufferConfig
+    sources: tuple[SourceConfig, ...]
+    token: Secret = field(repr=False, compare=False, default_factory=lambda: Secret(""))
+
+    @property
+    def buffer_path(self) -> Path:
+        return Path(self.agent.data_dir) / "buffer.db"
+
+
+# Keys accepted per source type, besides the common ones; used to reject a serial key on an
+# MQTT source (and the reverse) with a message that says which type takes it.
+_COMMON_SOURCE_KEYS = frozenset({"name", "type", "datasource_id", "format", "shape", "tags"})
+_SOURCE_KEYS_BY_TYPE = {
+    "serial": frozenset(
+        {
+            "port",
+            "baudrate",
+            "columns",
+            "delimiter",
+            "pattern",
+            "metric",
+            "max_line_bytes",
+            "encoding",
+            "silence_timeout_s",
+            "reopen_backoff_max_s",
+        }
+    ),
+    "mqtt": frozenset(),
+}
+_SECTIONS: dict[str, type[Any]] = {
+    "agent": AgentConfig,
+    "endpoint": EndpointConfig,
+    "buffer": BufferConfig,
+}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def all_keys() -> dict[str, list[str]]:
+    """Every accepted key by section, for `check` output and the README test."""
+    keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()}
+    keys["sources"] = [f.name for f in dataclasses.fields(SourceConfig)]
+    return keys
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, check and resolve the configuration file; raises ConfigError on any problem."""
+    path = Path(path)
+    env = os.environ if environ is None else environ
+    raw = _read_toml(path)
+    where = str(path)
+    _reject_unknown(raw, [*_SECTIONS, "sources"], where, "top level")
+    sections = {
+        name: _build(cls, _table(raw, name, where), where, f"[{name}]")
+        for name, cls in _SECTIONS.items()
+    }
+    sources = _build_sources(raw.get("sources", []), where)
+    endpoint: EndpointConfig = sections["endpoint"]
+    _check_endpoint(endpoint, where)
+    _check_buffer(sections["buffer"], where)
+    _check_agent(sections["agent"], where)
+    return Config(
+        path=path,
+        agent=sections["agent"],
+        endpoint=endpoint,
+        buffer=sections["buffer"],
+        sources=sources,
+        token=resolve_token(endpoint, env, where),
+    )
+
+
+def resolve_token(endpoint: EndpointConfig, environ: Mapping[str, str], where: str) -> Secret:
+    """The upload token from the environment variable or file the endpoint names."""
+    if endpoint.token_env:
+        value = environ.get(endpoint.token_env, "").strip()
+        if not value:
+            raise ConfigError(
+                f"{where}: [endpoint] token_env: the environment variable {endpoint.token_env} "
+                "is not set or empty; export it before starting the agent, or use token_file"
+            )
+        return Secret(value)
+    assert endpoint.token_file is not None  # _check_endpoint requires one of the two
+    try:
+        value = Path(endpoint.token_file).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: [endpoint] token_file: cannot read {endpoint.token_file} "
+            f"({exc.strerror}); create it with the token on one line, readable by the agent"
+        ) from None
+    if not value:
+        raise ConfigError(
+            f"{where}: [endpoint] token_file: {endpoint.token_file} is empty; "
+            "put the token on one line"
+        )
+    return Secret(value)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such file; copy one of the examples in configs/ and edit it"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _table(raw: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
+    value = raw.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: [{name}] must be a table (a [{name}] section)")
+    return value
+
+
+def _reject_unknown(table: Mapping[str, Any], valid: list[str], where: str, section: str) -> None:
+    for key in table:
+        if key not in valid:
+            near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{where}: {section}: unknown key {key!r}{hint}")
+
+
+def _build(cls: type[Any], table: Mapping[str, Any], file: str, section: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(table, list(fields), file, section)
+    where = f"{file}: {section}"
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        values[key] = _convert(value, hints[key], f"{where} {key}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in values
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key {missing[0]!r}")
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against the type `hint`; returns it in the dataclass's form."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            choices = " | ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: expected one of {choices}, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string in quotes, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f'{where}: expected a list of strings like ["a", "b"], got {value!r}')
+        return tuple(value)
+    if origin in (dict, Mapping, typing.Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f'{where}: expected a table like {{ site = "north" }}, got {value!r}')
+        return {str(k): _tag_value(v, f"{where}.{k}") for k, v in value.items()}
+    raise AssertionError(f"unhandled config type {hint!r}")  # pragma: no cover - a coding error
+
+
+def _tag_value(value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ConfigError(f"{where}: tag values must be strings or numbers, got {value!r}")
+    return str(value)
+
+
+def _check_range(value: float, low: float, high: float, where: str) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: expected a value from {low:g} to {high:g}, got {value:g}")
+
+
+def _check_agent(agent: AgentConfig, where: str) -> None:
+    if not agent.data_dir:
+        raise ConfigError(f"{where}: [agent] data_dir: must not be empty")
+    if agent.device_id is not None and not agent.device_id.strip():
+        raise ConfigError(f"{where}: [agent] device_id: must not be empty (leave it out instead)")
+
+
+def _check_endpoint(ep: EndpointConfig, where: str) -> None:
+    w = f"{where}: [endpoint]"
+    if not ep.url:
+        raise ConfigError(
+            f"{w} url: missing; set it to the insert URL, "
+            'e.g. "https://api.example.com/restapi/datasource/insert"'
+        )
+    if not re.match(r"^https?://[^/\s]+", ep.url):
+        raise ConfigError(f"{w} url: expected an http:// or https:// URL, got {ep.url!r}")
+    if bool(ep.token_env) == bool(ep.token_file):
+        raise ConfigError(
+            f"{w}: set exactly one of token_env (an environment variable name) "
+            "or token_file (a file holding the token)"
+        )
+    _check_range(ep.max_batch_records, 1, 100_000, f"{w} max_batch_records")
+    _check_range(ep.max_batch_bytes, 1024, 100_000_000, f"{w} max_batch_bytes")
+    _check_range(ep.flush_interval_s, 0.0, 3600.0, f"{w} flush_interval_s")
+    _check_range(ep.timeout_s, 0.1, 600.0, f"{w} timeout_s")
+    _check_range(ep.backoff_base_s, 0.01, 3600.0, f"{w} backoff_base_s")
+    _check_range(ep.backoff_max_s, ep.backoff_base_s, 86_400.0, f"{w} backoff_max_s")
+    for key in ("ca_file", "client_cert", "client_key"):
+        value = getattr(ep, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{w} {key}: no such file {value!r}")
+    if ep.client_key and not ep.client_cert:
+        raise ConfigError(f"{w} client_key: needs client_cert too")
+
+
+def _check_buffer(buf: BufferConfig, where: str) -> None:
+    w = f"{where}: [buffer]"
+    _check_range(buf.max_bytes, 1_048_576, 1 << 40, f"{w} max_bytes")
+    _check_range(buf.commit_interval_ms, 1, 60_000, f"{w} commit_interval_ms")
+
+
+def _build_sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(
+            f"{where}: no [[sources]]; add at least one [[sources]] table "
+            "(see configs/serial-sensor.toml)"
+        )
+    sources = []
+    for index, table in enumerate(raw, start=1):
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [[sources]] #{index} must be a table")
+        sources.append(_build_source(table, where, f"[[sources]] #{index}"))
+    names = [s.name for s in sources]
+    for name in names:
+        if names.count(name) > 1:
+            raise ConfigError(
+                f"{where}: [[sources]]: the name {name!r} is used twice; names must differ"
+            )
+    return tuple(sources)
+
+
+def _build_source(table: Mapping[str, Any], file: str, section: str) -> SourceConfig:
+    name = table.get("name")
+    if isinstance(name, str):
+        section = f"{section} ({name})"
+    label = f"{file}: {section}"
+    kind = table.get("type")
+    if kind not in _SOURCE_KEYS_BY_TYPE:
+        raise ConfigError(f"{label} type: expected one of 'serial' | 'mqtt', got {kind!r}")
+    allowed = _COMMON_SOURCE_KEYS | _SOURCE_KEYS_BY_TYPE[kind]
+    for key in table:
+        for other, keys in _SOURCE_KEYS_BY_TYPE.items():
+            if key not in allowed and key in keys:
+                raise ConfigError(f"{label} {key}: only {other} sources take this key")
+    _reject_unknown(table, sorted(allowed), file, section)
+    source: SourceConfig = _build(SourceConfig, table, file, section)
+    if not _NAME_RE.match(source.name):
+        raise ConfigError(
+            f"{label} name: use letters, digits, '.', '_' or '-' (at most 64), got {source.name!r}"
+        )
+    if not source.datasource_id.strip():
+        raise ConfigError(f"{label} datasource_id: must not be empty")
+    if source.type == "serial":
+        _check_serial(source, label)
+    return source
+
+
+def _check_serial(src: SourceConfig, where: str) -> None:
+    if not src.port:
+        raise ConfigError(f'{where} port: missing; e.g. port = "/dev/serial/by-id/usb-..."')
+    _check_range(src.baudrate, 50, 4_000_000, f"{where} baudrate")
+    _check_range(src.max_line_bytes, 16, 1_048_576, f"{where} max_line_bytes")
+    if src.silence_timeout_s is not None:
+        _check_range(src.silence_timeout_s, 1.0, 86_400.0, f"{where} silence_timeout_s")
+    _check_range(src.reopen_backoff_max_s, 0.1, 3600.0, f"{where} reopen_backoff_max_s")
+    if src.format == "csv" and not src.columns:
+        raise ConfigError(f'{where} columns: format "csv" needs columns = ["name", ...]')
+    if src.format == "regex":
+        if not src.pattern:
+            raise ConfigError(f'{where} pattern: format "regex" needs a pattern with named groups')
+        try:
+            compiled = re.compile(src.pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where} pattern: not a valid regular expression ({exc})") from None
+        if not compiled.groupindex:
+            raise ConfigError(
+                f"{where} pattern: needs at least one named group, e.g. (?P<temperature>[-0-9.]+)"
+            )
+    if src.format not in ("json", "kv", "csv", "regex", "number"):
+        raise ConfigError(f"{where} format: serial sources read json | kv | csv | regex | number")
+    try:
+        "".encode(src.encoding)
+    except LookupError:
+        raise ConfigError(f"{where} encoding: unknown encoding {src.encoding!r}") from None
