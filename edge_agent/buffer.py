@@ -35,7 +35,7 @@ from typing import Any
 
 import sqlite_utils
 
-from edge_agent.clock import Clock, SystemClock
+from edge_agent.clock import Clock, SystemClock, utc_stamp
 from edge_agent.config import BufferConfig
 from edge_agent.errors import BufferError, EdgeAgentError
 from edge_agent.records import Reading
@@ -319,6 +319,10 @@ class Buffer:
     def error(self) -> EdgeAgentError | None:
         return self._error
 
+    @property
+    def alive(self) -> bool:
+        return not self._thread_dead()
+
     def _thread_dead(self) -> bool:
         return self._thread is None or not self._thread.is_alive()
 
@@ -594,6 +598,26 @@ class BufferSession:
             if p.exists()
         )
         return st
+
+    def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Newest first, with the record parsed back into an object."""
+        cur = self.conn.execute(
+            "SELECT id, datasource_id, record, status, reason, failed_at, attempts "
+            "FROM dead_letters ORDER BY id DESC LIMIT ?",
+            (-1 if limit is None else limit,),
+        )
+        return [
+            {
+                "id": rid,
+                "datasource_id": ds,
+                "record": json.loads(record),
+                "status": status,
+                "reason": reason,
+                "failed_at": utc_stamp(failed_at),
+                "attempts": attempts,
+            }
+            for rid, ds, record, status, reason, failed_at, attempts in cur
+        ]
 
     def pending_count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM readings").fetchone()[0])

@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from edge_agent.errors import ConfigError
+from edge_agent.parsers import LineFormat, LineKind, make_line_parser
 
 WhenFull = Literal["drop_oldest", "drop_newest", "block"]
 Shape = Literal["long", "wide"]
-LineKind = Literal["json", "kv", "csv", "regex", "number"]
-PayloadKind = Literal["json", "number", "kv"]
 
 
 class Secret:
@@ -406,20 +405,22 @@ def _check_serial(src: SourceConfig, where: str) -> None:
     _check_range(src.reopen_backoff_max_s, 0.1, 3600.0, f"{where} reopen_backoff_max_s")
     if src.format == "csv" and not src.columns:
         raise ConfigError(f'{where} columns: format "csv" needs columns = ["name", ...]')
-    if src.format == "regex":
-        if not src.pattern:
-            raise ConfigError(f'{where} pattern: format "regex" needs a pattern with named groups')
-        try:
-            compiled = re.compile(src.pattern)
-        except re.error as exc:
-            raise ConfigError(f"{where} pattern: not a valid regular expression ({exc})") from None
-        if not compiled.groupindex:
-            raise ConfigError(
-                f"{where} pattern: needs at least one named group, e.g. (?P<temperature>[-0-9.]+)"
-            )
-    if src.format not in ("json", "kv", "csv", "regex", "number"):
-        raise ConfigError(f"{where} format: serial sources read json | kv | csv | regex | number")
+    try:
+        make_line_parser(line_format(src))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
     try:
         "".encode(src.encoding)
     except LookupError:
         raise ConfigError(f"{where} encoding: unknown encoding {src.encoding!r}") from None
+
+
+def line_format(src: SourceConfig) -> LineFormat:
+    """The parser settings of a serial source."""
+    return LineFormat(
+        kind=src.format,
+        columns=src.columns,
+        delimiter=src.delimiter,
+        pattern=src.pattern,
+        metric=src.metric,
+    )

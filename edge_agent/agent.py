@@ -1,0 +1,176 @@
+"""The agent: wires the buffer, the uploader and the sources, and owns their lifecycle.
+
+Start order: buffer, uploader, sources (so nothing read waits for a missing consumer).
+Stop order: sources first, then commit what they produced, then give the uploader a deadline
+for the request in flight, then close the buffer. `reload` applies a new configuration
+without losing a reading: changed sources restart, unchanged ones keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import httpx
+
+from edge_agent.buffer import Buffer
+from edge_agent.clock import Clock, SystemClock
+from edge_agent.config import Config, Secret, SourceConfig, load_config, resolve_token
+from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.records import Reading
+from edge_agent.sources.base import Source
+from edge_agent.sources.serial import SerialSource
+from edge_agent.uploader import Uploader
+
+log = logging.getLogger("edge_agent.agent")
+
+
+class ReadingIds:
+    """Time-ordered unique ids (`record_id_field`): sortable hex of ms, a node and a counter.
+
+    An id is given once, when the reading is accepted, and stored with the record, so it
+    stays the same across retries and the server can deduplicate on it.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._node = os.urandom(4).hex()
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._seq = 0
+
+    def next(self) -> str:
+        with self._lock:
+            ms = int(self._clock.wall() * 1000)
+            if ms <= self._last_ms:
+                self._seq += 1
+                ms = self._last_ms
+            else:
+                self._seq = 0
+                self._last_ms = ms
+            return f"{ms:012x}{self._node}{self._seq:06x}"
+
+
+class AgentIntake:
+    """What sources see of the agent: readings go to the buffer, with ids when configured."""
+
+    def __init__(self, buffer: Buffer, record_id_field: str | None, clock: Clock) -> None:
+        self._buffer = buffer
+        self._id_field = record_id_field
+        self._ids = ReadingIds(clock)
+
+    def put(
+        self, readings: Sequence[Reading], on_durable: Callable[[], None] | None = None
+    ) -> bool:
+        if self._id_field:
+            field = self._id_field
+            readings = [
+                Reading(r.datasource_id, {**r.record, field: self._ids.next()}) for r in readings
+            ]
+        return self._buffer.put(readings, on_durable)
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._buffer.count(name, n)
+
+
+def make_source(config: SourceConfig, device_id: str | None, intake: AgentIntake) -> Source:
+    if config.type == "serial":
+        return SerialSource(config, device_id, intake)
+    raise ConfigError(f"source {config.name}: type {config.type!r} is not available yet")
+
+
+class Agent:
+    """One running agent. Start once, stop once."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.buffer = Buffer(config.buffer_path, config.buffer, self.clock)
+        self.intake = AgentIntake(self.buffer, config.endpoint.record_id_field, self.clock)
+        self.uploader = Uploader(
+            config.endpoint,
+            config.token,
+            self.buffer,
+            transport=transport,
+            token_source=self._read_token,
+        )
+        self.sources: dict[str, Source] = {}
+        self.started_at: float | None = None
+
+    def _read_token(self) -> Secret:
+        return resolve_token(self.config.endpoint, os.environ, str(self.config.path))
+
+    def start(self) -> None:
+        """Open the buffer, start the uploader, then the sources. Errors stop start-up."""
+        self.buffer.open()
+        self.uploader.start()
+        for sc in self.config.sources:
+            self._start_source(sc)
+        self.started_at = time.monotonic()
+        log.info(
+            "agent: started with %d source(s), buffer %s, uploading to %s",
+            len(self.sources),
+            self.config.buffer_path,
+            self.config.endpoint.url,
+        )
+
+    def _start_source(self, sc: SourceConfig) -> None:
+        source = make_source(sc, self.config.agent.device_id, self.intake)
+        source.start()
+        self.sources[sc.name] = source
+
+    def stop(self) -> None:
+        log.info("agent: stopping: sources first, then the buffer commits, then the uploader")
+        for source in self.sources.values():
+            source.stop()
+        if not self.buffer.flush(timeout=30):
+            log.error("agent: could not commit the last readings: %s", self.buffer.error)
+        self.uploader.stop()
+        self.buffer.close()
+        log.info("agent: stopped")
+
+    def check_health(self) -> EdgeAgentError | None:
+        """A fatal problem the main loop must stop for, or None."""
+        if not self.buffer.alive:
+            return self.buffer.error or EdgeAgentError("the buffer writer stopped unexpectedly")
+        return None
+
+    def reload(self) -> bool:
+        """Re-read the config file; a bad file is rejected and the running config stays."""
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("agent: reload rejected, still running the previous configuration: %s", exc)
+            return False
+        old = self.config
+        if new.buffer != old.buffer or new.agent.data_dir != old.agent.data_dir:
+            log.warning("agent: [buffer] and data_dir changes take effect at the next restart")
+            agent = replace(new.agent, data_dir=old.agent.data_dir)
+            new = replace(new, buffer=old.buffer, agent=agent)
+        self.config = new
+        self.uploader.reload(new.endpoint, new.token)
+        self._reload_sources(old, new)
+        log.info("agent: configuration reloaded from %s", new.path)
+        return True
+
+    def _reload_sources(self, old: Config, new: Config) -> None:
+        before = {s.name: s for s in old.sources}
+        after = {s.name: s for s in new.sources}
+        same_device = old.agent.device_id == new.agent.device_id
+        for name, sc in before.items():
+            if after.get(name) != sc or not same_device:
+                self.sources.pop(name).stop()
+                log.info("agent: source %s stopped for the reload", name)
+        for name, sc in after.items():
+            if name not in self.sources:
+                self._start_source(sc)

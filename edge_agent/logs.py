@@ -1,0 +1,68 @@
+"""Logging set-up and the rate limit for repeated error lines.
+
+One line per event on stderr, naming the component (`serial weather: ...`). Under systemd
+(JOURNAL_STREAM set) the timestamp is left out because the journal adds its own.
+`--log-format json` gives one JSON object per line for log shippers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = _JsonFormatter()
+        formatter.converter = time.gmtime
+    elif os.environ.get("JOURNAL_STREAM"):
+        formatter = logging.Formatter("%(levelname)s %(message)s")
+    else:
+        formatter = logging.Formatter(
+            "%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+        formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger("edge_agent")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+class RateLimitedLog:
+    """Logs the first occurrence at once, then at most one summary line per `every` seconds."""
+
+    def __init__(self, logger: logging.Logger, every: float = 60.0) -> None:
+        self._logger = logger
+        self._every = every
+        self._last = -every
+        self._suppressed = 0
+
+    def __call__(self, level: int, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self._every:
+            self._suppressed += 1
+            return
+        if self._suppressed:
+            message += f" ({self._suppressed} more like this since the last report)"
+        self._logger.log(level, message)
+        self._last = now
+        self._suppressed = 0

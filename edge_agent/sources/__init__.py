@@ -1,0 +1,1 @@
+"""Sources turn bytes from devices and brokers into readings; see base.py for the contract."""
