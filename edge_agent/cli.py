@@ -30,7 +30,7 @@ log = logging.getLogger("edge_agent.cli")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
+    setup_logging(getattr(args, "log_level", None) or "info", getattr(args, "log_format", "text"))
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -1,0 +1,109 @@
+"""Fixtures with real parts: the sandbox endpoint, pty sensors, a private Mosquitto."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.sandbox import Sandbox
+from edge_agent.simulator import PtySensor
+from tests.helpers import DATASOURCE, TOKEN
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    sbx = Sandbox(tokens=[TOKEN], datasources=[DATASOURCE, "67891"], db_path=tmp_path / "sbx.db")
+    sbx.start()
+    yield sbx
+    sbx.stop()
+
+
+@pytest.fixture
+def pty_sensor(tmp_path: Path) -> Iterator[PtySensor]:
+    sensor = PtySensor(tmp_path / "serial-by-id-usb-weather", rate_hz=50)
+    sensor.plug()
+    yield sensor
+    sensor.stop()
+    sensor.unplug()
+
+
+class Mosquitto:
+    """A private broker on a free port; `restart` keeps the port (and its persistence)."""
+
+    def __init__(self, workdir: Path, binary: str) -> None:
+        self.workdir = workdir
+        self.binary = binary
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            "autosave_interval 1\n"
+            "max_queued_messages 0\n"
+            f"log_dest file {workdir}/mosquitto.log\n"
+        )
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-c", str(self.conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def _mosquitto_binary() -> str | None:
+    return shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    binary = _mosquitto_binary()
+    if binary is None:
+        if os.environ.get("EDGE_AGENT_REQUIRE_BROKER") == "1":
+            pytest.fail("mosquitto is not installed and EDGE_AGENT_REQUIRE_BROKER=1")
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    workdir = tmp_path / "mosquitto"
+    workdir.mkdir()
+    broker = Mosquitto(workdir, binary)
+    broker.start()
+    yield broker
+    broker.stop()
