@@ -13,16 +13,19 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
+from typing import Any
 
 import httpx
 
-from edge_agent.buffer import Buffer
-from edge_agent.clock import Clock, SystemClock
+from edge_agent import __version__
+from edge_agent.buffer import Buffer, BufferSession
+from edge_agent.clock import Clock, ClockGuard, SystemClock
 from edge_agent.config import Config, Secret, SourceConfig, load_config, resolve_token
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.records import Reading
 from edge_agent.sources.base import Source
+from edge_agent.sources.mqtt import MqttSource
 from edge_agent.sources.serial import SerialSource
 from edge_agent.uploader import Uploader
 
@@ -56,30 +59,62 @@ class ReadingIds:
 
 
 class AgentIntake:
-    """What sources see of the agent: readings go to the buffer, with ids when configured."""
+    """What sources see of the agent: readings go to the buffer, with ids when configured.
 
-    def __init__(self, buffer: Buffer, record_id_field: str | None, clock: Clock) -> None:
+    While the clock is not trusted, each reading also carries its monotonic time so the
+    buffer can hold it and correct its timestamp later (device-stamped readings excepted).
+    """
+
+    def __init__(
+        self, buffer: Buffer, record_id_field: str | None, clock: Clock, guard: ClockGuard
+    ) -> None:
         self._buffer = buffer
         self._id_field = record_id_field
         self._ids = ReadingIds(clock)
+        self._guard = guard
 
     def put(
-        self, readings: Sequence[Reading], on_durable: Callable[[], None] | None = None
+        self,
+        readings: Sequence[Reading],
+        on_durable: Callable[[], None] | None = None,
+        device_time: bool = False,
     ) -> bool:
-        if self._id_field:
-            field = self._id_field
+        field = self._id_field
+        mono = None if device_time else self._guard.stamp().mono
+        if field or mono is not None:
             readings = [
-                Reading(r.datasource_id, {**r.record, field: self._ids.next()}) for r in readings
+                Reading(
+                    r.datasource_id,
+                    {**r.record, field: self._ids.next()} if field else r.record,
+                    mono,
+                )
+                for r in readings
             ]
-        return self._buffer.put(readings, on_durable)
+        # A source that acknowledges its input (MQTT) can wait for room; others cannot.
+        return self._buffer.put(readings, on_durable, can_wait=on_durable is not None)
 
     def count(self, name: str, n: int = 1) -> None:
         self._buffer.count(name, n)
+
+    def commit_soon(self) -> None:
+        self._buffer.commit_soon()
+
+    def put_dead_letter(
+        self,
+        datasource_id: str,
+        record_text: str,
+        reason: str,
+        origin: str,
+        on_durable: Callable[[], None] | None = None,
+    ) -> bool:
+        return self._buffer.put_dead_letter(datasource_id, record_text, reason, origin, on_durable)
 
 
 def make_source(config: SourceConfig, device_id: str | None, intake: AgentIntake) -> Source:
     if config.type == "serial":
         return SerialSource(config, device_id, intake)
+    if config.type == "mqtt":
+        return MqttSource(config, device_id, intake)
     raise ConfigError(f"source {config.name}: type {config.type!r} is not available yet")
 
 
@@ -92,11 +127,13 @@ class Agent:
         *,
         transport: httpx.BaseTransport | None = None,
         clock: Clock | None = None,
+        guard_options: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
         self.buffer = Buffer(config.buffer_path, config.buffer, self.clock)
-        self.intake = AgentIntake(self.buffer, config.endpoint.record_id_field, self.clock)
+        self.guard: ClockGuard | None = None
+        self.intake: AgentIntake | None = None
         self.uploader = Uploader(
             config.endpoint,
             config.token,
@@ -106,6 +143,7 @@ class Agent:
         )
         self.sources: dict[str, Source] = {}
         self.started_at: float | None = None
+        self._guard_options = guard_options or {}
 
     def _read_token(self) -> Secret:
         return resolve_token(self.config.endpoint, os.environ, str(self.config.path))
@@ -113,6 +151,17 @@ class Agent:
     def start(self) -> None:
         """Open the buffer, start the uploader, then the sources. Errors stop start-up."""
         self.buffer.open()
+        self.guard = ClockGuard(
+            self.clock,
+            trust_clock=self.config.agent.trust_clock,
+            require_ntp_sync=self.config.agent.require_ntp_sync,
+            newest_known=self.buffer.newest_known_time(),
+            **self._guard_options,
+        )
+        self.intake = AgentIntake(
+            self.buffer, self.config.endpoint.record_id_field, self.clock, self.guard
+        )
+        self._apply_clock_state(became_trusted=self.guard.trusted)
         self.uploader.start()
         for sc in self.config.sources:
             self._start_source(sc)
@@ -124,7 +173,33 @@ class Agent:
             self.config.endpoint.url,
         )
 
+    def _apply_clock_state(self, became_trusted: bool) -> None:
+        assert self.guard is not None
+        if became_trusted:
+            # Also releases readings held by an earlier boot whose clock never settled.
+            self.buffer.fix_times(self.guard.offset, self.config.agent.time_quality_field)
+        elif not self.guard.trusted:
+            self.buffer.distrust_clock()
+            log.warning(
+                "agent: the clock is not trusted (%s); readings are kept with their "
+                "monotonic time and held until it is, then their timestamps are corrected",
+                self.guard.reason,
+            )
+
+    def tick(self) -> None:
+        """Called about once a second by the main loop: watch the clock."""
+        if self.guard is None:
+            return
+        was_trusted = self.guard.trusted
+        became = self.guard.check()
+        if became:
+            log.info("agent: the clock is trusted again; correcting held readings")
+            self._apply_clock_state(became_trusted=True)
+        elif was_trusted and not self.guard.trusted:
+            self._apply_clock_state(became_trusted=False)
+
     def _start_source(self, sc: SourceConfig) -> None:
+        assert self.intake is not None
         source = make_source(sc, self.config.agent.device_id, self.intake)
         source.start()
         self.sources[sc.name] = source
@@ -174,3 +249,62 @@ class Agent:
         for name, sc in after.items():
             if name not in self.sources:
                 self._start_source(sc)
+
+
+def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """Everything the status page, /metrics and `edge-agent status` show, as plain data."""
+    session = BufferSession(agent.config.buffer_path)
+    try:
+        st = session.stats()
+    finally:
+        session.close()
+    up = agent.uploader.stats
+    now_mono = time.monotonic()
+    guard = agent.guard
+    return {
+        "agent": {
+            "version": __version__,
+            "device_id": agent.config.agent.device_id,
+            "config": str(agent.config.path),
+            "uptime_s": 0.0 if agent.started_at is None else now_mono - agent.started_at,
+        },
+        "sources": [
+            {"name": name, "type": _source_type(agent, name), **asdict(src.stats)}
+            for name, src in agent.sources.items()
+        ],
+        "buffer": {
+            "pending": st.pending,
+            "pending_total": sum(st.pending.values()),
+            "pending_bytes": st.pending_bytes,
+            "held": st.held,
+            "oldest_age_s": None
+            if st.oldest_created is None
+            else max(0.0, agent.clock.wall() - st.oldest_created),
+            "file_bytes": st.file_bytes,
+            "max_bytes": agent.config.buffer.max_bytes,
+            "dead_letters": st.dead_letters,
+            "counters": st.counters,
+        },
+        "uploader": {
+            "records_uploaded": up.records_uploaded,
+            "requests": dict(up.requests),
+            "retries": up.retries,
+            "last_success": up.last_success,
+            "last_error": up.last_error,
+            "failing_for_s": None if up.failing_since is None else now_mono - up.failing_since,
+            "paused": dict(up.paused),
+        },
+        "clock": {
+            "trusted": guard is None or guard.trusted,
+            "state": "trusted" if guard is None or guard.trusted else (guard.reason or "untrusted"),
+            "jumps": 0 if guard is None else guard.jumps,
+        },
+        "errors": errors,
+    }
+
+
+def _source_type(agent: Agent, name: str) -> str:
+    for sc in agent.config.sources:
+        if sc.name == name:
+            return sc.type
+    return "unknown"

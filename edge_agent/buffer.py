@@ -1,52 +1,68 @@
 """The SQLite buffer: every accepted reading lives here until it is delivered or dead-lettered.
 
-Tables (schema version in `meta`):
+Tables (see store.py for the schema and its versions):
     readings      pending readings, oldest first (rowid order), with their data source and
                   record schema, so a batch is one data source and one schema
+    held          readings stamped while the clock was not trusted: not sent until their
+                  timestamps are corrected
     schemas       record signatures (sorted keys and JSON types) -> small integer ids
-    dead_letters  records the server refused, with its status and message
+    dead_letters  records the server refused (or input a source could not read), with why
     counters      persistent counts: dropped readings by reason and data source, and more
-    meta          schema version and other facts about this database
 
 Writes of new readings go through one writer thread (`Buffer`) that gathers everything put
 within `commit_interval_ms` into one transaction: one fsync per interval however many
 readings arrive. A reading is accepted when that transaction commits; `put`'s `on_durable`
 callback fires then (the MQTT source acknowledges the broker there). Readers and settlers
 (the uploader, the `buffer` commands) use their own `BufferSession`, one connection each;
-WAL mode lets them work while the writer commits.
+WAL mode lets them work while the writer commits. The writer also checkpoints the WAL on
+its own schedule and applies `max_age`.
 
 Size: the database file never grows past `max_bytes` less a reserve for the WAL by more than
-one commit; `when_full` decides which readings go, and each one is counted.
+one commit, nor while free disk space is under `min_free_bytes`; `when_full` decides which
+readings go, and each one is counted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from edge_agent.clock import Clock, SystemClock, utc_stamp
+from edge_agent.clock import Clock, SystemClock, boot_id, utc_stamp
 from edge_agent.config import BufferConfig
 from edge_agent.errors import BufferError, EdgeAgentError
 from edge_agent.records import Reading
+from edge_agent.store import (
+    bump,
+    connect,
+    file_bytes,
+    get_meta,
+    open_checked,
+    set_meta,
+    transaction,
+    used_bytes,
+)
 
 log = logging.getLogger("edge_agent.buffer")
 
-SCHEMA_VERSION = 1
 # How many uncommitted readings may wait for the writer before `put` blocks: bounds memory
 # when the disk is slow, and slows the sources (TCP flow control for MQTT) instead.
 MAX_INTAKE = 50_000
-_BUSY_TIMEOUT_MS = 30_000
+# The writer checkpoints the WAL this often, or sooner when it passes half its reserve.
+CHECKPOINT_INTERVAL_S = 60.0
+# Housekeeping (max_age, the last known wall time) runs at most this often.
+MAINTENANCE_INTERVAL_S = 30.0
+# SQLite's `strftime` gives 'YYYY-MM-DDTHH:MM:SS.SSS': our stamp format less the 'Z'.
+_RESTAMP = "strftime('%Y-%m-%dT%H:%M:%fZ', ?, 'unixepoch')"
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def signature(record: dict[str, Any]) -> str:
@@ -66,110 +82,29 @@ def _json_type(value: Any) -> str:
     return "o" if isinstance(value, dict) else "a"
 
 
-def connect(path: Path, sync: str = "full") -> sqlite3.Connection:
-    """A connection in autocommit mode (we BEGIN ourselves), WAL, with our pragmas."""
-    try:
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True, timeout=30)
-        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=" + ("FULL" if sync == "full" else "NORMAL"))
-    except sqlite3.Error as exc:
-        raise BufferError(f"cannot open the buffer database {path}: {exc}") from exc
-    return conn
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """The one place that knows transactions: BEGIN IMMEDIATE, COMMIT, or ROLLBACK on error."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def create_schema(conn: sqlite3.Connection) -> None:
-    db = sqlite_utils.Database(conn)
-    version = _schema_version(conn)
-    if version is not None and version > SCHEMA_VERSION:
-        raise BufferError(
-            f"the buffer database was written by a newer agent (schema {version}, this agent "
-            f"knows {SCHEMA_VERSION}); upgrade the agent, or move the database aside"
-        )
-    with transaction(conn):
-        db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
-        db.table("schemas").create({"id": int, "signature": str}, pk="id", if_not_exists=True)
-        db.table("readings").create(
-            {"id": int, "datasource_id": str, "schema_id": int, "created": float, "record": str},
-            pk="id",
-            not_null={"datasource_id", "schema_id", "created", "record"},
-            if_not_exists=True,
-        )
-        db.table("dead_letters").create(
-            {
-                "id": int,
-                "datasource_id": str,
-                "record": str,
-                "status": int,
-                "reason": str,
-                "failed_at": float,
-                "attempts": int,
-                "origin": str,
-            },
-            pk="id",
-            if_not_exists=True,
-        )
-        db.table("counters").create({"name": str, "value": int}, pk="name", if_not_exists=True)
-        conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS schemas_signature ON schemas(signature)")
-        conn.execute(
-            "CREATE INDEX IF NOT EXISTS readings_batch ON readings(datasource_id, schema_id, id)"
-        )
-        conn.execute(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
-
-
-def _schema_version(conn: sqlite3.Connection) -> int | None:
-    try:
-        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    except sqlite3.OperationalError:
-        return None
-    return int(row[0]) if row else None
-
-
-def bump(conn: sqlite3.Connection, counts: dict[str, int]) -> None:
-    """Add to persistent counters; call inside a transaction."""
-    conn.executemany(
-        "INSERT INTO counters(name, value) VALUES (?, ?) "
-        "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value",
-        [(name, n) for name, n in counts.items() if n],
-    )
-
-
-def used_bytes(conn: sqlite3.Connection) -> int:
-    """Bytes of the database file that hold data (pages in use, not the free list)."""
-    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return int((pages - free) * page_size)
-
-
 def wal_reserve(max_bytes: int) -> int:
     """Part of `max_bytes` kept for the WAL file; the database gets the rest."""
     return min(max_bytes // 4, 16 * 1024 * 1024)
 
 
-# A reading as the writer stores it: data source, record signature, record JSON.
-Row = tuple[str, str, str]
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A reading as the writer stores it."""
+
+    datasource_id: str
+    signature: str
+    text: str  # the record as JSON
+    mono: float | None  # set when the reading was stamped by an untrusted clock
 
 
 @dataclass
 class _Pending:
     rows: list[Row]
     on_durable: Callable[[], None] | None
+    # A dead letter from a source: (datasource_id, record JSON, reason, origin).
+    dead_letter: tuple[str, str, str, str] | None = None
+    # The source can wait for room (MQTT: the broker keeps the message); others are dropped.
+    can_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -201,13 +136,22 @@ class Batch:
         )
 
 
+@dataclass
+class TimeFix:
+    """Correct held readings: this boot's by `offset`, earlier boots' by estimate, flagged."""
+
+    offset: float
+    flag_field: str
+
+
 class Buffer:
-    """Owns the database file and the writer thread. Start once, close once."""
+    """Owns the database file and the writer thread. Open once, close once."""
 
     def __init__(self, path: Path, config: BufferConfig, clock: Clock | None = None) -> None:
         self.path = path
         self.config = config
         self._clock = clock or SystemClock()
+        self._boot = boot_id()
         self._cond = threading.Condition()
         self._intake: list[_Pending] = []
         self._intake_count = 0
@@ -220,29 +164,27 @@ class Buffer:
         self._error: EdgeAgentError | None = None
         self._data_event = threading.Event()
         self._schema_ids = _SchemaIds()
+        self._time_fix: TimeFix | None = None
+        # Wall minus monotonic while the clock is trusted (the agent says when it is not).
+        self._offset: float | None = self._clock.wall() - self._clock.monotonic()
+        self._last_checkpoint = time.monotonic()
+        self._last_maintenance = 0.0
         self.commits = 0
+        self.checkpoints = 0
+        self.full = False
+        self.moved_aside: Path | None = None
         self.dropped: Counter[str] = Counter()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def open(self) -> None:
-        """Create or check the database in the caller's thread (errors stop start-up)."""
+        """Create, check or recover the database in the caller's thread, start the writer.
+
+        Errors here stop start-up. A damaged file is moved aside (see store.open_checked).
+        """
         if self._thread is not None:
             raise RuntimeError("Buffer.open() called twice")
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BufferError(
-                f"cannot create the data directory {self.path.parent}: {exc.strerror}; "
-                "create it and make it writable by the agent, or set [agent] data_dir"
-            ) from None
-        conn = connect(self.path, self.config.sync)
-        try:
-            create_schema(conn)
-        except sqlite3.DatabaseError as exc:
-            raise BufferError(f"the buffer database {self.path} is unusable: {exc}") from exc
-        finally:
-            conn.close()
+        self.moved_aside = open_checked(self.path, self.config.sync)
         self._thread = threading.Thread(target=self._run, name="buffer-writer", daemon=True)
         self._thread.start()
 
@@ -254,6 +196,17 @@ class Buffer:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    def newest_known_time(self) -> float | None:
+        """The latest wall time this buffer has seen, for the clock's sanity check."""
+        conn = connect(self.path, self.config.sync)
+        try:
+            row = conn.execute("SELECT max(created) FROM readings").fetchone()
+            stored = get_meta(conn, "last_wall")
+        finally:
+            conn.close()
+        times = [t for t in (row[0], float(stored) if stored else None) if t is not None]
+        return max(times) if times else None
+
     # -- intake ----------------------------------------------------------------------------
 
     def put(
@@ -261,25 +214,59 @@ class Buffer:
         readings: Sequence[Reading],
         on_durable: Callable[[], None] | None = None,
         timeout: float | None = None,
+        can_wait: bool = False,
     ) -> bool:
         """Queue readings for the next group commit; `on_durable` runs after it commits.
 
         Blocks while the intake is full (the writer is behind). Returns False if `timeout`
-        passed first or the buffer is closing; the readings were then not taken. Raises
-        ValueError for a record that is not JSON (NaN, a non-str key...): a caller's bug.
+        passed first or the buffer is closing; the readings were then not taken. With
+        `can_wait`, a full buffer under `when_full = "block"` holds them back (and delays
+        `on_durable`) instead of dropping them. Raises ValueError for a record that is not
+        JSON (NaN, a non-str key...): a caller's bug.
         """
-        rows = [(r.datasource_id, signature(r.record), _dumps(r.record)) for r in readings]
+        rows = [
+            Row(r.datasource_id, signature(r.record), _ENCODER.encode(r.record), r.mono)
+            for r in readings
+        ]
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._intake_count >= MAX_INTAKE and not self._stopping:
+                if self._error is not None and not can_wait:
+                    # The disk refuses writes: count these as dropped rather than block a
+                    # serial port, whose device would overflow its buffer uncounted.
+                    self._counts.update(f"dropped.write_failed.{r.datasource_id}" for r in rows)
+                    return True
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining)
             if self._stopping:
                 return False
-            self._intake.append(_Pending(rows, on_durable))
+            self._intake.append(_Pending(rows, on_durable, can_wait=can_wait))
             self._intake_count += len(rows)
+            self._put_seq += 1
+            if len(self._intake) == 1:
+                self._cond.notify_all()
+            return True
+
+    def put_dead_letter(
+        self,
+        datasource_id: str,
+        record_text: str,
+        reason: str,
+        origin: str,
+        on_durable: Callable[[], None] | None = None,
+    ) -> bool:
+        """Keep input a source could not read in `dead_letters`, with the next group commit.
+
+        `record_text` is JSON text (it is read back as JSON); `origin` says where it came from,
+        e.g. "mqtt:<topic>". `on_durable` runs after the commit. Returns False if closing.
+        """
+        pending = _Pending([], on_durable, (datasource_id, record_text, reason, origin))
+        with self._cond:
+            if self._stopping:
+                return False
+            self._intake.append(pending)
             self._put_seq += 1
             if len(self._intake) == 1:
                 self._cond.notify_all()
@@ -293,6 +280,19 @@ class Buffer:
     def commit_soon(self) -> None:
         """Commit what is queued now instead of at the end of the interval."""
         with self._cond:
+            self._urgent = True
+            self._cond.notify_all()
+
+    def distrust_clock(self) -> None:
+        """The clock is not trusted: readings stamped now are held, max_age pauses."""
+        with self._cond:
+            self._offset = None
+
+    def fix_times(self, offset: float, flag_field: str) -> None:
+        """The clock is trusted now: correct the held readings with the next commit."""
+        with self._cond:
+            self._offset = offset
+            self._time_fix = TimeFix(offset, flag_field)
             self._urgent = True
             self._cond.notify_all()
 
@@ -331,97 +331,232 @@ class Buffer:
     def _run(self) -> None:
         conn = connect(self.path, self.config.sync)
         try:
-            self._configure_wal(conn)
+            conn.execute(f"PRAGMA journal_size_limit={wal_reserve(self.config.max_bytes)}")
             while self._commit_next(conn):
-                pass
+                self._maintain(conn)
+            self._checkpoint(conn)
         finally:
             conn.close()
             with self._cond:
                 self._cond.notify_all()
 
-    def _configure_wal(self, conn: sqlite3.Connection) -> None:
-        reserve = wal_reserve(self.config.max_bytes)
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.execute(f"PRAGMA journal_size_limit={reserve}")
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, reserve // page_size // 4)}")
+    def _take(self) -> tuple[list[_Pending], Counter[str], TimeFix | None, int] | None:
+        """What to commit next; waits up to the commit interval to gather more.
 
-    def _take(self) -> tuple[list[_Pending], Counter[str], int] | None:
+        Returns an empty take every few seconds when idle, so housekeeping still runs.
+        None once stopping with nothing left.
+        """
         interval = self.config.commit_interval_ms / 1000
         with self._cond:
-            while not self._intake and not self._counts and not self._stopping:
-                self._cond.wait()
-            if not self._intake and not self._counts:
-                return None
-            deadline = time.monotonic() + interval
-            while not self._stopping and not self._urgent:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
+            if not self._has_work():
+                if self._stopping:
+                    return None
+                self._cond.wait(MAINTENANCE_INTERVAL_S / 6)
+            if self._has_work():
+                deadline = time.monotonic() + interval
+                while not self._stopping and not self._urgent:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
             taken, self._intake = self._intake, []
             counts, self._counts = self._counts, Counter()
+            fix, self._time_fix = self._time_fix, None
             self._urgent = False
-            return taken, counts, self._put_seq
+            return taken, counts, fix, self._put_seq
+
+    def _has_work(self) -> bool:
+        return bool(self._intake or self._counts or self._time_fix)
 
     def _commit_next(self, conn: sqlite3.Connection) -> bool:
         got = self._take()
         if got is None:
             return False
-        taken, counts, seq = got
-        rows = [row for p in taken for row in p.rows]
+        taken, counts, fix, seq = got
+        if not taken and not counts and fix is None:
+            return True
+        waiting = self._hold_back(conn, taken)
+        committing = [p for p in taken if p not in waiting]
+        rows = [row for p in committing for row in p.rows]
+        dead = [p.dead_letter for p in committing if p.dead_letter is not None]
         try:
-            self._commit(conn, rows, counts)
+            self._commit(conn, rows, counts, dead, fix)
         except sqlite3.Error as exc:
             # Nothing was committed: requeue so the readings are not lost, and back off.
             self._schema_ids.forget()
-            self._requeue(taken, counts)
+            self._requeue(taken, counts, fix)
             self._report_error(exc)
             time.sleep(1.0)
             return True
         self._schema_ids.keep()
+        if self._error is not None:
+            log.info("buffer: writing works again; intake resumed")
         self._error = None
+        self._requeue(waiting, Counter(), None)
         with self._cond:
             self._intake_count -= len(rows)
-            self._committed_seq = seq
+            if not waiting:
+                self._committed_seq = seq
             self._cond.notify_all()
         self.commits += 1
-        if rows:
+        if rows or fix:
             self._data_event.set()
-        for p in taken:
+        for p in committing:
             if p.on_durable is not None:
                 p.on_durable()
+        if waiting:
+            # Room comes back only when the uploader deletes: look again in a moment.
+            self._data_event.wait(0.5)
         return True
 
-    def _requeue(self, taken: list[_Pending], counts: Counter[str]) -> None:
+    def _hold_back(self, conn: sqlite3.Connection, taken: list[_Pending]) -> list[_Pending]:
+        """Under `when_full = "block"`, what waits for room instead of being committed."""
+        if self.config.when_full != "block" or not self._is_full(conn):
+            return []
+        return [p for p in taken if p.can_wait and p.rows]
+
+    def _requeue(self, taken: list[_Pending], counts: Counter[str], fix: TimeFix | None) -> None:
         with self._cond:
             self._intake[:0] = taken
             self._counts.update(counts)
+            if fix is not None and self._time_fix is None:
+                self._time_fix = fix
 
     def _report_error(self, exc: sqlite3.Error) -> None:
         first = self._error is None
         self._error = BufferError(f"cannot write to the buffer {self.path}: {exc}")
         if first:
             log.error(
-                "buffer: %s; readings stay queued in memory and the write is retried", self._error
+                "buffer: %s; readings wait in memory (serial readings are dropped and counted "
+                "once %d wait) and the write is retried every second; free disk space if the "
+                "disk is full",
+                self._error,
+                MAX_INTAKE,
             )
 
-    def _commit(self, conn: sqlite3.Connection, rows: list[Row], counts: Counter[str]) -> None:
-        now = self._clock.wall()
+    def _budget(self, conn: sqlite3.Connection) -> int:
+        """Bytes the database file may use now: its share of max_bytes, or no growth at all
+        while free disk space is under the floor."""
         budget = self.config.max_bytes - wal_reserve(self.config.max_bytes)
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return budget
+        if st.f_bavail * st.f_frsize < self.config.min_free_bytes:
+            budget = min(budget, file_bytes(conn))
+        return budget
+
+    def _is_full(self, conn: sqlite3.Connection) -> bool:
+        return used_bytes(conn) >= self._budget(conn)
+
+    def _commit(
+        self,
+        conn: sqlite3.Connection,
+        rows: list[Row],
+        counts: Counter[str],
+        dead: Sequence[tuple[str, str, str, str]],
+        fix: TimeFix | None,
+    ) -> None:
+        now = self._clock.wall()
         with transaction(conn):
-            if self.config.when_full == "drop_newest" and used_bytes(conn) >= budget:
-                drops = Counter(f"dropped.buffer_full.{ds}" for ds, _, _ in rows)
+            budget = self._budget(conn)
+            if self.config.when_full != "drop_oldest" and rows and used_bytes(conn) >= budget:
+                drops = Counter(f"dropped.buffer_full.{r.datasource_id}" for r in rows)
                 counts.update(drops)
-                self._note_drops(drops, "the buffer is full (when_full = drop_newest)")
+                self._note_drops(drops, f"the buffer is full (when_full = {self.config.when_full})")
                 rows = []
-            ids = self._schema_ids
-            conn.executemany(
-                "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES (?,?,?,?)",
-                [(ds, ids.get(conn, sig), now, text) for ds, sig, text in rows],
-            )
-            if self.config.when_full != "drop_newest":
+            self.full = used_bytes(conn) >= budget
+            if fix is not None:
+                self._release_held(conn, fix, now)
+            self._insert(conn, rows, now)
+            if self.config.when_full == "drop_oldest":
                 self._drop_oldest(conn, budget, counts)
+            if dead:
+                conn.executemany(
+                    "INSERT INTO dead_letters(datasource_id, record, status, reason, failed_at, "
+                    "attempts, origin) VALUES (?, ?, NULL, ?, ?, 0, ?)",
+                    [(ds, text, reason, now, origin) for ds, text, reason, origin in dead],
+                )
             bump(conn, counts)
+
+    def _insert(self, conn: sqlite3.Connection, rows: list[Row], now: float) -> None:
+        ids = self._schema_ids
+        offset = self._offset
+        trusted = [r for r in rows if r.mono is None]
+        untrusted = [r for r in rows if r.mono is not None]
+        conn.executemany(
+            "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES (?,?,?,?)",
+            [(r.datasource_id, ids.get(conn, r.signature), now, r.text) for r in trusted],
+        )
+        if not untrusted:
+            return
+        if offset is not None:
+            # Stamped before the clock was trusted, committed after: correct them now.
+            conn.executemany(
+                "INSERT INTO readings(datasource_id, schema_id, created, record) "
+                f"VALUES (?, ?, ?, json_set(?, '$.timestamp', {_RESTAMP}))",
+                [
+                    (r.datasource_id, ids.get(conn, r.signature), now, r.text, mono + offset)
+                    for r in untrusted
+                    if (mono := r.mono) is not None
+                ],
+            )
+            return
+        conn.executemany(
+            "INSERT INTO held(datasource_id, schema_id, created, record, mono, boot) "
+            "VALUES (?,?,?,?,?,?)",
+            [
+                (r.datasource_id, ids.get(conn, r.signature), now, r.text, r.mono, self._boot)
+                for r in untrusted
+            ],
+        )
+
+    def _release_held(self, conn: sqlite3.Connection, fix: TimeFix, now: float) -> None:
+        """Move held readings to the queue with corrected timestamps, oldest boot first.
+
+        This boot's: monotonic time plus the trusted offset. Earlier boots' offsets are
+        lost with them: estimate each as ending just before the next boot began, and flag
+        the records so nobody mistakes the estimate for a measurement.
+        """
+        boots = conn.execute(
+            "SELECT boot, max(mono), min(mono) FROM held GROUP BY boot ORDER BY max(id) DESC"
+        ).fetchall()
+        end = now - self._clock.monotonic()  # wall time when this boot began
+        moves: list[tuple[str, float, str | None]] = []
+        for boot, max_mono, min_mono in boots:
+            if boot == self._boot:
+                moves.append((boot, fix.offset, None))
+                continue
+            moves.append((boot, end - max_mono, fix.flag_field))
+            end = end - (max_mono - min_mono) - 1.0
+        counted: Counter[str] = Counter()
+        for boot, offset, flag in reversed(moves):
+            # json_set with the flag's path as NULL would drop nothing but also add nothing:
+            # an exact correction sets the timestamp alone.
+            conn.execute(
+                "INSERT INTO readings(datasource_id, schema_id, created, record) "
+                "SELECT datasource_id, schema_id, mono + ?1, "
+                "CASE WHEN ?2 IS NULL THEN json_set(record, '$.timestamp', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch')) "
+                "ELSE json_set(record, '$.timestamp', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, 'estimated') END "
+                "FROM held WHERE boot = ?3 ORDER BY id",
+                (offset, f"$.{flag}" if flag else None, boot),
+            )
+            for ds, n in conn.execute(
+                "SELECT datasource_id, count(*) FROM held WHERE boot = ? GROUP BY 1", (boot,)
+            ):
+                counted[f"time_fixed.{'estimated' if flag else 'exact'}.{ds}"] += n
+            conn.execute("DELETE FROM held WHERE boot = ?", (boot,))
+        bump(conn, counted)
+        if counted:
+            log.info(
+                "buffer: the clock is trusted now; corrected the timestamps of %d held readings "
+                '(%d from earlier boots estimated and flagged %s = "estimated")',
+                sum(counted.values()),
+                sum(n for k, n in counted.items() if ".estimated." in k),
+                fix.flag_field,
+            )
 
     def _drop_oldest(self, conn: sqlite3.Connection, budget: int, counts: Counter[str]) -> None:
         excess = used_bytes(conn) - budget
@@ -434,6 +569,12 @@ class Buffer:
         # drop a handful of rows at every commit once full.
         per_row = max(1.0, used_bytes(conn) / rows)
         n = min(rows, int((excess + budget // 50) / per_row) + 1)
+        self._drop_first(conn, n, "buffer_full", counts)
+        self._note_drops(counts, "the buffer is full (when_full = drop_oldest)")
+
+    def _drop_first(
+        self, conn: sqlite3.Connection, n: int, reason: str, counts: Counter[str]
+    ) -> None:
         dropped = conn.execute(
             "SELECT datasource_id, count(*) FROM "
             "(SELECT datasource_id FROM readings ORDER BY id LIMIT ?) GROUP BY datasource_id",
@@ -442,25 +583,76 @@ class Buffer:
         conn.execute(
             "DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY id LIMIT ?)", (n,)
         )
-        drop_counts = Counter({f"dropped.buffer_full.{ds}": c for ds, c in dropped})
-        counts.update(drop_counts)
-        self._note_drops(drop_counts, "the buffer is full (when_full = drop_oldest)")
+        counts.update({f"dropped.{reason}.{ds}": c for ds, c in dropped})
 
     def _note_drops(self, counts: Counter[str], why: str) -> None:
-        total = sum(n for k, n in counts.items() if k.startswith("dropped."))
+        new = {k: n for k, n in counts.items() if k.startswith("dropped.") and n}
+        total = sum(new.values())
         if not total:
             return
         first = not self.dropped
-        self.dropped.update({k: n for k, n in counts.items() if k.startswith("dropped.")})
+        self.dropped.update(new)
         if first or sum(self.dropped.values()) % 10_000 < total:
             log.warning(
-                "buffer: dropped %d readings because %s (%d so far); the uplink has been down "
-                "too long for max_bytes = %d: raise [buffer] max_bytes or fix the uplink",
+                "buffer: dropped %d readings because %s (%d so far); raise [buffer] max_bytes "
+                "or max_age, free disk space, or fix the uplink",
                 total,
                 why,
                 sum(self.dropped.values()),
-                self.config.max_bytes,
             )
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    def _maintain(self, conn: sqlite3.Connection) -> None:
+        """Checkpoint the WAL on our schedule; apply max_age; remember the wall time."""
+        now = time.monotonic()
+        wal = self.path.with_name(self.path.name + "-wal")
+        try:
+            wal_size = wal.stat().st_size
+        except OSError:
+            wal_size = 0
+        if now - self._last_checkpoint >= CHECKPOINT_INTERVAL_S or (
+            wal_size > wal_reserve(self.config.max_bytes) // 2
+        ):
+            self._checkpoint(conn)
+        if now - self._last_maintenance < MAINTENANCE_INTERVAL_S:
+            return
+        self._last_maintenance = now
+        try:
+            self._expire_and_note_time(conn)
+        except sqlite3.Error as exc:
+            self._report_error(exc)
+
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        self._last_checkpoint = time.monotonic()
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            log.warning("buffer: WAL checkpoint failed (%s); it is tried again later", exc)
+            return
+        self.checkpoints += 1
+
+    def _expire_and_note_time(self, conn: sqlite3.Connection) -> None:
+        wall = self._clock.wall()
+        max_age = self.config.max_age_s
+        counts: Counter[str] = Counter()
+        with transaction(conn):
+            if max_age is not None and self._offset_trusted():
+                old = conn.execute(
+                    "SELECT count(*) FROM readings WHERE id <= "
+                    "(SELECT max(id) FROM readings WHERE created < ?)",
+                    (wall - max_age,),
+                ).fetchone()[0]
+                if old:
+                    self._drop_first(conn, old, "max_age", counts)
+                    bump(conn, counts)
+            set_meta(conn, "last_wall", repr(wall))
+        self._note_drops(counts, f"they are older than max_age = {self.config.max_age}")
+
+    def _offset_trusted(self) -> bool:
+        # Ages are measured on the wall clock: never expire anything by a clock that is
+        # known to be wrong (it would throw away a month of readings after a bad boot).
+        return self._offset is not None
 
 
 class _SchemaIds:
@@ -494,10 +686,6 @@ class _SchemaIds:
         self._new.clear()
 
 
-def _dumps(record: dict[str, Any]) -> str:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 @dataclass
 class BufferStats:
     pending: dict[str, int] = field(default_factory=dict)
@@ -506,6 +694,7 @@ class BufferStats:
     dead_letters: int = 0
     counters: dict[str, int] = field(default_factory=dict)
     file_bytes: int = 0
+    held: int = 0  # readings waiting for a trusted clock
 
 
 class BufferSession:
@@ -591,6 +780,7 @@ class BufferSession:
         row = self.conn.execute("SELECT created FROM readings ORDER BY id LIMIT 1").fetchone()
         st.oldest_created = row[0] if row else None
         st.dead_letters = self.conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
+        st.held = self.conn.execute("SELECT count(*) FROM held").fetchone()[0]
         st.counters = dict(self.conn.execute("SELECT name, value FROM counters ORDER BY name"))
         st.file_bytes = sum(
             p.stat().st_size
@@ -621,3 +811,71 @@ class BufferSession:
 
     def pending_count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM readings").fetchone()[0])
+
+    def requeue_dead_letters(self, ids: Sequence[int] | None = None) -> Requeued:
+        """Move dead letters back into the readings, record unchanged, to be sent again.
+
+        `ids` None means every dead letter that holds a record. They join the end of the
+        queue. Their schema id is looked up or added here, in the same table the writer
+        uses: ids are never deleted, so the writer's cache of them stays right. With `ids`
+        it is all or nothing: an unknown id, or a dead letter that is not a record object
+        (input a source could not read), moves none and is reported.
+        """
+        wanted = None if ids is None else sorted(set(ids))
+        with transaction(self.conn):
+            found = self.conn.execute(
+                "SELECT id, datasource_id, record FROM dead_letters "
+                "WHERE ?1 IS NULL OR id IN (SELECT value FROM json_each(?1)) ORDER BY id",
+                (None if wanted is None else json.dumps(wanted),),
+            ).fetchall()
+            missing = sorted(set(wanted or ()) - {rid for rid, _, _ in found})
+            movable = [(rid, ds, text) for rid, ds, text in found if _record_object(text)]
+            unsendable = [rid for rid, _, text in found if not _record_object(text)]
+            if wanted is not None and (missing or unsendable):
+                return Requeued(0, missing, unsendable)
+            now = time.time()
+            self.conn.executemany(
+                "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES (?,?,?,?)",
+                [(ds, self._schema_id(text), now, text) for _, ds, text in movable],
+            )
+            self.conn.execute(
+                "DELETE FROM dead_letters WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps([rid for rid, _, _ in movable]),),
+            )
+            bump(self.conn, Counter(f"requeued.{ds}" for _, ds, _ in movable))
+        return Requeued(len(movable), missing, unsendable)
+
+    def _schema_id(self, record_text: str) -> int:
+        sig = signature(json.loads(record_text))
+        self.conn.execute("INSERT OR IGNORE INTO schemas(signature) VALUES (?)", (sig,))
+        row = self.conn.execute("SELECT id FROM schemas WHERE signature = ?", (sig,)).fetchone()
+        return int(row[0])
+
+    def purge_dead_letters(self, older_than_s: float) -> int:
+        """Delete dead letters that failed `older_than_s` ago or earlier; counted per source."""
+        cutoff = time.time() - older_than_s
+        with transaction(self.conn):
+            gone = self.conn.execute(
+                "SELECT datasource_id, count(*) FROM dead_letters WHERE failed_at <= ? "
+                "GROUP BY datasource_id",
+                (cutoff,),
+            ).fetchall()
+            self.conn.execute("DELETE FROM dead_letters WHERE failed_at <= ?", (cutoff,))
+            bump(self.conn, {f"dead_letters_purged.{ds}": n for ds, n in gone})
+        return sum(n for _, n in gone)
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """What `requeue_dead_letters` did: how many moved, and the ids it could not move."""
+
+    moved: int
+    missing: list[int]  # asked for, but no such dead letter
+    unsendable: list[int]  # not a record object (input a source could not read)
+
+
+def _record_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False

@@ -9,18 +9,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from edge_agent import __version__, sandbox
 from edge_agent.buffer import BufferSession
-from edge_agent.config import Config, load_config
+from edge_agent.clock import utc_stamp
+from edge_agent.config import Config, load_config, parse_duration
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.logs import setup_logging
 
@@ -72,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     sandbox.add_arguments(sbx)
     sbx.set_defaults(func=sandbox.run)
 
+    status = sub.add_parser("status", help="is the agent healthy? (exit 1 when not)")
+    _config_arg(status)
+    status.add_argument("--json", action="store_true", help="the status document as JSON")
+    status.set_defaults(func=cmd_status)
+
     buf = sub.add_parser("buffer", help="inspect the buffer (works while the agent runs)")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, metavar="SUBCOMMAND")
     stats = bsub.add_parser("stats", help="pending readings, drops, dead letters")
@@ -83,7 +86,43 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--limit", type=int, default=50)
     dead.add_argument("--json", action="store_true", help="a JSON array, for scripts")
     dead.set_defaults(func=cmd_dead_letters)
+    requeue = bsub.add_parser(
+        "requeue", help="send dead letters again, once what the server refused is fixed"
+    )
+    _config_arg(requeue)
+    requeue.add_argument("--all", action="store_true", help="every dead letter")
+    requeue.add_argument(
+        "ids",
+        nargs="*",
+        type=_dead_letter_id,
+        metavar="ID",
+        help="dead letter ids (see dead-letters)",
+    )
+    requeue.set_defaults(func=cmd_requeue)
+    purge = bsub.add_parser("purge-dead-letters", help="delete old dead letters for good")
+    _config_arg(purge)
+    purge.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="AGE",
+        help="those that failed at least this long ago: 30s, 15m, 12h, 7d",
+    )
+    purge.set_defaults(func=cmd_purge_dead_letters)
     return parser
+
+
+def _dead_letter_id(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dead letter id (a positive integer)")
+    return int(text)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _config_arg(p: argparse.ArgumentParser) -> None:
@@ -96,45 +135,69 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from edge_agent.agent import Agent
+    from edge_agent.service import Service  # here: `check` and `buffer` need none of it
 
     config = load_config(args.config)
     setup_logging(args.log_level or config.agent.log_level, args.log_format)
-    agent = Agent(config)
-    stop = threading.Event()
-    reload = threading.Event()
+    return Service(config).run()
 
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
 
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        reload.set()
-        stop.set()  # wake the loop; it checks `reload` first
+# -- status ------------------------------------------------------------------------------
 
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
-    agent.start()
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """From the running agent's status endpoint, else from the buffer database alone.
+
+    Exit status: 0 healthy, 1 unhealthy, 3 the agent is not running (or has no endpoint).
+    """
+    from edge_agent.status import fetch_status, render_status_text
+
+    config = _inspection_config(args.config)
+    doc = fetch_status(config.status.listen) if config.status.listen else None
+    running = doc is not None
+    if doc is None:
+        doc = _offline_status(config)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_status_text(doc))
+    if not running:
+        return 3
+    return 0 if doc.get("health", {}).get("healthy") else 1
+
+
+def _offline_status(config: Config) -> dict[str, Any]:
+    why = (
+        f"the agent does not answer on {config.status.listen}"
+        if config.status.listen
+        else "no [status] listen address is configured, so only the buffer can be read"
+    )
     try:
-        return _main_loop(agent, stop, reload)
+        session = BufferSession(config.buffer_path)
+    except EdgeAgentError as exc:
+        return {"health": {"healthy": False, "reasons": [why, str(exc)]}}
+    try:
+        st = session.stats()
     finally:
-        agent.stop()
-
-
-def _main_loop(agent: Any, stop: threading.Event, reload: threading.Event) -> int:
-    while True:
-        stop.wait(1.0)
-        if reload.is_set():
-            reload.clear()
-            stop.clear()
-            agent.reload()
-            continue
-        if stop.is_set():
-            return 0
-        problem = agent.check_health()
-        if problem is not None:
-            log.error("agent: stopping: %s", problem)
-            return 1
+        session.close()
+    return {
+        "agent": {"config": str(config.path), "device_id": config.agent.device_id},
+        "health": {"healthy": False, "reasons": [why]},
+        "sources": [],
+        "buffer": {
+            "pending": st.pending,
+            "pending_total": sum(st.pending.values()),
+            "pending_bytes": st.pending_bytes,
+            "held": st.held,
+            "oldest_age_s": None
+            if st.oldest_created is None
+            else max(0.0, time.time() - st.oldest_created),
+            "file_bytes": st.file_bytes,
+            "max_bytes": config.buffer.max_bytes,
+            "dead_letters": st.dead_letters,
+            "counters": st.counters,
+        },
+    }
 
 
 # -- check -------------------------------------------------------------------------------
@@ -169,21 +232,12 @@ def describe(config: Config) -> str:
 # -- buffer ------------------------------------------------------------------------------
 
 
+def _inspection_config(path: Path) -> Config:
+    return load_config(path, secrets=False)
+
+
 def _session(args: argparse.Namespace) -> BufferSession:
-    config = load_config(args.config, environ={"_": "_"} | _any_token_env(args.config))
-    return BufferSession(config.buffer_path)
-
-
-def _any_token_env(path: Path) -> dict[str, str]:
-    """Inspection commands need no token: satisfy token_env with a placeholder."""
-    import tomllib
-
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError):
-        return {}
-    name = raw.get("endpoint", {}).get("token_env")
-    return {name: "unused"} if isinstance(name, str) else {}
+    return BufferSession(_inspection_config(args.config).buffer_path)
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
@@ -232,4 +286,46 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             f"at {r['failed_at']} after {r['attempts']} attempt(s): {r['reason']}\n"
             f"    {json.dumps(r['record'])}"
         )
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    if bool(args.all) == bool(args.ids):
+        print(
+            "edge-agent buffer requeue: error: give dead letter IDs or --all (one of the two)",
+            file=sys.stderr,
+        )
+        return 2
+    session = _session(args)
+    try:
+        done = session.requeue_dead_letters(None if args.all else args.ids)
+    finally:
+        session.close()
+    unsendable = ", ".join(str(i) for i in done.unsendable)
+    if done.missing or (done.unsendable and not args.all):
+        if done.missing:
+            ids = ", ".join(str(i) for i in done.missing)
+            print(f"edge-agent: error: no dead letter with id {ids}", file=sys.stderr)
+        if done.unsendable:
+            print(
+                f"edge-agent: error: dead letter(s) {unsendable} hold input a source could not "
+                "read, not records; they cannot be sent (purge them instead)",
+                file=sys.stderr,
+            )
+        print("nothing requeued", file=sys.stderr)
+        return 1
+    print(f"requeued {done.moved} dead letter(s); the agent sends them again")
+    if done.unsendable:
+        print(f"left {len(done.unsendable)} that hold unreadable source input: {unsendable}")
+    return 0
+
+
+def cmd_purge_dead_letters(args: argparse.Namespace) -> int:
+    session = _session(args)
+    try:
+        purged = session.purge_dead_letters(args.older_than)
+    finally:
+        session.close()
+    cutoff = utc_stamp(time.time() - args.older_than)
+    print(f"purged {purged} dead letter(s) that failed at {cutoff} or earlier")
     return 0

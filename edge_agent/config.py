@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from edge_agent.errors import ConfigError
 from edge_agent.parsers import LineFormat, LineKind, make_line_parser
@@ -55,6 +56,9 @@ class AgentConfig:
     data_dir: str = "/var/lib/edge-agent"
     device_id: str | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    trust_clock: bool = False
+    require_ntp_sync: bool = False
+    time_quality_field: str = "time_quality"
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,12 @@ class BufferConfig:
     when_full: WhenFull = "drop_oldest"
     commit_interval_ms: int = 200
     sync: Literal["full", "normal"] = "full"
+    max_age: str | None = None
+    min_free_bytes: int = 67_108_864
+
+    @property
+    def max_age_s(self) -> float | None:
+        return None if self.max_age is None else parse_duration(self.max_age)
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,32 @@ class SourceConfig:
     encoding: str = "utf-8"
     silence_timeout_s: float | None = None
     reopen_backoff_max_s: float = 30.0
+    # mqtt
+    broker: str | None = None
+    topics: tuple[str, ...] = ()
+    topic_fields: str | None = None
+    qos: int = 1
+    client_id: str | None = None
+    username: str | None = None
+    password_env: str | None = None
+    password_file: str | None = None
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    mqtt_version: Literal["3.1.1", "5"] = "3.1.1"
+    keepalive_s: int = 60
+    session_expiry_s: int = 604_800
+    inflight_window: int = 20
+    shared_group: str | None = None
+    timestamp_field: str | None = None
+    # Resolved from password_env or password_file by load_config; not a key of the file.
+    password: Secret | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    listen: str | None = None
+    unhealthy_after_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +149,7 @@ class Config:
     endpoint: EndpointConfig
     buffer: BufferConfig
     sources: tuple[SourceConfig, ...]
+    status: StatusConfig = field(default_factory=StatusConfig)
     token: Secret = field(repr=False, compare=False, default_factory=lambda: Secret(""))
 
     @property
@@ -138,12 +175,35 @@ _SOURCE_KEYS_BY_TYPE = {
             "reopen_backoff_max_s",
         }
     ),
-    "mqtt": frozenset(),
+    "mqtt": frozenset(
+        {
+            "broker",
+            "topics",
+            "topic_fields",
+            "qos",
+            "client_id",
+            "username",
+            "password_env",
+            "password_file",
+            "ca_file",
+            "client_cert",
+            "client_key",
+            "mqtt_version",
+            "keepalive_s",
+            "session_expiry_s",
+            "inflight_window",
+            "shared_group",
+            "timestamp_field",
+            "metric",
+            "reopen_backoff_max_s",
+        }
+    ),
 }
 _SECTIONS: dict[str, type[Any]] = {
     "agent": AgentConfig,
     "endpoint": EndpointConfig,
     "buffer": BufferConfig,
+    "status": StatusConfig,
 }
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
@@ -151,12 +211,18 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 def all_keys() -> dict[str, list[str]]:
     """Every accepted key by section, for `check` output and the README test."""
     keys = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()}
-    keys["sources"] = [f.name for f in dataclasses.fields(SourceConfig)]
+    keys["sources"] = [f.name for f in dataclasses.fields(SourceConfig) if f.repr]
     return keys
 
 
-def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, check and resolve the configuration file; raises ConfigError on any problem."""
+def load_config(
+    path: str | Path, environ: Mapping[str, str] | None = None, *, secrets: bool = True
+) -> Config:
+    """Read, check and resolve the configuration file; raises ConfigError on any problem.
+
+    `secrets=False` skips reading the token and passwords: for commands that only inspect
+    the buffer, which must work for a user who may not read the token.
+    """
     path = Path(path)
     env = os.environ if environ is None else environ
     raw = _read_toml(path)
@@ -167,17 +233,21 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> C
         for name, cls in _SECTIONS.items()
     }
     sources = _build_sources(raw.get("sources", []), where)
+    if secrets:
+        sources = tuple(_with_password(s, env, where) for s in sources)
     endpoint: EndpointConfig = sections["endpoint"]
     _check_endpoint(endpoint, where)
     _check_buffer(sections["buffer"], where)
     _check_agent(sections["agent"], where)
+    _check_status(sections["status"], where)
     return Config(
         path=path,
         agent=sections["agent"],
         endpoint=endpoint,
         buffer=sections["buffer"],
+        status=sections["status"],
         sources=sources,
-        token=resolve_token(endpoint, env, where),
+        token=resolve_token(endpoint, env, where) if secrets else Secret(""),
     )
 
 
@@ -343,10 +413,28 @@ def _check_endpoint(ep: EndpointConfig, where: str) -> None:
         raise ConfigError(f"{w} client_key: needs client_cert too")
 
 
+def _check_status(st: StatusConfig, where: str) -> None:
+    if st.listen is not None and not re.fullmatch(
+        r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}", st.listen
+    ):
+        raise ConfigError(
+            f'{where}: [status] listen: expected "host:port" like "127.0.0.1:9108", '
+            f"got {st.listen!r}"
+        )
+    _check_range(st.unhealthy_after_s, 1.0, 86_400.0, f"{where}: [status] unhealthy_after_s")
+
+
 def _check_buffer(buf: BufferConfig, where: str) -> None:
     w = f"{where}: [buffer]"
     _check_range(buf.max_bytes, 1_048_576, 1 << 40, f"{w} max_bytes")
     _check_range(buf.commit_interval_ms, 1, 60_000, f"{w} commit_interval_ms")
+    _check_range(buf.min_free_bytes, 0, 1 << 40, f"{w} min_free_bytes")
+    if buf.max_age is not None:
+        try:
+            age = parse_duration(buf.max_age)
+        except ValueError as exc:
+            raise ConfigError(f"{w} max_age: {exc}") from None
+        _check_range(age, 60, 10 * 365 * 86400, f"{w} max_age (seconds)")
 
 
 def _build_sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
@@ -392,6 +480,8 @@ def _build_source(table: Mapping[str, Any], file: str, section: str) -> SourceCo
         raise ConfigError(f"{label} datasource_id: must not be empty")
     if source.type == "serial":
         _check_serial(source, label)
+    else:
+        _check_mqtt(source, label)
     return source
 
 
@@ -424,3 +514,214 @@ def line_format(src: SourceConfig) -> LineFormat:
         pattern=src.pattern,
         metric=src.metric,
     )
+
+
+# --- mqtt ----------------------------------------------------------------------------------
+
+_MQTT_FORMATS = ("json", "number", "kv")
+_FIELD_NAME_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+# Names a topic level may not take: the record already has them, and a topic level
+# silently replacing the timestamp, a value or the gateway's id would corrupt the data.
+_RESERVED_TOPIC_FIELDS = frozenset({"timestamp", "value", "device_id"})
+
+
+def topic_field_levels(template: str) -> tuple[str | None, ...]:
+    """The levels of a `topic_fields` template: a field name for `{name}`, None otherwise.
+
+    Raises ValueError saying what is wrong; `{metric}` is allowed and names a lone value.
+    """
+    levels: list[str | None] = []
+    parts = template.split("/")
+    for index, level in enumerate(parts):
+        match = _FIELD_NAME_RE.match(level)
+        if match is not None:
+            levels.append(match.group(1))
+        elif level == "#" and index != len(parts) - 1:
+            raise ValueError("'#' may only be the last level")
+        elif "{" in level or "}" in level:
+            raise ValueError(
+                f"level {level!r} is not a field; a field is a whole level like {{device}} "
+                "(letters, digits and '_')"
+            )
+        elif "+" in level and level != "+":
+            raise ValueError(f"level {level!r}: '+' must be a whole level")
+        else:
+            levels.append(None)
+    names = [n for n in levels if n is not None]
+    if not names:
+        raise ValueError('no {name} level; e.g. topic_fields = "sensors/{device}/{metric}"')
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"the field {{{name}}} appears twice")
+        if name in _RESERVED_TOPIC_FIELDS:
+            raise ValueError(
+                f"{{{name}}} would replace the record's own {name!r}; name the level "
+                "differently, e.g. {device}"
+            )
+    return tuple(levels)
+
+
+def _check_mqtt(src: SourceConfig, where: str) -> None:
+    if src.format not in _MQTT_FORMATS:
+        raise ConfigError(
+            f"{where} format: MQTT payloads are read as 'json', 'number' or 'kv', "
+            f"not {src.format!r}"
+        )
+    _check_broker_url(src.broker, where)
+    if not src.topics:
+        raise ConfigError(f'{where} topics: missing; e.g. topics = ["sensors/+/+"]')
+    for topic in src.topics:
+        _check_topic_filter(topic, f"{where} topics")
+    if src.topic_fields is not None:
+        try:
+            levels = topic_field_levels(src.topic_fields)
+        except ValueError as exc:
+            raise ConfigError(f"{where} topic_fields: {exc}") from None
+        for name in levels:
+            if name is not None and name in src.tags:
+                raise ConfigError(
+                    f"{where} topic_fields: {{{name}}} is also a tag; rename one of them"
+                )
+    _check_range(src.qos, 0, 2, f"{where} qos")
+    _check_mqtt_session(src, where)
+    _check_mqtt_credentials(src, where)
+    if src.metric != "value" and not src.metric.strip():
+        raise ConfigError(f"{where} metric: must not be empty")
+    if src.timestamp_field is not None:
+        if not src.timestamp_field.strip():
+            raise ConfigError(f"{where} timestamp_field: must not be empty (leave it out instead)")
+        if src.format == "number":
+            raise ConfigError(
+                f'{where} timestamp_field: a "number" payload has no fields; use format '
+                '"json" or "kv"'
+            )
+    _check_range(src.reopen_backoff_max_s, 1.0, 3600.0, f"{where} reopen_backoff_max_s")
+
+
+def _check_broker_url(url: str | None, where: str) -> None:
+    example = 'e.g. broker = "mqtt://127.0.0.1:1883" (or mqtts:// for TLS)'
+    if not url:
+        raise ConfigError(f"{where} broker: missing; {example}")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{where} broker: bad port in {url!r}; {example}") from None
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"{where} broker: expected mqtt://host[:port] or mqtts://..., {example}")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"{where} broker: put the user name in username and the password in password_env "
+            "or password_file, not in the URL"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
+        raise ConfigError(f"{where} broker: expected only a host and a port in {url!r}; {example}")
+
+
+def broker_address(url: str) -> tuple[str, int, bool]:
+    """Host, port and whether to use TLS, from a checked broker URL."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "mqtts"
+    assert parts.hostname is not None  # _check_broker_url requires one
+    return parts.hostname, parts.port or (8883 if tls else 1883), tls
+
+
+def _check_topic_filter(topic: str, where: str) -> None:
+    levels = topic.split("/")
+    bad = (
+        not topic
+        or any(("+" in lv and lv != "+") or ("#" in lv and lv != "#") for lv in levels)
+        or "#" in levels[:-1]
+    )
+    if bad:
+        raise ConfigError(
+            f"{where}: {topic!r} is not a topic filter; '+' and '#' are whole levels and "
+            '\'#\' only the last, e.g. "sensors/+/temperature" or "sensors/#"'
+        )
+    if topic.startswith("$share/"):
+        raise ConfigError(f'{where}: {topic!r}: set shared_group = "name" instead of $share/')
+
+
+def _check_mqtt_session(src: SourceConfig, where: str) -> None:
+    _check_range(src.keepalive_s, 5, 65_535, f"{where} keepalive_s")
+    _check_range(src.inflight_window, 1, 65_535, f"{where} inflight_window")
+    _check_range(src.session_expiry_s, 0, 4_294_967_295, f"{where} session_expiry_s")
+    is_v5 = src.mqtt_version == "5"
+    if not is_v5 and src.session_expiry_s != SourceConfig.session_expiry_s:
+        raise ConfigError(
+            f'{where} session_expiry_s: needs mqtt_version = "5"; with 3.1.1 the broker decides '
+            "how long it keeps the session (Mosquitto: persistent_client_expiration)"
+        )
+    if src.shared_group is not None:
+        if not is_v5:
+            raise ConfigError(f'{where} shared_group: needs mqtt_version = "5"')
+        if not src.shared_group or any(c in src.shared_group for c in "/+#"):
+            raise ConfigError(
+                f"{where} shared_group: a non-empty name without '/', '+' or '#', "
+                f"got {src.shared_group!r}"
+            )
+    if src.client_id is not None and not src.client_id.strip():
+        raise ConfigError(f"{where} client_id: must not be empty (leave it out for the default)")
+
+
+def _check_mqtt_credentials(src: SourceConfig, where: str) -> None:
+    has_password = src.password_env is not None or src.password_file is not None
+    if src.password_env is not None and src.password_file is not None:
+        raise ConfigError(f"{where}: set only one of password_env or password_file")
+    if has_password and not src.username:
+        raise ConfigError(f"{where} username: a password needs a username")
+    tls = src.broker is not None and src.broker.startswith("mqtts://")
+    for key in ("ca_file", "client_cert", "client_key"):
+        value = getattr(src, key)
+        if value is None:
+            continue
+        if not tls:
+            raise ConfigError(f"{where} {key}: TLS settings need an mqtts:// broker URL")
+        if not Path(value).is_file():
+            raise ConfigError(f"{where} {key}: no such file {value!r}")
+    if src.client_key and not src.client_cert:
+        raise ConfigError(f"{where} client_key: needs client_cert too")
+
+
+def _with_password(src: SourceConfig, environ: Mapping[str, str], where: str) -> SourceConfig:
+    if src.password_env is None and src.password_file is None:
+        return src
+    return dataclasses.replace(src, password=resolve_password(src, environ, where))
+
+
+def resolve_password(src: SourceConfig, environ: Mapping[str, str], where: str) -> Secret:
+    """The broker password of an MQTT source, from its password_env or password_file."""
+    label = f"{where}: [[sources]] ({src.name})"
+    if src.password_env:
+        value = environ.get(src.password_env, "")
+        if not value:
+            raise ConfigError(
+                f"{label} password_env: the environment variable {src.password_env} is not set "
+                "or empty; export it before starting the agent, or use password_file"
+            )
+        return Secret(value)
+    assert src.password_file is not None  # _with_password calls us only with one of the two
+    try:
+        value = Path(src.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(
+            f"{label} password_file: cannot read {src.password_file} ({exc.strerror}); create "
+            "it with the password on one line, readable by the agent"
+        ) from None
+    if not value:
+        raise ConfigError(f"{label} password_file: {src.password_file} is empty")
+    return Secret(value)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])", re.ASCII)
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like 30s, 15m, 12h or 7d; ValueError says what is expected."""
+    match = _DURATION_RE.fullmatch(text.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a duration; write a number and a unit: 30s, 15m, 12h or 7d"
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]

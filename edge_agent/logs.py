@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 import time
+from collections import deque
+from typing import Any
 
 
 class _JsonFormatter(logging.Formatter):
@@ -66,3 +68,19 @@ class RateLimitedLog:
         self._logger.log(level, message)
         self._last = now
         self._suppressed = 0
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last warnings and errors for the status page and `edge-agent status`."""
+
+    def __init__(self, keep: int = 20) -> None:
+        super().__init__(logging.WARNING)
+        self._lines: deque[dict[str, Any]] = deque(maxlen=keep)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        component = message.split(":", 1)[0] if ":" in message[:40] else record.name
+        self._lines.append({"time": record.created, "component": component, "message": message})
+
+    def lines(self) -> list[dict[str, Any]]:
+        return list(self._lines)

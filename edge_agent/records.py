@@ -20,6 +20,9 @@ Value = int | float | str | bool
 class Reading:
     datasource_id: str
     record: dict[str, Any]
+    # Monotonic time of the reading when the wall clock was not trusted as it was stamped:
+    # the buffer holds it and corrects `record["timestamp"]` once the clock is trusted.
+    mono: float | None = None
 
 
 class RecordBuilder:

@@ -8,6 +8,9 @@ refused the single record, and otherwise simply read again on the next round.
 
 `send_batch` is the boundary with httpx: its exceptions and status codes become `Answer`s
 here, once. Tests pass an `httpx.MockTransport` (unit) or point the URL at the sandbox.
+
+Only the uploader thread touches the HTTP client, the pauses and the counters; `reload`
+(called from the main thread) hands its new settings over and the thread applies them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import enum
 import gzip
 import json
 import logging
+import math
 import random
 import ssl
 import threading
@@ -24,12 +28,15 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC
 
 import httpx
 
 from edge_agent import __version__
 from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.config import EndpointConfig, Secret
+from edge_agent.errors import ConfigError
+from edge_agent.logs import RateLimitedLog
 
 log = logging.getLogger("edge_agent.uploader")
 
@@ -37,8 +44,14 @@ log = logging.getLogger("edge_agent.uploader")
 # logged again while it lasts: slow enough not to hammer the server or flood the log.
 PAUSE_S = 60.0
 REPEAT_LOG_S = 600.0
+# While paused, how often the token (file) is read again to notice a new one.
+TOKEN_CHECK_S = 1.0
 # A batch smaller than this share of a full one waits for `flush_interval_s` to fill up.
 _FULL_SHARE = 0.9
+_IDLE_SLICE_S = 0.25
+# Requests per reading are counted in memory for the dead letters' `attempts`; past this many
+# unsettled readings (a long outage) the counts start again rather than grow without bound.
+_MAX_TRACKED = 100_000
 
 
 class Verdict(enum.Enum):
@@ -87,9 +100,20 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # "-0000" parses naive; HTTP dates are always UTC
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
+
+
+def split_bound(records: int, bad: int) -> int:
+    """Most requests bisection needs for a batch holding `bad` refused records.
+
+    Each refused record fails one request per level on its way down to a single record,
+    and each failed request costs two more (its halves): 1 + 2 * bad * ceil(log2(records)).
+    """
+    return 1 + 2 * bad * math.ceil(math.log2(max(records, 1)))
 
 
 def build_body(batch: Batch) -> bytes:
@@ -119,16 +143,39 @@ def _server_message(response: httpx.Response) -> str:
     return text[:200] if text else response.reason_phrase
 
 
+def _network_message(exc: httpx.HTTPError) -> str:
+    """What went wrong on the wire, with a hint when it is a certificate problem."""
+    text = f"{type(exc).__name__}: {exc or 'no detail'}"
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        text += " (the server's certificate is not trusted: set [endpoint] ca_file)"
+    elif cause is not None:
+        text += " (TLS failed: check the URL's scheme and port, client_cert and ca_file)"
+    return text
+
+
 @dataclass
 class UploaderStats:
     requests: Counter[str] = field(default_factory=Counter)  # by status, "error" for network
     records_uploaded: int = 0
     records_dead_lettered: int = 0
     retries: int = 0
+    split_requests: int = 0  # requests spent on halves of refused or too large batches
     last_success: float | None = None  # wall clock
     last_error: str | None = None
     failing_since: float | None = None  # monotonic; None while uploads succeed
     paused: dict[str, str] = field(default_factory=dict)  # data source or "*" -> why
+
+
+@dataclass
+class _Split:
+    """What splitting one batch cost and gave, for one summary line."""
+
+    records: int
+    extra_requests: int = 0
+    dead_lettered: int = 0
 
 
 class Uploader:
@@ -153,19 +200,27 @@ class Uploader:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._client: httpx.Client | None = None
+        self._reload_lock = threading.Lock()
+        self._reloaded: tuple[EndpointConfig, Secret, httpx.Client] | None = None
         self._byte_limit = endpoint.max_batch_bytes
         self._gzip = endpoint.gzip
         self._failures = 0
         self._paused_until: dict[str, float] = {}  # data source or "*" -> monotonic time
+        self._token_checked = 0.0
+        self._carried: Counter[int] = Counter()  # reading id -> requests that carried it
         self._last_logged: dict[str, float] = {}
+        self._dead_letter_log = RateLimitedLog(log, every=60.0)
         self.stats = UploaderStats()
         self.heartbeat = time.monotonic()
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Build the HTTP client (bad TLS or proxy settings stop start-up), then run."""
         if self._thread is not None:
             raise RuntimeError("Uploader.start() called twice")
+        self._client = self._build_client(self.endpoint)
         self._thread = threading.Thread(target=self._run, name="uploader", daemon=True)
         self._thread.start()
 
@@ -177,50 +232,92 @@ class Uploader:
             self._thread.join(deadline_s if deadline_s is not None else self.endpoint.timeout_s + 5)
 
     def reload(self, endpoint: EndpointConfig, token: Secret) -> None:
-        """New endpoint settings or token: lift the pauses and try again at once."""
-        self.endpoint = endpoint
-        self._token = token
-        self._byte_limit = min(self._byte_limit, endpoint.max_batch_bytes)
-        self._gzip = endpoint.gzip
-        self._paused_until.clear()
-        self.stats.paused.clear()
-        self._failures = 0
+        """New endpoint settings or token: lift the pauses and try again at once.
+
+        Settings the HTTP client cannot use (an unreadable CA file...) are refused here, in
+        the caller's thread, and the previous ones stay.
+        """
+        try:
+            client = self._build_client(endpoint)
+        except ConfigError as exc:
+            log.error("uploader: reload not applied, the previous endpoint settings stay: %s", exc)
+            return
+        with self._reload_lock:
+            previous, self._reloaded = self._reloaded, (endpoint, token, client)
+        if previous is not None:
+            previous[2].close()
         self._wake.set()
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def byte_limit(self) -> int:
+        """Bytes of records per request now: `max_batch_bytes`, or lower after a 413."""
+        return self._byte_limit
+
     # -- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
         session = BufferSession(self._buffer.path, self._buffer.config.sync)
-        client = self._client()
         try:
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
+                self._apply_reload()
                 try:
-                    self._round(session, client)
+                    self._round(session)
                 except Exception:
                     # A bug or a buffer failure: say so with the traceback, then back off
                     # rather than die; the readings are still in the buffer.
                     log.exception("uploader: unexpected error; retrying in 5 s")
                     self._sleep(5.0)
         finally:
-            client.close()
+            with self._reload_lock:
+                pending, self._reloaded = self._reloaded, None
+            for client in (self._client, pending[2] if pending else None):
+                if client is not None:
+                    client.close()
             session.close()
 
-    def _client(self) -> httpx.Client:
-        return httpx.Client(
-            timeout=self.endpoint.timeout_s,
-            verify=tls_context(self.endpoint),
-            proxy=self.endpoint.proxy,
-            transport=self._transport,
-            headers={"User-Agent": f"madevo-edge-agent/{__version__}"},
-        )
+    def _build_client(self, ep: EndpointConfig) -> httpx.Client:
+        try:
+            return httpx.Client(
+                timeout=ep.timeout_s,
+                verify=tls_context(ep),
+                proxy=ep.proxy,
+                transport=self._transport,
+                # HTTP(S)_PROXY and NO_PROXY from the environment apply unless a transport
+                # was handed in, which then decides alone how requests travel.
+                trust_env=self._transport is None,
+                headers={"User-Agent": f"madevo-edge-agent/{__version__}"},
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"[endpoint]: cannot use the TLS or proxy settings (ca_file, client_cert, "
+                f"client_key, proxy): {exc}"
+            ) from None
 
-    def _round(self, session: BufferSession, client: httpx.Client) -> None:
+    def _apply_reload(self) -> None:
+        with self._reload_lock:
+            reloaded, self._reloaded = self._reloaded, None
+        if reloaded is None:
+            return
+        endpoint, token, client = reloaded
+        if self._client is not None:
+            self._client.close()
+        same_url = endpoint.url == self.endpoint.url
+        self.endpoint, self._token, self._client = endpoint, token, client
+        # A limit learnt from a 413 still holds for the same URL; a new URL starts afresh.
+        limit = min(self._byte_limit, endpoint.max_batch_bytes) if same_url else None
+        self._byte_limit = limit or endpoint.max_batch_bytes
+        self._gzip = endpoint.gzip
+        self._failures = 0
+        self._lift_pauses()
+
+    def _round(self, session: BufferSession) -> None:
         now = time.monotonic()
+        self._check_token(now)
         wait = self._pause_remaining(now)
         if wait > 0:
             self._sleep(wait)
@@ -228,13 +325,13 @@ class Uploader:
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
         batch = session.next_batch(self.endpoint.max_batch_records, self._byte_limit, excluded)
         if batch is None:
-            self._idle(1.0 if not excluded else min(1.0, self._next_resume(now)))
+            self._idle(min(1.0, self._next_resume(now)))
             return
         young = time.time() - batch.oldest_created < self.endpoint.flush_interval_s
         if young and not self._full(batch):
             self._idle(self.endpoint.flush_interval_s - (time.time() - batch.oldest_created))
             return
-        self._deliver(session, client, batch)
+        self._deliver(session, batch)
 
     def _full(self, batch: Batch) -> bool:
         return (
@@ -243,8 +340,10 @@ class Uploader:
         )
 
     def _idle(self, seconds: float) -> None:
+        # Short slices: the buffer's data event cannot be woken by `stop`, and an idle
+        # round is one indexed SELECT.
         if seconds > 0 and not self._stop.is_set():
-            self._buffer.wait_for_data(min(seconds, 1.0))
+            self._buffer.wait_for_data(min(seconds, _IDLE_SLICE_S))
 
     def _sleep(self, seconds: float) -> None:
         """Wait, waking for stop or reload; beats the heartbeat so a watchdog sees us alive."""
@@ -258,47 +357,71 @@ class Uploader:
         self._wake.clear()
 
     def _pause_remaining(self, now: float) -> float:
-        until = self._paused_until.get("*", 0.0)
-        if until > now and self._token_source is not None and self._token_changed():
-            log.info("uploader: the token changed; retrying now")
-            self._paused_until.pop("*", None)
-            return 0.0
-        return min(until - now, 1.0)
+        until = self._paused_until.get("*")
+        return 0.0 if until is None else min(until - now, 1.0)
 
     def _next_resume(self, now: float) -> float:
-        return max(0.05, min(until for until in self._paused_until.values()) - now)
+        """Seconds until the next paused data source may be probed (1 s when none is)."""
+        ahead = [until - now for until in self._paused_until.values() if until > now]
+        return max(0.05, min(ahead, default=1.0))
 
-    def _token_changed(self) -> bool:
-        assert self._token_source is not None
+    def _check_token(self, now: float) -> None:
+        """While anything is paused, a new token (file) lifts every pause at once."""
+        if self._token_source is None or not self._paused_until:
+            return
+        if now - self._token_checked < TOKEN_CHECK_S:
+            return
+        self._token_checked = now
         try:
             fresh = self._token_source()
         except Exception:  # an unreadable token file stays a 401 until it is fixed
-            return False
-        if fresh == self._token:
-            return False
-        self._token = fresh
-        return True
+            return
+        if fresh != self._token:
+            self._token = fresh
+            log.info("uploader: the token changed; retrying now")
+            self._lift_pauses()
+
+    def _lift_pauses(self) -> None:
+        self._paused_until.clear()
+        self.stats.paused.clear()
+        for key in [k for k in self._last_logged if k.startswith("pause:")]:
+            del self._last_logged[key]
 
     # -- one batch -------------------------------------------------------------------------
 
-    def _deliver(self, session: BufferSession, client: httpx.Client, batch: Batch) -> None:
+    def _deliver(self, session: BufferSession, batch: Batch) -> None:
         """Send a batch, splitting on bad records and size; left half first keeps order."""
-        todo: list[tuple[Batch, int]] = [(batch, 1)]
+        assert self._client is not None
+        if len(self._carried) > _MAX_TRACKED:
+            self._carried.clear()
+        split = _Split(len(batch.rows))
+        todo = [batch]
         while todo and not self._stop.is_set():
-            part, attempts = todo.pop()
-            answer = self.send_batch(client, part)
-            halves = self._decide(session, part, answer, attempts)
+            part = todo.pop()
+            self._carried.update(part.ids)
+            answer = self.send_batch(self._client, part)
+            halves = self._decide(session, part, answer, split)
             if halves is None:
-                return  # transient or paused: the rest is read again later
-            todo.extend((h, attempts + 1) for h in reversed(halves))
+                break  # transient or paused: the rest is read again later
+            todo.extend(reversed(halves))
+        if split.extra_requests:
+            log.info(
+                "uploader: a batch of %d records of data source %s was split: %d refused "
+                "record(s) went to dead letters, %d extra request(s)",
+                split.records,
+                batch.datasource_id,
+                split.dead_lettered,
+                split.extra_requests,
+            )
 
     def _decide(
-        self, session: BufferSession, batch: Batch, answer: Answer, attempts: int
+        self, session: BufferSession, batch: Batch, answer: Answer, split: _Split
     ) -> list[Batch] | None:
         """Settle the batch per the design's table; returns parts still to send, or None."""
         v = answer.verdict
         if v is Verdict.DELIVERED:
             session.ack(batch)
+            self._settled(batch)
             self._succeeded(batch.datasource_id, len(batch.rows))
             return []
         if v is Verdict.NO_GZIP:
@@ -306,20 +429,22 @@ class Uploader:
             self._gzip = False
             return [batch]
         if v in (Verdict.BAD_RECORDS, Verdict.TOO_LARGE):
-            return self._split_or_dead_letter(session, batch, answer, attempts)
+            return self._split_or_dead_letter(session, batch, answer, split)
         self._failed(answer)
         if v is Verdict.TRANSIENT:
             self._back_off(answer)
         elif v is Verdict.FORBIDDEN:
             self._pause(
                 batch.datasource_id,
+                answer,
                 f"data source {batch.datasource_id} is forbidden to this token (403: "
                 f"{answer.message}); its readings are kept and retried every {PAUSE_S:.0f} s; "
-                "grant the token access to it or fix datasource_id",
+                "grant the token access to it or fix datasource_id, then reload",
             )
         elif v is Verdict.BAD_TOKEN:
             self._pause(
                 "*",
+                answer,
                 f"token rejected by {self.endpoint.url} (401: {answer.message}); readings are "
                 f"kept; fix the token (token_env/token_file) and reload, retrying every "
                 f"{PAUSE_S:.0f} s",
@@ -327,34 +452,47 @@ class Uploader:
         else:
             self._pause(
                 "*",
+                answer,
                 f"{self.endpoint.url} answered {answer.status} ({answer.message}); the URL looks "
                 "wrong: set [endpoint] url to the insert URL and reload; readings are kept",
             )
         return None
 
     def _split_or_dead_letter(
-        self, session: BufferSession, batch: Batch, answer: Answer, attempts: int
+        self, session: BufferSession, batch: Batch, answer: Answer, split: _Split
     ) -> list[Batch]:
         if answer.verdict is Verdict.TOO_LARGE and len(batch.rows) > 1:
-            self._byte_limit = max(1024, min(self._byte_limit, batch.nbytes // 2))
+            # Halving converges whatever the server's limit is: a batch of one record always
+            # goes out, and the server then refuses only that record.
+            self._byte_limit = max(1, min(self._byte_limit, batch.nbytes // 2))
             log.warning(
-                "uploader: the server refused %d bytes as too large (413); batches are now "
-                "kept under %d bytes",
+                "uploader: %s refused %d bytes as too large (413: %s); batches are now kept "
+                "under %d bytes",
+                self.endpoint.url,
                 batch.nbytes,
+                answer.message,
                 self._byte_limit,
             )
         if len(batch.rows) > 1:
+            split.extra_requests += 2
+            self.stats.split_requests += 2
             return list(batch.split())
+        attempts = self._carried[batch.rows[0].id]
         session.dead_letter(batch, answer.status, answer.message, attempts)
+        self._settled(batch)
+        split.dead_lettered += 1
         self.stats.records_dead_lettered += 1
-        self._log_limited(
-            "dead-letter",
+        self._dead_letter_log(
             logging.WARNING,
             f"uploader: the server refused a record of data source {batch.datasource_id} "
             f"({answer.status}: {answer.message}); it is kept in dead letters: see "
             "`edge-agent buffer dead-letters`",
         )
         return []
+
+    def _settled(self, batch: Batch) -> None:
+        for rid in batch.ids:
+            self._carried.pop(rid, None)
 
     def send_batch(self, client: httpx.Client, batch: Batch) -> Answer:
         """One request; httpx errors and status codes become an Answer here, and only here."""
@@ -370,8 +508,10 @@ class Uploader:
         try:
             response = client.post(self.endpoint.url, content=body, headers=headers)
         except httpx.HTTPError as exc:
+            # Also a lost answer (connection closed after the request went out): the batch
+            # is sent again, so the server may get it twice (at-least-once).
             self.stats.requests["error"] += 1
-            return Answer(Verdict.TRANSIENT, None, f"{type(exc).__name__}: {exc or 'no detail'}")
+            return Answer(Verdict.TRANSIENT, None, _network_message(exc))
         self.stats.requests[str(response.status_code)] += 1
         message = _server_message(response)
         retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
@@ -387,6 +527,8 @@ class Uploader:
         for key in ("*", datasource_id):
             self._paused_until.pop(key, None)
             self.stats.paused.pop(key, None)
+            for logged in [k for k in self._last_logged if k.startswith(f"pause:{key}:")]:
+                del self._last_logged[logged]
         self._failures = 0
         self.stats.records_uploaded += records
         self.stats.last_success = time.time()
@@ -399,28 +541,37 @@ class Uploader:
         if self.stats.failing_since is None:
             self.stats.failing_since = time.monotonic()
 
+    def backoff_delay(self, failures: int, retry_after: float | None = None) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2^(failures-1))], at least Retry-After.
+
+        Retry-After is honoured up to `backoff_max_s`, the longest the agent ever waits.
+        """
+        ep = self.endpoint
+        ceiling = min(ep.backoff_max_s, ep.backoff_base_s * 2 ** min(failures - 1, 30))
+        delay = self._rng.uniform(0, ceiling)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, ep.backoff_max_s))
+        return delay
+
     def _back_off(self, answer: Answer) -> None:
         self._failures += 1
         self.stats.retries += 1
-        ep = self.endpoint
-        ceiling = min(ep.backoff_max_s, ep.backoff_base_s * 2 ** min(self._failures - 1, 30))
-        delay = self._rng.uniform(0, ceiling)
-        if answer.retry_after is not None:
-            delay = max(delay, min(answer.retry_after, ep.backoff_max_s))
+        delay = self.backoff_delay(self._failures, answer.retry_after)
         what = f"{answer.status} {answer.message}" if answer.status else answer.message
         self._log_limited(
             "transient",
             logging.WARNING,
-            f"uploader: upload to {ep.url} failed ({what}); readings are kept, retrying "
-            f"in {delay:.1f} s (failure {self._failures})",
+            f"uploader: upload to {self.endpoint.url} failed ({what}); readings are kept, "
+            f"retrying in {delay:.1f} s (failure {self._failures})",
             force=self._failures == 1,
         )
         self._sleep(delay)
 
-    def _pause(self, key: str, message: str) -> None:
+    def _pause(self, key: str, answer: Answer, message: str) -> None:
         self._paused_until[key] = time.monotonic() + PAUSE_S
         self.stats.paused[key] = message
-        self._log_limited("pause:" + key, logging.ERROR, "uploader: " + message)
+        # Keyed by status too: a 404 followed by a 401 is news worth a line at once.
+        self._log_limited(f"pause:{key}:{answer.status}", logging.ERROR, "uploader: " + message)
 
     def _log_limited(self, key: str, level: int, message: str, force: bool = False) -> None:
         now = time.monotonic()

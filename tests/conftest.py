@@ -43,21 +43,36 @@ def pty_sensor(tmp_path: Path) -> Iterator[PtySensor]:
 class Mosquitto:
     """A private broker on a free port; `restart` keeps the port (and its persistence)."""
 
-    def __init__(self, workdir: Path, binary: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        binary: str,
+        *,
+        allow_anonymous: bool = True,
+        extra_conf: str = "",
+    ) -> None:
+        """`extra_conf`: more mosquitto.conf lines (a password file, a plugin, log_type all)."""
         self.workdir = workdir
         self.binary = binary
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / "mosquitto.conf"
+        # Started as root, mosquitto switches to the `mosquitto` user, which cannot write its
+        # log and persistence file in the test's directory: stay root instead.
+        as_root = "user root\n" if os.geteuid() == 0 else ""
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            as_root + f"listener {self.port} 127.0.0.1\n"
+            f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
             "persistence true\n"
             f"persistence_location {workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 0\n"
-            f"log_dest file {workdir}/mosquitto.log\n"
+            f"log_dest file {workdir}/mosquitto.log\n" + extra_conf
         )
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "mosquitto.log"
 
     @property
     def url(self) -> str:

@@ -32,6 +32,25 @@ class Intake(Protocol):
         """Add to a persistent counter (e.g. `dropped.unparseable.<source>`)."""
         ...
 
+    def commit_soon(self) -> None:
+        """Commit what is queued now rather than at the end of the commit interval."""
+        ...
+
+    def put_dead_letter(
+        self,
+        datasource_id: str,
+        record_text: str,
+        reason: str,
+        origin: str,
+        on_durable: Callable[[], None] | None = None,
+    ) -> bool:
+        """Keep input that could not be read in `dead_letters`, with the next commit.
+
+        `record_text` must be JSON text; `on_durable` runs once it is committed. Returns False
+        when the agent is stopping and nothing was kept.
+        """
+        ...
+
 
 @dataclass
 class SourceStats:

@@ -1,0 +1,376 @@
+#!/usr/bin/env python3
+"""Messages per second from a broker into the committed buffer, against a bare subscriber.
+
+    .venv/bin/python scripts/bench_mqtt.py [--messages 200000] [--window 20] [--mqtt-version 3.1.1]
+
+Starts a private Mosquitto on a free port, makes a persistent session for each subscriber,
+pre-publishes N QoS 1 messages into both sessions, then times each subscriber draining its
+session, one at a time, each in a child process of its own:
+
+- bare: a paho client that acknowledges right in on_message (manual ack): the ceiling;
+- agent: the agent's MqttSource + Buffer (sync "full", commit_interval_ms 200), which
+  acknowledges each message only after the commit of its readings (end-to-end ack).
+
+fsyncs: strace slows the traced process even when it traces only fsync and fdatasync (via
+seccomp), so the rate is measured untraced. When strace is installed a third session is
+drained by the agent under `strace -f -c` (up to 50,000 messages) to count fsyncs per commit;
+fsync/s is that times the untraced run's commits per second. Without strace (or with
+--no-strace) one fsync per commit is assumed. Memory is each child's VmHWM, read from
+/proc/self/status at the end of its run. The target is agent/bare >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+ROOT = Path(__file__).resolve().parent.parent
+TOPIC = "bench/line-1/seq"
+CLIENTS = {"bare": "bench-bare", "agent": "bench-agent", "traced": "bench-agent-traced"}
+TRACED_MESSAGES = 50_000  # enough commits to know the fsyncs per commit
+SESSION_EXPIRY_S = 3600
+
+
+def main() -> int:
+    args = _parser().parse_args()
+    if args.role:
+        result = run_bare(args) if args.role == "bare" else run_agent(args, CLIENTS[args.role])
+        print(json.dumps(result))
+        return 0
+    return run_bench(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--messages", type=int, default=200_000, help="messages per subscriber")
+    p.add_argument(
+        "--window",
+        type=int,
+        default=20,
+        help="QoS 1 messages in flight to a subscriber: Mosquitto's max_inflight_messages "
+        "(3.1.1), the subscribers' Receive Maximum (5), and the agent's inflight_window",
+    )
+    p.add_argument("--mqtt-version", choices=["3.1.1", "5"], default="3.1.1")
+    p.add_argument(
+        "--no-strace",
+        action="store_true",
+        help="count fsyncs from the buffer's commits instead of running the agent under strace",
+    )
+    p.add_argument("--role", choices=list(CLIENTS), help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    return p
+
+
+# --- the parent: broker, sessions, pre-publishing, report --------------------------------------
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(binary):
+        print("bench_mqtt: mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
+        workdir = Path(tmp)
+        port = _free_port()
+        broker = _start_broker(binary, workdir, port, args.window)
+        try:
+            roles = (
+                list(CLIENTS)
+                if shutil.which("strace") and not args.no_strace
+                else ["bare", "agent"]
+            )
+            for role in roles:
+                _make_session(port, CLIENTS[role], args)
+            started = time.monotonic()
+            _publish(port, args.messages)
+            publish_s = time.monotonic() - started
+            print(
+                f"pre-published {args.messages} messages into {len(roles)} sessions "
+                f"in {publish_s:.1f} s",
+                file=sys.stderr,
+            )
+            bare = _child("bare", port, workdir, args)
+            agent = _child("agent", port, workdir, args)
+            strace = None if args.no_strace else shutil.which("strace")
+            if strace is not None:
+                traced = _child("traced", port, workdir, args, strace)
+                agent["fsyncs_per_commit"] = traced["fsyncs"] / max(1, traced["commits"])
+                agent["fsync_source"] = "strace"
+        finally:
+            broker.terminate()
+            broker.wait(30)
+    _report(args, bare, agent)
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_broker(binary: str, workdir: Path, port: int, window: int) -> subprocess.Popen[bytes]:
+    conf = workdir / "mosquitto.conf"
+    # No persistence: saving a million queued messages every few seconds would compete with
+    # the subscribers for the CPU; sessions live in the broker's memory for this run.
+    conf.write_text(
+        ("user root\n" if os.geteuid() == 0 else "") + f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "max_queued_messages 0\n"
+        f"max_inflight_messages {window}\n"
+        f"log_dest file {workdir}/mosquitto.log\n"
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise SystemExit(f"bench_mqtt: mosquitto did not listen on {port}")
+
+
+def _client(client_id: str, version: str, manual_ack: bool = False) -> mqtt.Client:
+    v5 = version == "5"
+    return mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if v5 else False,
+        manual_ack=manual_ack,
+    )
+
+
+def _connect(client: mqtt.Client, port: int, version: str, window: int) -> None:
+    if version == "5":
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = window
+        client.connect("127.0.0.1", port, clean_start=False, properties=props)
+    else:
+        client.connect("127.0.0.1", port)
+
+
+def _make_session(port: int, client_id: str, args: argparse.Namespace) -> None:
+    subscribed = threading.Event()
+    client = _client(client_id, args.mqtt_version)
+    client.on_subscribe = lambda *a: subscribed.set()
+    _connect(client, port, args.mqtt_version, args.window)
+    client.loop_start()
+    client.subscribe(TOPIC, qos=1)
+    if not subscribed.wait(10):
+        raise SystemExit(f"bench_mqtt: no SUBACK for {client_id}")
+    client.disconnect()
+    client.loop_stop()
+
+
+def _publish(port: int, total: int) -> None:
+    acked = 0
+    cond = threading.Condition()
+
+    def on_publish(*_: Any) -> None:
+        nonlocal acked
+        with cond:
+            acked += 1
+            cond.notify_all()
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, "bench-publisher")
+    client.max_inflight_messages_set(0)  # unlimited: our own bound is below
+    client.on_publish = on_publish
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    sent = 0
+
+    def room() -> bool:  # bounds paho's queue of unacknowledged messages
+        return sent - acked < 20_000
+
+    for seq in range(total):
+        client.publish(TOPIC, json.dumps({"seq": seq, "temperature": 21.5}), qos=1)
+        sent = seq + 1
+        if sent % 1000 == 0:
+            with cond:
+                cond.wait_for(room, 60)
+    with cond:
+        if not cond.wait_for(lambda: acked >= total, 120):
+            raise SystemExit(f"bench_mqtt: only {acked} of {total} messages acknowledged")
+    client.disconnect()
+    client.loop_stop()
+
+
+def _child(
+    role: str, port: int, workdir: Path, args: argparse.Namespace, strace: str | None = None
+) -> dict[str, Any]:
+    messages = min(args.messages, TRACED_MESSAGES) if role == "traced" else args.messages
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        f"--role={role}",
+        f"--port={port}",
+        f"--workdir={workdir}",
+        f"--messages={messages}",
+        f"--window={args.window}",
+        f"--mqtt-version={args.mqtt_version}",
+    ]
+    summary = workdir / f"strace-{role}.txt"
+    if strace is not None:
+        trace = ["-f", "-c", "--seccomp-bpf", "-e", "trace=fsync,fdatasync", "-o", str(summary)]
+        command = [strace, *trace, *command]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    if strace is not None:
+        result["fsyncs"] = _strace_calls(summary.read_text())
+    return result
+
+
+def _strace_calls(summary: str) -> int:
+    calls = 0
+    for line in summary.splitlines():
+        fields = line.split()
+        if fields and fields[-1] in ("fsync", "fdatasync"):
+            calls += int(fields[3])
+    return calls
+
+
+def _report(args: argparse.Namespace, bare: dict[str, Any], agent: dict[str, Any]) -> None:
+    per_commit = agent.get("fsyncs_per_commit", 1.0)
+    agent["fsync_rate"] = per_commit * agent["commits"] / agent["seconds"]
+    bare["fsync_rate"] = 0.0
+    rows = [("bare paho, ack in on_message", bare), ("agent MqttSource + Buffer", agent)]
+    print(
+        f"\n{args.messages} QoS 1 messages, MQTT {args.mqtt_version}, window {args.window}, "
+        'buffer sync "full", commit_interval_ms 200\n'
+    )
+    print("| subscriber | seconds | messages/s | commits | fsync/s | VmHWM MiB |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in rows:
+        print(
+            f"| {name} | {r['seconds']:.2f} | {r['rate']:,.0f} | {r.get('commits', '-')} "
+            f"| {r['fsync_rate']:,.0f} | {r['vmhwm_kb'] / 1024:.0f} |"
+        )
+    ratio = agent["rate"] / bare["rate"]
+    verdict = "meets" if ratio >= 0.8 else "misses"
+    print(f"\nratio agent/bare: {ratio:.2f} ({verdict} the 0.8 target)")
+    source = agent.get("fsync_source", "assumed: one per commit (no strace)")
+    print(f"fsyncs per commit: {per_commit:.2f} ({source})")
+
+
+# --- the children: one subscriber each ---------------------------------------------------------
+
+
+def _vmhwm_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_bare(args: argparse.Namespace) -> dict[str, Any]:
+    done = threading.Event()
+    received = 0
+
+    def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        nonlocal received
+        client.ack(message.mid, message.qos)
+        received += 1
+        if received >= args.messages:
+            done.set()
+
+    client = _client(CLIENTS["bare"], args.mqtt_version, manual_ack=True)
+    client.on_message = on_message
+    started = time.monotonic()
+    _connect(client, args.port, args.mqtt_version, args.window)
+    client.loop_start()
+    if not done.wait(600):
+        raise SystemExit(f"bench_mqtt: bare subscriber got {received} of {args.messages}")
+    seconds = time.monotonic() - started
+    client.disconnect()
+    client.loop_stop()
+    return {"seconds": seconds, "rate": args.messages / seconds, "vmhwm_kb": _vmhwm_kb()}
+
+
+def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
+    from edge_agent.agent import AgentIntake
+    from edge_agent.buffer import Buffer
+    from edge_agent.clock import SystemClock
+    from edge_agent.config import BufferConfig, SourceConfig
+    from edge_agent.sources.mqtt import MqttSource
+
+    buffer = Buffer(
+        Path(args.workdir) / client_id / "buffer.db",
+        BufferConfig(sync="full", commit_interval_ms=200, max_bytes=1 << 34),
+    )
+    buffer.open()
+    intake = _CountingIntake(AgentIntake(buffer, None, SystemClock()), args.messages)
+    config = SourceConfig(
+        name="bench",
+        type="mqtt",
+        datasource_id="1",
+        broker=f"mqtt://127.0.0.1:{args.port}",
+        topics=(TOPIC,),
+        client_id=client_id,
+        mqtt_version=args.mqtt_version,
+        inflight_window=args.window,
+        session_expiry_s=SESSION_EXPIRY_S,
+    )
+    source = MqttSource(config, "bench-gw", intake)
+    started = time.monotonic()
+    source.start()
+    if not intake.done.wait(600):
+        raise SystemExit(f"bench_mqtt: agent committed {intake.durable} of {args.messages}")
+    seconds = time.monotonic() - started
+    source.stop()
+    buffer.close()
+    return {
+        "seconds": seconds,
+        "rate": args.messages / seconds,
+        "vmhwm_kb": _vmhwm_kb(),
+        "commits": buffer.commits,
+    }
+
+
+class _CountingIntake:
+    """The agent's intake, counting messages whose readings committed (their ack is sent)."""
+
+    def __init__(self, inner: Any, expected: int) -> None:
+        self._inner = inner
+        self._expected = expected
+        self._lock = threading.Lock()
+        self.durable = 0
+        self.done = threading.Event()
+
+    def put(self, readings: Any, on_durable: Any = None) -> bool:
+        def counted() -> None:
+            if on_durable is not None:
+                on_durable()
+            with self._lock:
+                self.durable += 1
+                if self.durable >= self._expected:
+                    self.done.set()
+
+        return bool(self._inner.put(readings, counted))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

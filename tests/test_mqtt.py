@@ -1,0 +1,672 @@
+"""The MQTT source against a real Mosquitto, with the agent in process or as a real process.
+
+Publishers publish at QoS 1 and wait for the broker's PUBACK, so a message counts as published
+only once the broker owns it; from there the agent must get it to the sandbox, whatever happens
+to the agent, the broker or the uplink. The broker's debug log (log_type all) shows what it
+sent to the agent and which acknowledgements came back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edge_agent.agent import Agent
+from edge_agent.buffer import BufferSession
+from edge_agent.clock import utc_stamp
+from edge_agent.config import load_config
+from edge_agent.errors import ConfigError, ParseError
+from edge_agent.sandbox import Faults, Sandbox
+from edge_agent.sources.mqtt import MqttSource, device_stamp
+from tests.conftest import Mosquitto
+from tests.helpers import AgentProcess, wait_until, write_config
+
+DS = "67891"
+SOAK_MESSAGES = int(os.environ.get("EDGE_AGENT_SOAK_MESSAGES", "3000"))
+
+
+# --- plumbing ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def broker(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker that logs every packet, so tests can see what it sent and what came back."""
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    b = Mosquitto(workdir, mosquitto.binary, extra_conf="log_type all\n")
+    b.start()
+    yield b
+    b.stop()
+
+
+def broker_log_count(b: Mosquitto, text: str) -> int:
+    if not b.log_path.exists():
+        return 0
+    return b.log_path.read_text(errors="replace").count(text)
+
+
+def wait_subscribed(b: Mosquitto, client_id: str, times: int = 1) -> None:
+    wait_until(
+        lambda: broker_log_count(b, f"Sending SUBACK to {client_id}\n") >= times,
+        15,
+        f"{client_id} subscribed",
+    )
+
+
+def mqtt_source(b: Mosquitto, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "plant",
+        "type": "mqtt",
+        "broker": b.url,
+        "topics": ["sensors/+/+"],
+        "topic_fields": "sensors/{device}/{metric}",
+        "format": "json",
+        "shape": "wide",
+        "datasource_id": DS,
+        **extra,
+    }
+
+
+def client_id(name: str = "plant", device: str = "gw-test") -> str:
+    return f"edge-agent-{device}-{name}"
+
+
+class Publisher:
+    """Publishes at QoS 1 and counts PUBACKs; paho resends what is unacknowledged on reconnect."""
+
+    def __init__(self, b: Mosquitto, name: str = "test-publisher") -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, name)
+        self.client.reconnect_delay_set(1, 1)
+        self.client.on_publish = self._on_publish
+        self._lock = threading.Lock()
+        self._sent: set[int] = set()
+        self._acked: set[int] = set()
+        self.client.connect("127.0.0.1", b.port)
+        self.client.loop_start()
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
+        with self._lock:
+            self._acked.add(mid)
+
+    def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
+        # Not under self._lock: paho calls on_publish holding its own lock (and may do so
+        # before publish() returns; acked() counts only mids seen on both sides).
+        mid = self.client.publish(topic, payload, qos=1, retain=retain).mid
+        with self._lock:
+            assert mid not in self._sent, "a test publishes fewer than 65535 messages"
+            self._sent.add(mid)
+
+    def acked(self) -> int:
+        with self._lock:
+            return len(self._acked & self._sent)
+
+    def wait_acked(self, timeout: float = 30) -> None:
+        wait_until(lambda: self.acked() == len(self._sent), timeout, "PUBACK for every message")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.client.on_publish = None  # no cycle: paho's sockets close when it is collected
+
+
+@pytest.fixture
+def publisher(broker: Mosquitto) -> Iterator[Publisher]:
+    p = Publisher(broker)
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for a in started:
+        a.ensure_dead()
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
+    """Agents run in this process, stopped at the end of the test."""
+    running: list[Agent] = []
+
+    def make(*sources: dict[str, Any], data: str = "data", device: str = "gw-test") -> Agent:
+        config = write_config(
+            tmp_path / f"{data}.toml",
+            url=sandbox.url,
+            data_dir=tmp_path / data,
+            sources=list(sources),
+            agent={"device_id": device},
+        )
+        agent = Agent(load_config(config))
+        agent.start()
+        running.append(agent)
+        return agent
+
+    yield make
+    for agent in running:
+        agent.stop()
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def mqtt_log() -> Iterator[_Lines]:
+    handler = _Lines()
+    logger = logging.getLogger("edge_agent.sources.mqtt")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def seqs(sandbox: Sandbox) -> list[int]:
+    return [int(r["seq"]) for r in sandbox.records(DS)]
+
+
+def source(agent: Agent, name: str = "plant") -> MqttSource:
+    found = agent.sources[name]
+    assert isinstance(found, MqttSource)
+    return found
+
+
+# --- end to end: crashes, broker restarts, uplink outages -----------------------------------
+
+
+def test_kill_9_twice_while_publishing_loses_nothing(
+    tmp_path: Path,
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    agents: list[AgentProcess],
+) -> None:
+    config = write_config(
+        tmp_path / "agent.toml",
+        url=sandbox.url,
+        data_dir=tmp_path / "data",
+        sources=[mqtt_source(broker)],
+    )
+    log = tmp_path / "agent.log"
+    agents.append(AgentProcess(config, log).start())
+    wait_subscribed(broker, client_id())
+
+    def publish_all() -> None:
+        for seq in range(SOAK_MESSAGES):
+            publisher.publish(f"sensors/dev{seq % 7}/seq", json.dumps({"seq": seq}))
+            if seq % 20 == 0:
+                time.sleep(0.01)  # pacing, so the kills land while messages flow
+
+    thread = threading.Thread(target=publish_all)
+    thread.start()
+    try:
+        uploaded = 0
+        for kill in (1, 2):
+            mark = SOAK_MESSAGES * kill // 3
+            wait_until(lambda m=mark: publisher.acked() >= m, 60, f"{mark} messages published")
+            # Kill a running agent in the middle of its work, not one still starting.
+            wait_until(
+                lambda: agents[-1].log_text().count("mqtt plant: connected to") == len(agents),
+                30,
+                "the agent connected",
+            )
+            wait_until(lambda n=uploaded: len(sandbox.records(DS)) > n, 30, "this agent uploading")
+            agents[-1].kill9()
+            uploaded = len(sandbox.records(DS))
+            agents.append(AgentProcess(config, log).start())
+    finally:
+        thread.join()
+    publisher.wait_acked()
+    wait_until(
+        lambda: set(seqs(sandbox)) >= set(range(SOAK_MESSAGES)), 60, "every seq in the sandbox"
+    )
+    assert agents[-1].terminate() == 0
+    # Each restart resumed the session instead of starting a new one.
+    assert agents[-1].log_text().count("(resumed session") == 2
+
+
+@pytest.mark.parametrize(("version", "window"), [("3.1.1", 20), ("5", 7)])
+def test_messages_are_acknowledged_only_after_their_commit(
+    tmp_path: Path,
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    agents: list[AgentProcess],
+    version: str,
+    window: int,
+) -> None:
+    # 3.1.1: Mosquitto's own window (max_inflight_messages = 20); 5: our Receive Maximum.
+    config = write_config(
+        tmp_path / "agent.toml",
+        url=sandbox.url,
+        data_dir=tmp_path / "data",
+        sources=[mqtt_source(broker, mqtt_version=version, inflight_window=window)],
+    )
+    log = tmp_path / "agent.log"
+    agents.append(AgentProcess(config, log).start())
+    cid = client_id()
+    wait_subscribed(broker, cid)
+    # Hold the database's write lock: the agent's writer cannot commit anything.
+    lock = sqlite3.connect(tmp_path / "data" / "buffer.db", timeout=30)
+    lock.execute("BEGIN IMMEDIATE")
+    for seq in range(100):
+        publisher.publish("sensors/dev1/seq", json.dumps({"seq": seq}))
+    publisher.wait_acked()
+    sent = f"Sending PUBLISH to {cid} "
+    wait_until(lambda: broker_log_count(broker, sent) >= window, 15, "a full window delivered")
+    agents[-1].kill9()
+    assert broker_log_count(broker, sent) == window  # the broker waited for acknowledgements
+    assert broker_log_count(broker, f"Received PUBACK from {cid} ") == 0
+    lock.rollback()
+    lock.close()
+    # What the dead agent had received was never acknowledged, so the broker sends it again.
+    agents.append(AgentProcess(config, log).start())
+    wait_until(lambda: set(seqs(sandbox)) == set(range(100)), 30, "all 100 in the sandbox")
+    assert agents[-1].terminate() == 0
+    assert broker_log_count(broker, f"Received PUBACK from {cid} ") >= 100
+
+
+def test_broker_restart_while_publishing_loses_nothing(
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    make_agent: Callable[..., Agent],
+) -> None:
+    agent = make_agent(mqtt_source(broker))
+    wait_subscribed(broker, client_id())
+    total = 600
+    for seq in range(total):
+        if seq == total // 3:
+            wait_until(lambda: len(sandbox.records(DS)) > 0, 15, "uploads under way")
+            broker.restart()
+        publisher.publish(f"sensors/dev{seq % 3}/seq", json.dumps({"seq": seq}))
+        if seq % 20 == 0:
+            time.sleep(0.01)
+    publisher.wait_acked()
+    wait_until(lambda: set(seqs(sandbox)) == set(range(total)), 45, "every seq in the sandbox")
+    assert source(agent).stats.reconnects >= 1
+    assert source(agent).stats.connected
+
+
+def test_uplink_down_messages_wait_committed_and_arrive_once(
+    tmp_path: Path,
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    make_agent: Callable[..., Agent],
+) -> None:
+    sandbox.set_faults(Faults(status=503))
+    agent = make_agent(mqtt_source(broker))
+    cid = client_id()
+    wait_subscribed(broker, cid)
+    total = 500
+    for seq in range(total):
+        publisher.publish("sensors/dev1/seq", json.dumps({"seq": seq}))
+    publisher.wait_acked()
+    session = BufferSession(tmp_path / "data" / "buffer.db")
+    try:
+        wait_until(lambda: session.pending_count() == total, 30, "all messages in the buffer")
+    finally:
+        session.close()
+    wait_until(
+        lambda: broker_log_count(broker, f"Received PUBACK from {cid} ") == total,
+        15,
+        "every message acknowledged once committed",
+    )
+    assert sandbox.records(DS) == []
+    agent.stop()
+    # A new agent on the same buffer: the broker sends nothing again, the buffer drains.
+    make_agent(mqtt_source(broker))
+    wait_subscribed(broker, cid, times=2)
+    sandbox.set_faults(Faults())
+    wait_until(lambda: len(sandbox.records(DS)) >= total, 30, "the backlog uploaded")
+    assert sorted(seqs(sandbox)) == list(range(total))
+    assert broker_log_count(broker, f"Sending PUBLISH to {cid} ") == total
+
+
+# --- what messages become ------------------------------------------------------------------
+
+
+def test_topics_payload_formats_and_device_timestamps(
+    tmp_path: Path,
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    make_agent: Callable[..., Agent],
+) -> None:
+    plant = mqtt_source(broker, shape="long", topics=["plant/+/+"])
+    plant["topic_fields"] = "plant/{device}/{metric}"
+    lab = mqtt_source(
+        broker,
+        name="lab",
+        topics=["lab/#"],
+        topic_fields="lab/{room}/#",
+        timestamp_field="ts",
+        mqtt_version="5",
+    )
+    meters = mqtt_source(
+        broker,
+        name="meters",
+        topics=["meters/+"],
+        topic_fields="meters/{meter}",
+        format="kv",
+        tags={"site": "north"},
+    )
+    counts = mqtt_source(
+        broker, name="counts", topics=["counts/+"], topic_fields="counts/{metric}", format="number"
+    )
+    before = time.time()
+    make_agent(plant, lab, meters, counts)
+    for name in ("plant", "lab", "meters", "counts"):
+        wait_subscribed(broker, client_id(name))
+    publisher.publish("plant/press-1/temperature", "21.5")
+    publisher.publish("plant/press-2/temperature", '{"value": 19}')
+    publisher.publish("plant/press-1/drive", '{"rpm": 1200, "load": 0.5}')
+    publisher.publish("lab/r1/env", '{"ts": "2025-03-01T10:00:00.5+01:00", "t": 20.5, "h": 40}')
+    publisher.publish("lab/r2/env", '{"ts": 1740823200123, "t": 1.5, "h": 41}')
+    publisher.publish("lab/r2/env", '{"ts": 1740823201, "t": 2.5, "h": 42}')
+    publisher.publish("meters/m1", "kwh=12.5 volts=230")
+    publisher.publish("counts/bottles", "42")
+    publisher.publish("counts/bottles", "43", retain=True)  # delivered live: not retained
+    # Unreadable: kept in dead_letters with the topic and the reason.
+    publisher.publish("plant/press-1/temperature", "not json")
+    publisher.publish("lab/r3/env", '{"ts": "yesterday", "t": 1}')
+    publisher.publish("lab/r3/env", '{"ts": "2025-03-01T10:00:00", "t": 1}')
+    publisher.wait_acked()
+    wait_until(lambda: len(sandbox.records(DS)) >= 10, 15, "all records uploaded")
+    records = sandbox.records(DS)
+    after = time.time()
+    received = [r for r in records if r.get("room") is None]
+    for r in received:
+        assert utc_stamp(before) <= r.pop("timestamp") <= utc_stamp(after)
+    expected_received = [
+        {"metric": "temperature", "value": 21.5, "device": "press-1", "device_id": "gw-test"},
+        {"metric": "temperature", "value": 19, "device": "press-2", "device_id": "gw-test"},
+        {"metric": "rpm", "value": 1200, "device": "press-1", "device_id": "gw-test"},
+        {"metric": "load", "value": 0.5, "device": "press-1", "device_id": "gw-test"},
+        {"kwh": 12.5, "volts": 230, "meter": "m1", "site": "north", "device_id": "gw-test"},
+        {"bottles": 42, "device_id": "gw-test"},
+        {"bottles": 43, "device_id": "gw-test"},
+    ]
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    assert sorted(received, key=key) == sorted(expected_received, key=key)
+    device_timed = sorted((r for r in records if "room" in r), key=lambda r: r["timestamp"])
+    assert device_timed == [
+        {"timestamp": "2025-03-01T09:00:00.500Z", "t": 20.5, "h": 40, "room": "r1"}
+        | {"device_id": "gw-test"},
+        {"timestamp": "2025-03-01T10:00:00.123Z", "t": 1.5, "h": 41, "room": "r2"}
+        | {"device_id": "gw-test"},
+        {"timestamp": "2025-03-01T10:00:01.000Z", "t": 2.5, "h": 42, "room": "r2"}
+        | {"device_id": "gw-test"},
+    ]
+    conn = sqlite3.connect(tmp_path / "data" / "buffer.db")
+    dead = conn.execute(
+        "SELECT datasource_id, record, reason, origin FROM dead_letters ORDER BY id"
+    ).fetchall()
+    counters = dict(conn.execute("SELECT name, value FROM counters"))
+    conn.close()
+    by_payload = {
+        json.loads(rec)["payload"]: (ds, rec, why, origin) for ds, rec, why, origin in dead
+    }
+    assert len(dead) == 3
+    ds, rec, why, origin = by_payload["not json"]
+    assert (ds, origin) == (DS, "mqtt:plant/press-1/temperature")
+    assert json.loads(rec)["topic"] == "plant/press-1/temperature"
+    assert "not valid JSON" in why
+    assert "not ISO 8601" in by_payload['{"ts": "yesterday", "t": 1}'][2]
+    assert "no UTC offset" in by_payload['{"ts": "2025-03-01T10:00:00", "t": 1}'][2]
+    assert by_payload['{"ts": "yesterday", "t": 1}'][3] == "mqtt:lab/r3/env"
+    assert counters["dropped.unparseable.plant"] == 1
+    assert counters["dropped.unparseable.lab"] == 2
+
+
+def test_retained_messages_sent_on_subscribe_are_not_readings(
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    make_agent: Callable[..., Agent],
+) -> None:
+    publisher.publish("sensors/dev1/seq", json.dumps({"seq": -1}), retain=True)
+    publisher.wait_acked()
+    agent = make_agent(mqtt_source(broker))
+    wait_subscribed(broker, client_id())
+    publisher.publish("sensors/dev1/seq", json.dumps({"seq": 1}))
+    publisher.wait_acked()
+    wait_until(lambda: seqs(sandbox) == [1], 15, "the live message uploaded")
+    assert source(agent).stats.lines == 1
+
+
+def test_mqtt5_shared_group_splits_messages_between_gateways(
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    make_agent: Callable[..., Agent],
+) -> None:
+    shared = mqtt_source(broker, mqtt_version="5", shared_group="edge")
+    first = make_agent(shared, data="a", device="gw-a")
+    second = make_agent(shared, data="b", device="gw-b")
+    for device in ("gw-a", "gw-b"):
+        wait_subscribed(broker, client_id(device=device))
+        assert broker_log_count(broker, f"as {client_id(device=device)} (p5, c0") == 1
+    total = 200
+    for seq in range(total):
+        publisher.publish("sensors/dev1/seq", json.dumps({"seq": seq}))
+    publisher.wait_acked()
+    wait_until(lambda: len(sandbox.records(DS)) >= total, 30, "every seq uploaded")
+    assert sorted(seqs(sandbox)) == list(range(total))
+    counts = [source(first).stats.lines, source(second).stats.lines]
+    assert sum(counts) == total
+    assert min(counts) > 0
+
+
+# --- failures the operator must see in the log ---------------------------------------------
+
+
+@pytest.fixture
+def secure_broker(mosquitto: Mosquitto, tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker with user alice (password "right") who may subscribe to sensors/# only."""
+    workdir = tmp_path / "secure"
+    workdir.mkdir()
+    dynsec = workdir / "dynsec.json"
+    subprocess.run(
+        ["mosquitto_ctrl", "dynsec", "init", str(dynsec), "alice", "right"],
+        check=True,
+        capture_output=True,
+    )
+    doc = json.loads(dynsec.read_text())
+    doc["roles"][0]["acls"] = [
+        {"acltype": "subscribePattern", "topic": "sensors/#", "allow": True},
+        {"acltype": "publishClientReceive", "topic": "#", "allow": True},
+    ]
+    dynsec.write_text(json.dumps(doc))
+    plugin = next(
+        p for p in Path("/usr/lib").glob("**/mosquitto_dynamic_security.so") if p.is_file()
+    )
+    b = Mosquitto(
+        workdir,
+        mosquitto.binary,
+        allow_anonymous=False,
+        extra_conf=f"plugin {plugin}\nplugin_opt_config_file {dynsec}\n",
+    )
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_bad_credentials_and_refused_subscriptions_are_logged_plainly(
+    tmp_path: Path,
+    secure_broker: Mosquitto,
+    make_agent: Callable[..., Agent],
+    mqtt_log: _Lines,
+) -> None:
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("wrong\n")
+    right = tmp_path / "right-password"
+    right.write_text("right\n")
+    agent = make_agent(
+        mqtt_source(secure_broker, username="alice", password_file=str(wrong)), data="a"
+    )
+    refused = "mqtt plant: the broker refused the connection: Not authorized; check username"
+    wait_until(lambda: any(refused in line for line in mqtt_log.lines), 15, "refusal logged")
+    assert not source(agent).stats.connected
+    assert "wrong" not in "\n".join(mqtt_log.lines)
+    topics = ["sensors/+/+", "secret/#"]
+    for version in ("3.1.1", "5"):
+        allowed_and_not = mqtt_source(
+            secure_broker,
+            name=f"v{version[0]}",
+            username="alice",
+            password_file=str(right),
+            topics=topics,
+            mqtt_version=version,
+        )
+        del allowed_and_not["topic_fields"]
+        make_agent(allowed_and_not, data=f"v{version[0]}")
+    denied = "the broker refused the subscription to 'secret/#'"
+    wait_until(lambda: sum(denied in line for line in mqtt_log.lines) == 2, 15, "refusals logged")
+    assert any("Not authorized (code 135)" in line for line in mqtt_log.lines)
+    assert not any("sensors/+/+'" in line and "refused" in line for line in mqtt_log.lines)
+
+
+# --- configuration and device time (no broker) ---------------------------------------------
+
+
+def _config(tmp_path: Path, env: dict[str, str] | None = None, **src: Any) -> Any:
+    path = write_config(
+        tmp_path / "c.toml",
+        url="http://127.0.0.1:9/restapi/datasource/insert",
+        data_dir=tmp_path / "d",
+        sources=[
+            {
+                "name": "plant",
+                "type": "mqtt",
+                "broker": "mqtt://127.0.0.1:1883",
+                "topics": ["sensors/+/+"],
+                "datasource_id": DS,
+                **src,
+            }
+        ],
+    )
+    return load_config(path, environ=env or {})
+
+
+def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
+    config = _config(tmp_path, {"MQTT_PW": "hunter2"}, username="u", password_env="MQTT_PW")
+    src = config.sources[0]
+    assert (src.qos, src.mqtt_version, src.keepalive_s) == (1, "3.1.1", 60)
+    assert (src.session_expiry_s, src.inflight_window) == (604_800, 20)
+    assert src.password is not None and src.password.reveal() == "hunter2"
+    assert "hunter2" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"broker": "http://h:1883"}, "expected mqtt://host"),
+        ({"broker": "mqtt://u:p@h"}, "not in the URL"),
+        ({"broker": "mqtt://h:99999"}, "bad port"),
+        ({"topics": []}, "topics: missing"),
+        ({"topics": ["a/b+"]}, "is not a topic filter"),
+        ({"topics": ["a/#/b"]}, "is not a topic filter"),
+        ({"topics": ["$share/g/a"]}, "shared_group"),
+        ({"qos": 3}, "qos: expected a value from 0 to 2"),
+        ({"format": "csv"}, "'json', 'number' or 'kv'"),
+        ({"topic_fields": "sensors/{device"}, "is not a field"),
+        ({"topic_fields": "sensors/{timestamp}/x"}, "would replace"),
+        ({"topic_fields": "s/{a}/{a}"}, "appears twice"),
+        ({"topic_fields": "s/{site}", "tags": {"site": "n"}}, "also a tag"),
+        ({"shared_group": "edge"}, 'needs mqtt_version = "5"'),
+        ({"session_expiry_s": 60}, 'needs mqtt_version = "5"'),
+        ({"password_env": "X", "username": "u"}, "X is not set"),
+        ({"password_file": "/nonexistent/pw", "username": "u"}, "cannot read"),
+        ({"password_env": "X"}, "a password needs a username"),
+        ({"ca_file": "/etc/hostname"}, "need an mqtts://"),
+        ({"port": "/dev/ttyUSB0"}, "only serial sources take this key"),
+        ({"password": "x"}, "unknown key 'password'"),
+        ({"timestamp_field": "ts", "format": "number"}, "has no fields"),
+    ],
+)
+def test_config_errors_say_what_to_fix(
+    tmp_path: Path, settings: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=None) as err:
+        _config(tmp_path, **settings)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "stamp"),
+    [
+        ("2025-03-01T10:00:00Z", "2025-03-01T10:00:00.000Z"),
+        ("2025-03-01T10:00:00.123456+02:00", "2025-03-01T08:00:00.123Z"),
+        (1740823200, "2025-03-01T10:00:00.000Z"),
+        (1740823200.5, "2025-03-01T10:00:00.500Z"),
+        (1740823200123, "2025-03-01T10:00:00.123Z"),
+        ("1740823200", "2025-03-01T10:00:00.000Z"),
+    ],
+)
+def test_device_timestamps_are_normalised(raw: Any, stamp: str) -> None:
+    assert device_stamp(raw) == stamp
+
+
+@pytest.mark.parametrize("raw", ["2025-03-01T10:00:00", "soon", True, 12, 1e30, "nan"])
+def test_bad_device_timestamps_are_refused(raw: Any) -> None:
+    with pytest.raises(ParseError):
+        device_stamp(raw)
+
+
+@given(st.integers(min_value=946_684_800_000, max_value=4_102_444_799_999))
+def test_epoch_milliseconds_and_their_iso_form_agree(millis: int) -> None:
+    seconds = datetime.fromtimestamp(millis // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = device_stamp(millis)
+    assert stamp == f"{seconds}.{millis % 1000:03d}Z"
+    assert device_stamp(stamp) == stamp
+    assert device_stamp(str(millis)) == stamp
+    assert device_stamp(millis / 1000) == stamp
+    assert device_stamp(millis // 1000) == f"{seconds}.000Z"
+
+
+def test_client_id_default_is_stable_and_settable(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    intake: Any = object()
+    assert MqttSource(config.sources[0], "gw-7", intake).client_id == "edge-agent-gw-7-plant"
+    config = _config(tmp_path, client_id="custom")
+    assert MqttSource(config.sources[0], "gw-7", intake).client_id == "custom"
+
+
+def test_a_broker_that_is_down_at_start_is_retried(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    mosquitto: Mosquitto,
+    make_agent: Callable[..., Agent],
+    mqtt_log: _Lines,
+) -> None:
+    mosquitto.stop()
+    agent = make_agent(mqtt_source(mosquitto))
+    wait_until(
+        lambda: any("cannot reach the broker" in line for line in mqtt_log.lines), 15, "logged"
+    )
+    mosquitto.start()
+    wait_until(lambda: source(agent).stats.connected, 15, "connected once the broker is up")

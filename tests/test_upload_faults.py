@@ -1,0 +1,495 @@
+"""The agent against the sandbox over real HTTP, with the sandbox's faults switched on.
+
+The agent runs in-process (`edge_agent.agent.Agent`, with a serial source on an idle pty) and
+readings go in through `AgentIntake.put`, each with a unique `seq` and, from
+`record_id_field`, a `reading_id`. What the sandbox stored, what the buffer still holds and
+what went to dead letters are then compared with what was put. Time is only asserted as a
+lower bound, for Retry-After.
+
+EDGE_AGENT_CHAOS_SECONDS sets the length of the chaos run (default 15 s) and
+EDGE_AGENT_CHAOS_SEED its random seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.buffer import BufferSession
+from edge_agent.config import load_config, parse_duration
+from edge_agent.records import Reading
+from edge_agent.sandbox import Faults, Sandbox
+from edge_agent.simulator import PtySensor
+from edge_agent.uploader import split_bound
+from tests.helpers import DATASOURCE, serial_source, wait_until, write_config
+from tests.test_uploader import LogLines
+
+POISON = {"kind": "poison"}  # the sandbox rule that refuses a record
+
+
+def record(seq: int, kind: str = "ok", **extra: Any) -> dict[str, Any]:
+    return {
+        "timestamp": "2025-01-01T12:00:00.000Z",
+        "metric": "temperature",
+        "value": 20.5 + seq % 10,
+        "kind": kind,
+        "seq": seq,
+        **extra,
+    }
+
+
+@dataclass
+class Call:
+    """One request as the uploader's transport saw it."""
+
+    started: float  # monotonic
+    ended: float
+    status: int | None  # None: no answer (connection dropped, refused...)
+    gzip: bool
+    body: bytes
+
+    def records(self) -> list[dict[str, Any]]:
+        return list(json.loads(self.body)["data"])
+
+
+class CallLog(httpx.BaseTransport):
+    """Real HTTP (an `httpx.HTTPTransport`), with each request and its outcome written down."""
+
+    def __init__(self, inner: httpx.BaseTransport | None = None) -> None:
+        self.inner = inner or httpx.HTTPTransport()
+        self.calls: list[Call] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        started = time.monotonic()
+        gz = request.headers.get("Content-Encoding") == "gzip"
+        try:
+            response = self.inner.handle_request(request)
+        except httpx.HTTPError:
+            self.calls.append(Call(started, time.monotonic(), None, gz, request.content))
+            raise
+        self.calls.append(
+            Call(started, time.monotonic(), response.status_code, gz, request.content)
+        )
+        return response
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class RefuseGzip(httpx.BaseTransport):
+    """A server that takes no gzip: answers 415 to compressed bodies, passes the rest on."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+        self.refused = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.headers.get("Content-Encoding") == "gzip":
+            self.refused += 1
+            return httpx.Response(415, json={"message": "Content-Encoding 'gzip' is not supported"})
+        return self.inner.handle_request(request)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@dataclass
+class Running:
+    agent: Agent
+    config_path: Path
+    token_file: Path
+    logs: LogLines
+
+    def put(self, records: list[dict[str, Any]], datasource_id: str = DATASOURCE) -> None:
+        assert self.agent.intake.put([Reading(datasource_id, r) for r in records])
+        assert self.agent.buffer.flush()
+
+    def _session(self) -> BufferSession:
+        return BufferSession(self.agent.config.buffer_path)
+
+    def pending(self) -> int:
+        s = self._session()
+        try:
+            return s.pending_count()
+        finally:
+            s.close()
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        s = self._session()
+        try:
+            return s.dead_letters()
+        finally:
+            s.close()
+
+
+StartAgent = Callable[..., Running]
+
+
+@pytest.fixture
+def start_agent(sandbox: Sandbox, tmp_path: Path) -> Iterator[StartAgent]:
+    """Start an Agent on the sandbox; `record_id_field = "reading_id"`; stopped at teardown."""
+    idle = PtySensor(tmp_path / "serial-idle")  # plugged in but silent: the source waits
+    idle.plug()
+    logs = LogLines()
+    logger = logging.getLogger("edge_agent")
+    level = logger.level
+    logger.addHandler(logs)
+    logger.setLevel(logging.INFO)
+    started: list[Agent] = []
+
+    def start(*, transport: httpx.BaseTransport | None = None, **endpoint: Any) -> Running:
+        path = write_config(
+            tmp_path / "agent.toml",
+            url=sandbox.url,
+            data_dir=tmp_path / "data",
+            sources=[serial_source(idle.link)],
+            endpoint={"record_id_field": "reading_id", **endpoint},
+        )
+        agent = Agent(load_config(path), transport=transport)
+        agent.start()
+        started.append(agent)
+        return Running(agent, path, tmp_path / "token", logs)
+
+    yield start
+    for agent in started:
+        agent.stop()
+    idle.unplug()
+    logger.removeHandler(logs)
+    logger.setLevel(level)
+
+
+def stored(sandbox: Sandbox, datasource_id: str = DATASOURCE) -> list[dict[str, Any]]:
+    return sandbox.records(datasource_id)
+
+
+def seqs(records: list[dict[str, Any]]) -> list[int]:
+    return [int(r["seq"]) for r in records]
+
+
+# --------------------------------------------------------------------------- 400
+
+
+def test_three_bad_records_among_500_are_dead_lettered_and_497_delivered(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    sandbox.set_faults(Faults(reject_fields=POISON))
+    run = start_agent()
+    poison = {17, 250, 499}
+    # One put is one commit, so the 500 go out as one batch.
+    run.put([record(i, "poison" if i in poison else "ok") for i in range(500)])
+    wait_until(lambda: run.pending() == 0, timeout=30, what="all 500 settled")
+    assert seqs(stored(sandbox)) == [i for i in range(500) if i not in poison]
+    dead = run.dead_letters()
+    assert sorted(d["record"]["seq"] for d in dead) == sorted(poison)
+    for d in dead:
+        assert d["status"] == 400
+        assert d["reason"] == "data[0]: rejected by sandbox rule kind=poison"
+        assert d["datasource_id"] == DATASOURCE
+        assert "reading_id" in d["record"]
+        # Carried by the whole batch and by one half per level down to itself.
+        assert 2 <= d["attempts"] <= 1 + 9
+    requests = sandbox.stats()["requests"]
+    assert requests <= split_bound(500, 3) == 1 + 2 * 3 * 9
+    assert run.agent.uploader.stats.split_requests == requests - 1
+    assert run.logs.matching("3 refused record(s) went to dead letters", logging.INFO)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_dead_letters_are_listed_requeued_and_purged_while_the_agent_runs(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    sandbox.set_faults(Faults(reject_fields=POISON))
+    run = start_agent()
+    config = str(run.config_path)
+    run.put([record(i, "poison" if i in (3, 7) else "ok") for i in range(10)])
+    wait_until(lambda: run.pending() == 0, what="the batch settled")
+
+    listed = json.loads(cli("buffer", "dead-letters", "--config", config, "--json").stdout)
+    assert [sorted(d) for d in listed] == [
+        ["attempts", "datasource_id", "failed_at", "id", "reason", "record", "status"]
+    ] * 2
+    originals = {d["id"]: d["record"] for d in listed}
+
+    sandbox.set_faults(Faults())  # the cause is fixed: the server takes them now
+    first = min(originals)
+    done = cli("buffer", "requeue", "--config", config, str(first))
+    assert done.returncode == 0 and "requeued 1 dead letter(s)" in done.stdout
+    wait_until(lambda: len(stored(sandbox)) == 9, what="the requeued one delivered")
+    done = cli("buffer", "requeue", "--config", config, "--all")
+    assert done.returncode == 0 and "requeued 1 dead letter(s)" in done.stdout
+    wait_until(lambda: len(stored(sandbox)) == 10, what="all delivered")
+    # Sent again as they were: same record, same reading_id.
+    by_seq = {r["seq"]: r for r in stored(sandbox)}
+    for rec in originals.values():
+        assert by_seq[rec["seq"]] == rec
+    assert run.dead_letters() == []
+
+    missing = cli("buffer", "requeue", "--config", config, "999")
+    assert missing.returncode == 1 and "no dead letter with id 999" in missing.stderr
+    neither = cli("buffer", "requeue", "--config", config)
+    assert neither.returncode == 2 and "IDs or --all" in neither.stderr
+
+    sandbox.set_faults(Faults(reject_fields=POISON))
+    run.put([record(10, "poison")])
+    wait_until(lambda: len(run.dead_letters()) == 1, what="a new dead letter")
+    kept = cli("buffer", "purge-dead-letters", "--config", config, "--older-than", "7d")
+    assert kept.returncode == 0 and "purged 0 dead letter(s)" in kept.stdout
+    gone = cli("buffer", "purge-dead-letters", "--config", config, "--older-than", "0s")
+    assert gone.returncode == 0 and "purged 1 dead letter(s)" in gone.stdout
+    assert run.dead_letters() == []
+    session = BufferSession(run.agent.config.buffer_path)
+    try:
+        counters = session.stats().counters
+    finally:
+        session.close()
+    assert counters[f"dead_letters_purged.{DATASOURCE}"] == 1  # counted, not lost silently
+    assert counters[f"requeued.{DATASOURCE}"] == 2
+
+    bad = cli("buffer", "purge-dead-letters", "--config", config, "--older-than", "7 weeks")
+    assert bad.returncode == 2
+    assert "'7 weeks' is not a duration; write a number and a unit: 30s, 15m, 12h or 7d" in (
+        bad.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30.0), ("15m", 900.0), ("12h", 43_200.0), ("7d", 604_800.0), ("1.5h", 5400.0)],
+)
+def test_durations_take_seconds_minutes_hours_and_days(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "-1d", "7w", "1e3s", "7d3h"])
+def test_a_bad_duration_says_what_is_expected(text: str) -> None:
+    with pytest.raises(ValueError, match="write a number and a unit"):
+        parse_duration(text)
+
+
+# --------------------------------------------------------------------------- 401, 403
+
+
+def test_a_rotated_token_holds_readings_until_the_token_file_changes(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    run = start_agent()
+    run.put([record(i) for i in range(50)])
+    wait_until(lambda: run.pending() == 0, what="the first 50 delivered")
+
+    sandbox.set_tokens(["rotated-token"])
+    run.put([record(i) for i in range(50, 100)])
+    uploader = run.agent.uploader
+    wait_until(lambda: uploader.stats.requests["401"] >= 1, what="a 401")
+    time.sleep(0.5)  # paused: no delivery, no second try in this window
+    assert len(stored(sandbox)) == 50
+    assert run.pending() == 50
+    assert uploader.stats.requests["401"] == 1
+    (line,) = run.logs.matching("token rejected by", logging.ERROR)
+    assert f"token rejected by {sandbox.url} (401: unknown token" in line
+    assert "readings are kept" in line
+
+    run.token_file.write_text("rotated-token\n")
+    wait_until(lambda: run.pending() == 0, what="delivery with the new token")
+    assert seqs(stored(sandbox)) == list(range(100))
+
+
+def test_a_forbidden_data_source_pauses_alone_while_others_flow(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    run = start_agent()
+    run.put([record(i) for i in range(10)], datasource_id="99999")  # not served: 403
+    run.put([record(i) for i in range(10, 20)])
+    wait_until(lambda: len(stored(sandbox)) == 10, what="67890 delivered")
+    run.put([record(i) for i in range(20, 30)])
+    wait_until(lambda: run.pending() == 10, what="67890 keeps flowing")
+    assert seqs(stored(sandbox)) == list(range(10, 30))
+    uploader = run.agent.uploader
+    assert set(uploader.stats.paused) == {"99999"}
+    assert uploader.stats.requests["403"] == 1
+    assert run.pending() == 10
+    (line,) = run.logs.matching("is forbidden to this token", logging.ERROR)
+    assert line.startswith("uploader: data source 99999 is forbidden to this token (403: ")
+    assert "its readings are kept" in line
+
+
+# --------------------------------------------------------------------------- 413, 415
+
+
+def test_413_splits_learns_the_size_limit_and_dead_letters_a_record_too_large(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    sandbox.set_faults(Faults(max_bytes=2000))
+    run = start_agent()
+    run.put([record(i) for i in range(100)])
+    run.put([record(100, note="x" * 3000)])  # over the limit alone
+    wait_until(lambda: run.pending() == 0, timeout=20, what="all settled")
+    assert seqs(stored(sandbox)) == list(range(100))
+    (dead,) = run.dead_letters()
+    assert (dead["record"]["seq"], dead["status"]) == (100, 413)
+    assert "max_bytes" in dead["reason"]
+    assert run.agent.uploader.byte_limit < 2000
+    refused = sandbox.stats()["by_status"]["413"]
+    run.put([record(i) for i in range(101, 201)])
+    wait_until(lambda: run.pending() == 0, timeout=20, what="the second wave")
+    assert seqs(stored(sandbox)) == [*range(100), *range(101, 201)]
+    assert sandbox.stats()["by_status"]["413"] == refused  # the limit held from then on
+
+
+def test_gzip_bodies_are_taken_by_the_sandbox(sandbox: Sandbox, start_agent: StartAgent) -> None:
+    calls = CallLog()
+    run = start_agent(transport=calls, gzip=True)
+    run.put([record(i) for i in range(50)])
+    wait_until(lambda: run.pending() == 0, what="delivery")  # acked: the call is logged
+    assert len(stored(sandbox)) == 50
+    assert calls.calls and all(c.gzip and c.status == 200 for c in calls.calls)
+
+
+def test_a_415_to_gzip_falls_back_to_plain_json(sandbox: Sandbox, start_agent: StartAgent) -> None:
+    refusing = RefuseGzip(CallLog())
+    run = start_agent(transport=refusing, gzip=True)
+    run.put([record(i) for i in range(50)])
+    wait_until(lambda: len(stored(sandbox)) == 50, what="delivery as plain JSON")
+    run.put([record(i) for i in range(50, 60)])
+    wait_until(lambda: run.pending() == 0, what="the next batch")
+    assert seqs(stored(sandbox)) == list(range(60))
+    assert refusing.refused == 1
+    assert run.dead_letters() == []
+    assert run.logs.matching("does not take gzip (415)", logging.WARNING)
+
+
+# --------------------------------------------------------------------------- transient
+
+
+def test_429_with_retry_after_is_honoured(sandbox: Sandbox, start_agent: StartAgent) -> None:
+    sandbox.set_faults(Faults(status=429, retry_after="1"))
+    calls = CallLog()
+    run = start_agent(transport=calls, backoff_max_s=5.0)
+    run.put([record(i) for i in range(10)])
+    wait_until(lambda: any(c.status == 429 for c in calls.calls), what="a 429")
+    sandbox.set_faults(Faults())
+    wait_until(lambda: run.pending() == 0, what="delivery after the 429s")
+    assert seqs(stored(sandbox)) == list(range(10))
+    answered = list(zip(calls.calls, calls.calls[1:], strict=False))
+    waits = [nxt.started - c.ended for c, nxt in answered if c.status == 429]
+    assert waits
+    # Without Retry-After the backoff here is at most 0.05 s: the header set the pace.
+    assert min(waits) >= 0.9
+
+
+def test_random_503s_delay_but_deliver_everything(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    sandbox.set_faults(Faults(fail_rate=0.3, seed=11))
+    run = start_agent(max_batch_records=50)
+    for start in range(0, 500, 100):
+        run.put([record(i) for i in range(start, start + 100)])
+    wait_until(lambda: run.pending() == 0, timeout=30, what="all delivered")
+    assert seqs(stored(sandbox)) == list(range(500))
+    assert sandbox.stats()["by_status"]["503"] > 0
+    assert run.dead_letters() == []
+
+
+def test_lost_answers_cause_duplicates_only_of_their_batches_and_ids_dedupe_them(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    sandbox.set_faults(Faults(drop_after_commit=True, drop_after_commit_rate=0.4, seed=3))
+    calls = CallLog()
+    run = start_agent(transport=calls, max_batch_records=25)
+    run.put([record(i) for i in range(200)])
+    wait_until(lambda: run.pending() == 0, timeout=30, what="all delivered")
+    got = stored(sandbox)
+    ids = [r["reading_id"] for r in got]
+    assert len(set(ids)) == 200  # same id on every retry: dedupe leaves one per reading
+    assert sorted({r["seq"] for r in got}) == list(range(200))
+    lost = [c for c in calls.calls if c.status is None]
+    assert lost and sandbox.stats()["by_status"]["dropped"] == len(lost)
+    # Each batch whose answer was lost was stored once more; nothing else is duplicated.
+    assert len(got) == 200 + sum(len(c.records()) for c in lost)
+    carried_by_lost = {r["reading_id"] for c in lost for r in c.records()}
+    assert {i for i in ids if ids.count(i) > 1} <= carried_by_lost
+
+
+# --------------------------------------------------------------------------- chaos
+
+
+def random_faults(rng: random.Random) -> Faults:
+    """Faults that delay or duplicate but never refuse a valid record."""
+    return Faults(
+        fail_rate=rng.choice([0.0, 0.0, 0.2, 0.5]),
+        status=rng.choice([None, None, None, None, 408, 429, 500, 502, 503]),
+        latency_ms=rng.choice([0, 0, 20, 100]),
+        retry_after=rng.choice([None, None, "1"]),
+        max_bytes=rng.choice([None, None, 4000, 16000]),
+        drop_after_commit=rng.random() < 0.3,
+        drop_after_commit_rate=0.5,
+        reject_fields=POISON,
+        seed=rng.randrange(1 << 30),
+    )
+
+
+def test_chaos_every_valid_record_is_delivered_and_every_poison_record_dead_lettered(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    seconds = float(os.environ.get("EDGE_AGENT_CHAOS_SECONDS", "15"))
+    rng = random.Random(int(os.environ.get("EDGE_AGENT_CHAOS_SEED", "2024")))
+    sandbox.set_faults(Faults(reject_fields=POISON))
+    run = start_agent(gzip=True, max_batch_records=50)
+    valid: set[int] = set()
+    poison: set[int] = set()
+    token = "test-token"
+    token_due: float | None = None  # when the token file catches up with the sandbox
+    seq = 0
+    end = time.monotonic() + seconds
+    next_change = time.monotonic()
+    while time.monotonic() < end:
+        now = time.monotonic()
+        if now >= next_change:
+            sandbox.set_faults(random_faults(rng))
+            if token_due is None and rng.random() < 0.15:
+                token = f"token-{seq}"
+                sandbox.set_tokens([token])  # 401s until the file changes
+                token_due = now + rng.uniform(0.2, 1.5)
+            next_change = now + rng.uniform(0.3, 1.5)
+        if token_due is not None and now >= token_due:
+            run.token_file.write_text(token + "\n")
+            token_due = None
+        chunk = []
+        for _ in range(rng.randint(1, 30)):
+            bad = rng.random() < 0.03
+            (poison if bad else valid).add(seq)
+            chunk.append(record(seq, "poison" if bad else "ok"))
+            seq += 1
+        run.put(chunk)
+        time.sleep(rng.uniform(0.02, 0.15))
+
+    sandbox.set_faults(Faults(reject_fields=POISON))
+    run.token_file.write_text(token + "\n")
+    wait_until(lambda: run.pending() == 0, timeout=60, what="the backlog drained")
+
+    got = stored(sandbox)
+    by_id = {r["reading_id"]: r["seq"] for r in got}
+    assert len(by_id) == len(set(by_id.values()))  # one id per reading, kept across retries
+    assert set(by_id.values()) == valid
+    assert {d["record"]["seq"] for d in run.dead_letters()} == poison
+    assert len(run.dead_letters()) == len(poison)
+    assert run.agent.uploader.alive and run.agent.check_health() is None
+    assert not run.logs.matching("unexpected error")
+    assert poison and sandbox.stats()["requests"] > 50  # the run did meet its faults

@@ -1,0 +1,705 @@
+"""The uploader against `httpx.MockTransport` and a real buffer: the response table, unit by unit.
+
+Each test puts readings in a real SQLite buffer, runs the uploader thread against a fake insert
+API (a function of the request), and looks at what the API received and what the buffer kept.
+`tests/test_upload_faults.py` does the same over real HTTP against the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import gzip
+import json
+import logging
+import random
+import shutil
+import ssl
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_agent.buffer import Buffer, BufferSession
+from edge_agent.config import BufferConfig, EndpointConfig, Secret
+from edge_agent.errors import ConfigError
+from edge_agent.records import Reading
+from edge_agent.uploader import (
+    PAUSE_S,
+    Uploader,
+    Verdict,
+    classify,
+    parse_retry_after,
+    split_bound,
+    tls_context,
+)
+from tests.helpers import wait_until
+
+URL = "http://ingest.test/restapi/datasource/insert"
+DS = "67890"
+
+
+# --------------------------------------------------------------------------- a fake API
+
+
+@dataclass
+class Sent:
+    """One request as the fake API saw it."""
+
+    at: float  # monotonic
+    token: str
+    gzip: bool
+    datasource_id: str
+    data: list[dict[str, Any]]
+
+    @property
+    def seqs(self) -> list[int]:
+        return [int(r["seq"]) for r in self.data]
+
+
+# A rule answers one request: a status, or (status, message, headers); it may raise an
+# httpx error to stand for the network.
+Rule = Callable[[Sent], "int | tuple[int, str, dict[str, str]]"]
+
+
+class FakeApi:
+    """The insert API as a MockTransport handler: records requests, applies `rule`."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.sent: list[Sent] = []
+        self.accepted: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        encoded = request.headers.get("Content-Encoding") == "gzip"
+        body = gzip.decompress(request.content) if encoded else request.content
+        doc = json.loads(body)
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        sent = Sent(time.monotonic(), token, encoded, doc["datasource_id"], doc["data"])
+        with self._lock:
+            self.sent.append(sent)
+        answer = self.rule(sent)
+        status, message, headers = answer if isinstance(answer, tuple) else (answer, "", {})
+        if 200 <= status < 300:
+            with self._lock:
+                self.accepted.extend(sent.data)
+            message = message or "Data successfully inserted"
+        return httpx.Response(
+            status, json={"message": message or f"status {status}"}, headers=headers
+        )
+
+    def delivered_seqs(self) -> list[int]:
+        with self._lock:
+            return [int(r["seq"]) for r in self.accepted]
+
+
+def ok(_: Sent) -> int:
+    return 200
+
+
+def record(seq: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "timestamp": "2025-01-01T12:00:00.000Z",
+        "metric": "t",
+        "value": 20.5,
+        "seq": seq,
+        **extra,
+    }
+
+
+def endpoint(**overrides: Any) -> EndpointConfig:
+    base = EndpointConfig(
+        url=URL,
+        token_file="unused",
+        flush_interval_s=0.0,
+        timeout_s=2.0,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+    )
+    return replace(base, **overrides)
+
+
+class LogLines(logging.Handler):
+    """Collects the uploader's log lines (whatever other tests did to propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append((record.levelno, record.getMessage()))
+
+    def matching(self, text: str, level: int = logging.DEBUG) -> list[str]:
+        return [m for lvl, m in self.lines if text in m and lvl >= level]
+
+
+@dataclass
+class Harness:
+    """A real buffer in a temporary directory and uploaders on fake APIs."""
+
+    path: Path
+    buffer: Buffer
+    logs: LogLines
+    uploaders: list[Uploader] = field(default_factory=list)
+
+    def put(self, records: list[dict[str, Any]], datasource_id: str = DS) -> None:
+        assert self.buffer.put([Reading(datasource_id, r) for r in records])
+        assert self.buffer.flush()
+
+    def start(
+        self,
+        api: FakeApi,
+        *,
+        token: str = "good",
+        token_source: Callable[[], Secret] | None = None,
+        rng: random.Random | None = None,
+        **overrides: Any,
+    ) -> Uploader:
+        up = Uploader(
+            endpoint(**overrides),
+            Secret(token),
+            self.buffer,
+            transport=httpx.MockTransport(api),
+            rng=rng or random.Random(1),
+            token_source=token_source,
+        )
+        up.start()
+        self.uploaders.append(up)
+        return up
+
+    def session(self) -> BufferSession:
+        return BufferSession(self.buffer.path)
+
+    def pending(self) -> int:
+        s = self.session()
+        try:
+            return s.pending_count()
+        finally:
+            s.close()
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        s = self.session()
+        try:
+            return s.dead_letters()
+        finally:
+            s.close()
+
+    def close(self) -> None:
+        for up in self.uploaders:
+            up.stop(5.0)
+        self.buffer.close()
+
+
+@contextlib.contextmanager
+def open_harness(path: Path) -> Iterator[Harness]:
+    logs = LogLines()
+    logger = logging.getLogger("edge_agent.uploader")
+    level = logger.level
+    logger.addHandler(logs)
+    logger.setLevel(logging.DEBUG)
+    buffer = Buffer(path / "buffer.db", BufferConfig(commit_interval_ms=5, sync="normal"))
+    buffer.open()
+    harness = Harness(path, buffer, logs)
+    try:
+        yield harness
+    finally:
+        harness.close()
+        logger.removeHandler(logs)
+        logger.setLevel(level)
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    with open_harness(tmp_path) as h:
+        yield h
+
+
+def settled(h: Harness) -> bool:
+    return h.pending() == 0
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+V = Verdict
+
+
+@pytest.mark.parametrize(
+    ("status", "gzip_sent", "verdict"),
+    [
+        (200, False, V.DELIVERED),
+        (201, True, V.DELIVERED),
+        (204, False, V.DELIVERED),
+        (400, False, V.BAD_RECORDS),
+        (401, False, V.BAD_TOKEN),
+        (403, False, V.FORBIDDEN),
+        (404, False, V.WRONG_URL),
+        (408, False, V.TRANSIENT),
+        (409, False, V.BAD_RECORDS),
+        (413, True, V.TOO_LARGE),
+        (415, True, V.NO_GZIP),
+        (415, False, V.BAD_RECORDS),
+        (422, False, V.BAD_RECORDS),
+        (429, False, V.TRANSIENT),
+        (500, False, V.TRANSIENT),
+        (502, False, V.TRANSIENT),
+        (503, True, V.TRANSIENT),
+        (504, False, V.TRANSIENT),
+        (301, False, V.WRONG_URL),
+    ],
+)
+def test_classify_follows_the_design_table(status: int, gzip_sent: bool, verdict: Verdict) -> None:
+    assert classify(status, gzip_sent) is verdict
+
+
+NOW = 1_750_000_000.0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("5", 5.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        (email.utils.formatdate(NOW + 30, usegmt=True), 30.0),  # "... GMT"
+        (email.utils.formatdate(NOW + 45), 45.0),  # "... -0000", which parses without a zone
+        (email.utils.formatdate(NOW - 30, usegmt=True), 0.0),  # in the past: retry now
+        (None, None),
+        ("", None),
+        ("soon", None),
+        ("-5", None),
+        ("1.5", None),
+    ],
+)
+def test_retry_after_takes_seconds_or_an_http_date(value: str | None, expected: float) -> None:
+    assert parse_retry_after(value, NOW) == expected
+
+
+@settings(max_examples=200)
+@given(
+    failures=st.integers(1, 80),
+    seed=st.integers(0, 2**32),
+    base=st.floats(0.01, 10.0),
+    cap_factor=st.floats(1.0, 1000.0),
+)
+def test_backoff_is_full_jitter_under_the_exponential_ceiling(
+    failures: int, seed: int, base: float, cap_factor: float
+) -> None:
+    ep = endpoint(backoff_base_s=base, backoff_max_s=base * cap_factor)
+    up = Uploader(
+        ep, Secret("t"), Buffer(Path("unused.db"), BufferConfig()), rng=random.Random(seed)
+    )
+    delay = up.backoff_delay(failures)
+    assert 0.0 <= delay <= min(ep.backoff_max_s, base * 2 ** (failures - 1))
+
+
+def test_backoff_spreads_over_the_whole_range_and_retry_after_sets_a_floor() -> None:
+    ep = endpoint(backoff_base_s=1.0, backoff_max_s=300.0)
+    up = Uploader(ep, Secret("t"), Buffer(Path("unused.db"), BufferConfig()), rng=random.Random(7))
+    fifth = [up.backoff_delay(5) for _ in range(500)]  # ceiling 16 s
+    assert min(fifth) < 1.0 and max(fifth) > 15.0
+    assert max(up.backoff_delay(30) for _ in range(500)) <= 300.0  # the cap
+    assert all(up.backoff_delay(1, retry_after=3.0) >= 3.0 for _ in range(100))
+    assert up.backoff_delay(1, retry_after=100_000.0) == 300.0  # honoured up to the cap
+
+
+def test_split_bound_is_log2_of_the_batch_per_bad_record() -> None:
+    assert split_bound(500, 3) == 1 + 2 * 3 * 9
+    assert split_bound(1, 1) == 1
+    assert split_bound(8, 1) == 7  # 8 -> 4+4 -> 2+2 -> 1+1
+
+
+# --------------------------------------------------------------------------- 400: bisection
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 64), bad=st.sets(st.integers(0, 63), max_size=5))
+def test_bisection_isolates_exactly_the_refused_records_within_the_bound(
+    n: int, bad: set[int]
+) -> None:
+    bad = {b for b in bad if b < n}
+
+    def rule(sent: Sent) -> int | tuple[int, str, dict[str, str]]:
+        for i, seq in enumerate(sent.seqs):
+            if seq in bad:
+                return 400, f"data[{i}]: seq {seq} is refused", {}
+        return 200
+
+    with tempfile.TemporaryDirectory() as tmp, open_harness(Path(tmp)) as h:
+        h.put([record(i) for i in range(n)])
+        api = FakeApi(rule)
+        up = h.start(api, max_batch_records=64)
+        wait_until(lambda: settled(h), what="every reading delivered or dead-lettered")
+        good = [i for i in range(n) if i not in bad]
+        assert api.delivered_seqs() == good  # in order, each once
+        dead = h.dead_letters()
+        assert sorted(d["record"]["seq"] for d in dead) == sorted(bad)
+        for d in dead:
+            assert d["status"] == 400
+            assert d["reason"] == f"data[0]: seq {d['record']['seq']} is refused"
+        assert len(api.sent) <= split_bound(n, len(bad))
+        assert up.stats.split_requests == len(api.sent) - 1
+        assert up.stats.records_dead_lettered == len(bad)
+
+
+def test_dead_letter_attempts_count_every_request_that_carried_the_record(
+    harness: Harness,
+) -> None:
+    calls = 0
+
+    def rule(sent: Sent) -> int | tuple[int, str, dict[str, str]]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return 503  # a retry carries the record too
+        return (400, "seq 5 is refused", {}) if 5 in sent.seqs else 200
+
+    harness.put([record(i) for i in range(8)])
+    api = FakeApi(rule)
+    harness.start(api)
+    wait_until(lambda: settled(harness), what="the batch settled")
+    (dead,) = harness.dead_letters()
+    # 503 on all 8, 400 on all 8, then [4..7], [4, 5] and [5] alone.
+    assert dead["record"]["seq"] == 5
+    assert dead["attempts"] == 5
+    assert sum(5 in s.seqs for s in api.sent) == 5
+    assert harness.logs.matching("it is kept in dead letters", logging.WARNING)
+
+
+# --------------------------------------------------------------------------- 401, 403, 404
+
+
+def token_rule(sent: Sent) -> int | tuple[int, str, dict[str, str]]:
+    return 200 if sent.token == "new" else (401, "unknown token", {})
+
+
+def test_401_pauses_uploads_keeps_readings_and_a_new_token_file_resumes_at_once(
+    harness: Harness,
+) -> None:
+    token = {"value": "old"}
+    harness.put([record(i) for i in range(10)])
+    api = FakeApi(token_rule)
+    up = harness.start(api, token="old", token_source=lambda: Secret(token["value"]))
+    wait_until(lambda: api.sent, what="the first request")
+    time.sleep(0.5)  # paused for PAUSE_S: no second request comes in this window
+    assert len(api.sent) == 1
+    assert "*" in up.stats.paused
+    assert harness.pending() == 10
+    (line,) = harness.logs.matching("token rejected by", logging.ERROR)
+    assert f"token rejected by {URL} (401: unknown token); readings are kept" in line
+    token["value"] = "new"
+    wait_until(lambda: settled(harness), timeout=PAUSE_S / 4, what="delivery with the new token")
+    assert [s.token for s in api.sent] == ["old", "new"]
+    assert api.delivered_seqs() == list(range(10))
+    assert harness.logs.matching("the token changed; retrying now")
+    assert up.stats.paused == {}
+
+
+def test_reload_after_a_401_retries_at_once(harness: Harness) -> None:
+    harness.put([record(i) for i in range(3)])
+    api = FakeApi(token_rule)
+    up = harness.start(api, token="old")
+    wait_until(lambda: up.stats.paused, what="the 401 pause")
+    up.reload(endpoint(), Secret("new"))
+    wait_until(lambda: settled(harness), timeout=PAUSE_S / 4, what="delivery after reload")
+    assert [s.token for s in api.sent] == ["old", "new"]
+
+
+def test_403_pauses_only_that_data_source(harness: Harness) -> None:
+    def rule(sent: Sent) -> int | tuple[int, str, dict[str, str]]:
+        return (403, "not yours", {}) if sent.datasource_id == "99999" else 200
+
+    harness.put([record(i) for i in range(5)], datasource_id="99999")  # the oldest
+    harness.put([record(i) for i in range(5, 10)])
+    api = FakeApi(rule)
+    up = harness.start(api)
+    wait_until(lambda: len(api.delivered_seqs()) == 5, what="the allowed data source delivered")
+    harness.put([record(i) for i in range(10, 15)])  # keeps flowing while 99999 is paused
+    wait_until(lambda: len(api.delivered_seqs()) == 10, what="newer readings delivered")
+    assert [s.datasource_id for s in api.sent].count("99999") == 1
+    assert set(up.stats.paused) == {"99999"}
+    assert harness.pending() == 5
+    (line,) = harness.logs.matching("forbidden", logging.ERROR)
+    assert "data source 99999 is forbidden to this token (403: not yours)" in line
+    assert "readings are kept" in line
+
+
+def test_404_pauses_everything_and_says_the_url_is_wrong(harness: Harness) -> None:
+    api = FakeApi(lambda sent: (404, "no such endpoint /insert", {}))
+    harness.put([record(i) for i in range(3)])
+    up = harness.start(api)
+    wait_until(lambda: up.stats.paused, what="the 404 pause")
+    time.sleep(0.3)
+    assert len(api.sent) == 1
+    assert harness.pending() == 3
+    (line,) = harness.logs.matching("the URL looks wrong", logging.ERROR)
+    assert f"{URL} answered 404 (no such endpoint /insert)" in line
+
+
+# --------------------------------------------------------------------------- 413, 415
+
+
+def test_413_splits_lowers_the_byte_limit_and_dead_letters_a_lone_record_too_large(
+    harness: Harness,
+) -> None:
+    limit = 700
+
+    def rule(sent: Sent) -> int | tuple[int, str, dict[str, str]]:
+        size = len(json.dumps({"datasource_id": sent.datasource_id, "data": sent.data}))
+        return (413, f"over {limit} bytes", {}) if size > limit else 200
+
+    harness.put([record(i) for i in range(40)])
+    harness.put([record(40, note="x" * 1000)])  # another schema: a batch of its own
+    api = FakeApi(rule)
+    up = harness.start(api)
+    wait_until(lambda: settled(harness), what="all settled")
+    assert api.delivered_seqs() == list(range(40))
+    (dead,) = harness.dead_letters()
+    assert (dead["record"]["seq"], dead["status"], dead["reason"]) == (40, 413, "over 700 bytes")
+    assert up.byte_limit < limit
+    refused = sum(1 for s in api.sent if len(json.dumps(s.data)) > limit)
+    harness.put([record(i) for i in range(41, 81)])
+    wait_until(lambda: settled(harness), what="the second wave delivered")
+    assert api.delivered_seqs() == list(range(40)) + list(range(41, 81))
+    # From then on, batches stay under the learnt limit: no new 413.
+    assert sum(1 for s in api.sent if len(json.dumps(s.data)) > limit) == refused
+    assert harness.logs.matching("batches are now kept under", logging.WARNING)
+
+
+def test_gzip_stays_on_while_the_server_takes_it(harness: Harness) -> None:
+    api = FakeApi(ok)
+    harness.start(api, gzip=True)
+    harness.put([record(1)])
+    wait_until(lambda: settled(harness), what="first batch")
+    harness.put([record(2)])
+    wait_until(lambda: settled(harness), what="second batch")
+    assert [s.gzip for s in api.sent] == [True, True]
+    assert api.delivered_seqs() == [1, 2]
+
+
+def test_a_415_to_gzip_falls_back_to_plain_json(harness: Harness) -> None:
+    api = FakeApi(lambda sent: (415, "gzip is not supported", {}) if sent.gzip else 200)
+    harness.put([record(i) for i in range(5)])
+    harness.start(api, gzip=True)
+    wait_until(lambda: settled(harness), what="delivery as plain JSON")
+    harness.put([record(5)])
+    wait_until(lambda: settled(harness), what="the next batch")
+    assert [s.gzip for s in api.sent] == [True, False, False]
+    assert api.delivered_seqs() == list(range(6))
+    assert harness.dead_letters() == []
+    assert harness.logs.matching("does not take gzip (415)", logging.WARNING)
+
+
+# --------------------------------------------------------------------------- transient
+
+
+def test_transient_answers_and_network_errors_retry_the_same_batch(harness: Harness) -> None:
+    script = iter([503, 429, 500, 408, "refused", "timeout", "lost"])
+    api: FakeApi
+
+    def rule(sent: Sent) -> int | tuple[int, str, dict[str, str]]:
+        step = next(script, 200)
+        if step == "refused":
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        if step == "timeout":
+            raise httpx.ReadTimeout("timed out")
+        if step == "lost":  # stored, then the connection drops before the answer
+            api.accepted.extend(sent.data)
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        assert isinstance(step, int)
+        return step
+
+    api = FakeApi(rule)
+    harness.put([record(i) for i in range(4)])
+    up = harness.start(api)
+    wait_until(lambda: settled(harness), what="delivery after the faults")
+    assert all(s.seqs == [0, 1, 2, 3] for s in api.sent)
+    assert len(api.sent) == 8
+    assert up.stats.retries == 7
+    assert api.delivered_seqs() == [0, 1, 2, 3] * 2  # the lost answer's batch came twice
+    assert harness.dead_letters() == []
+    assert up.stats.requests["error"] == 3
+
+
+def test_backoff_starts_again_after_a_success(harness: Harness) -> None:
+    script = iter([503, 503, 200, 503, 200])
+    api = FakeApi(lambda sent: next(script, 200))
+    harness.start(api)
+    harness.put([record(1)])
+    wait_until(lambda: settled(harness), what="first reading")
+    harness.put([record(2)])
+    wait_until(lambda: settled(harness), what="second reading")
+    assert len(harness.logs.matching("(failure 1)", logging.WARNING)) == 2
+    assert len(harness.logs.matching("uploads succeed again")) == 2
+
+
+def test_retry_after_is_honoured_in_seconds_and_as_an_http_date(harness: Harness) -> None:
+    def rule(sent: Sent) -> int | tuple[int, str, dict[str, str]]:
+        if len(api.sent) == 1:
+            return 503, "busy", {"Retry-After": "1"}
+        if len(api.sent) == 2:
+            # Whole seconds: between 1 and 2 s from now.
+            return (
+                429,
+                "slow down",
+                {"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)},
+            )
+        return 200
+
+    api = FakeApi(rule)
+    harness.put([record(1)])
+    harness.start(api, backoff_max_s=10.0)
+    wait_until(lambda: settled(harness), what="delivery after Retry-After")
+    gaps = [b.at - a.at for a, b in zip(api.sent, api.sent[1:], strict=False)]
+    assert len(gaps) == 2
+    assert gaps[0] >= 0.9 and gaps[1] >= 0.9
+
+
+# --------------------------------------------------------------------------- TLS and proxies
+
+
+def test_certificates_are_checked_by_default() -> None:
+    ctx = tls_context(endpoint(url="https://ingest.test/restapi/datasource/insert"))
+    assert isinstance(ctx, ssl.SSLContext)
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert tls_context(endpoint(verify_tls=False)) is False
+
+
+def test_an_unusable_ca_file_stops_start_up_with_a_config_error(
+    harness: Harness, tmp_path: Path
+) -> None:
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    up = Uploader(endpoint(ca_file=str(bad)), Secret("t"), harness.buffer)
+    with pytest.raises(ConfigError, match="ca_file"):
+        up.start()
+
+
+class _Answering(BaseHTTPRequestHandler):
+    """Answers every POST with success and remembers the request line's target."""
+
+    server: _Recording
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.seen.append(self.path)
+        payload = b'{"message": "Data successfully inserted"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Recording(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Answering)
+        self.seen: list[str] = []
+
+
+@contextlib.contextmanager
+def serving(server: _Recording) -> Iterator[_Recording]:
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+_PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
+
+
+@pytest.mark.parametrize("via", ["environment", "config"])
+def test_requests_go_through_the_proxy_from_the_environment_or_config(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch, via: str
+) -> None:
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    with serving(_Recording()) as proxy:
+        proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
+        overrides: dict[str, Any] = {"url": "http://ingest.invalid/restapi/datasource/insert"}
+        if via == "environment":
+            monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        else:
+            overrides["proxy"] = proxy_url
+        up = Uploader(endpoint(**overrides), Secret("t"), harness.buffer)
+        up.start()
+        harness.uploaders.append(up)
+        harness.put([record(1)])
+        wait_until(lambda: settled(harness), what="delivery through the proxy")
+        # A forward proxy gets the absolute URL: the request went through it.
+        assert proxy.seen == ["http://ingest.invalid/restapi/datasource/insert"]
+
+
+@pytest.fixture
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_an_untrusted_certificate_is_retried_with_a_hint_and_ca_file_fixes_it(
+    harness: Harness, self_signed: tuple[Path, Path]
+) -> None:
+    cert, key = self_signed
+    server = _Recording()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    with serving(server):
+        url = f"https://127.0.0.1:{server.server_address[1]}/restapi/datasource/insert"
+        up = Uploader(endpoint(url=url), Secret("t"), harness.buffer)
+        up.start()
+        harness.uploaders.append(up)
+        harness.put([record(1)])
+        wait_until(lambda: up.stats.requests["error"] >= 1, what="a failed TLS handshake")
+        assert "set [endpoint] ca_file" in (up.stats.last_error or "")
+        assert harness.pending() == 1 and server.seen == []
+        up.reload(endpoint(url=url, ca_file=str(cert)), Secret("t"))
+        wait_until(lambda: settled(harness), what="delivery once the CA is trusted")
+        assert server.seen == ["/restapi/datasource/insert"]
