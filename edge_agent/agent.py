@@ -110,11 +110,13 @@ class AgentIntake:
         return self._buffer.put_dead_letter(datasource_id, record_text, reason, origin, on_durable)
 
 
-def make_source(config: SourceConfig, device_id: str | None, intake: AgentIntake) -> Source:
+def make_source(
+    config: SourceConfig, device_id: str | None, intake: AgentIntake, clock: Clock
+) -> Source:
     if config.type == "serial":
-        return SerialSource(config, device_id, intake)
+        return SerialSource(config, device_id, intake, clock)
     if config.type == "mqtt":
-        return MqttSource(config, device_id, intake)
+        return MqttSource(config, device_id, intake, clock)
     raise ConfigError(f"source {config.name}: type {config.type!r} is not available yet")
 
 
@@ -200,7 +202,7 @@ class Agent:
 
     def _start_source(self, sc: SourceConfig) -> None:
         assert self.intake is not None
-        source = make_source(sc, self.config.agent.device_id, self.intake)
+        source = make_source(sc, self.config.agent.device_id, self.intake, self.clock)
         source.start()
         self.sources[sc.name] = source
 

@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,10 +147,20 @@ class TimeFix:
 class Buffer:
     """Owns the database file and the writer thread. Open once, close once."""
 
-    def __init__(self, path: Path, config: BufferConfig, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        config: BufferConfig,
+        clock: Clock | None = None,
+        *,
+        checkpoint_interval_s: float = CHECKPOINT_INTERVAL_S,
+        maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
+    ) -> None:
         self.path = path
         self.config = config
         self._clock = clock or SystemClock()
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._maintenance_interval_s = maintenance_interval_s
         self._boot = boot_id()
         self._cond = threading.Condition()
         self._intake: list[_Pending] = []
@@ -329,16 +339,38 @@ class Buffer:
     # -- writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        conn = connect(self.path, self.config.sync)
-        try:
-            conn.execute(f"PRAGMA journal_size_limit={wal_reserve(self.config.max_bytes)}")
-            while self._commit_next(conn):
-                self._maintain(conn)
-            self._checkpoint(conn)
-        finally:
-            conn.close()
-            with self._cond:
-                self._cond.notify_all()
+        """The writer: commit until closed. An unexpected error is logged with its traceback
+        and the writer starts over on a new connection; what was queued stays queued."""
+        backoff = 1.0
+        while True:
+            try:
+                conn = connect(self.path, self.config.sync)
+            except BufferError as exc:
+                self._report(exc)
+                if self._wait_or_stop(backoff):
+                    break
+                backoff = min(backoff * 2, 30.0)
+                continue
+            try:
+                conn.execute(f"PRAGMA journal_size_limit={wal_reserve(self.config.max_bytes)}")
+                while self._commit_next(conn):
+                    self._maintain(conn)
+                self._checkpoint(conn)
+                break
+            except Exception:
+                log.exception("buffer: unexpected error in the writer; starting it over")
+                if self._wait_or_stop(backoff):
+                    break
+            finally:
+                conn.close()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _wait_or_stop(self, seconds: float) -> bool:
+        """Wait before a retry; True if closing with nothing left to write (give up)."""
+        with self._cond:
+            self._cond.wait(seconds)
+            return self._stopping and not self._has_work()
 
     def _take(self) -> tuple[list[_Pending], Counter[str], TimeFix | None, int] | None:
         """What to commit next; waits up to the commit interval to gather more.
@@ -351,7 +383,7 @@ class Buffer:
             if not self._has_work():
                 if self._stopping:
                     return None
-                self._cond.wait(MAINTENANCE_INTERVAL_S / 6)
+                self._cond.wait(min(5.0, self._maintenance_interval_s))
             if self._has_work():
                 deadline = time.monotonic() + interval
                 while not self._stopping and not self._urgent:
@@ -423,8 +455,11 @@ class Buffer:
                 self._time_fix = fix
 
     def _report_error(self, exc: sqlite3.Error) -> None:
+        self._report(BufferError(f"cannot write to the buffer {self.path}: {exc}"))
+
+    def _report(self, error: BufferError) -> None:
         first = self._error is None
-        self._error = BufferError(f"cannot write to the buffer {self.path}: {exc}")
+        self._error = error
         if first:
             log.error(
                 "buffer: %s; readings wait in memory (serial readings are dropped and counted "
@@ -611,11 +646,11 @@ class Buffer:
             wal_size = wal.stat().st_size
         except OSError:
             wal_size = 0
-        if now - self._last_checkpoint >= CHECKPOINT_INTERVAL_S or (
+        if now - self._last_checkpoint >= self._checkpoint_interval_s or (
             wal_size > wal_reserve(self.config.max_bytes) // 2
         ):
             self._checkpoint(conn)
-        if now - self._last_maintenance < MAINTENANCE_INTERVAL_S:
+        if now - self._last_maintenance < self._maintenance_interval_s:
             return
         self._last_maintenance = now
         try:
@@ -808,6 +843,44 @@ class BufferSession:
             }
             for rid, ds, record, status, reason, failed_at, attempts in cur
         ]
+
+    def export_lines(self) -> Iterator[str]:
+        """Pending and held readings as JSON lines `{"datasource_id": ..., "record": {...}}`."""
+        for table in ("readings", "held"):
+            cur = self.conn.execute(f"SELECT datasource_id, record FROM {table} ORDER BY id")
+            for ds, record in cur:
+                yield '{"datasource_id":' + json.dumps(ds) + ',"record":' + record + "}"
+
+    def import_lines(self, lines: Sequence[str]) -> int:
+        """Queue exported readings (all or none); a bad line raises BufferError naming it."""
+        rows = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError as exc:
+                raise BufferError(
+                    f"line {number}: not JSON ({exc}); nothing was imported"
+                ) from None
+            if (
+                not isinstance(doc, dict)
+                or not isinstance(doc.get("datasource_id"), str)
+                or not isinstance(doc.get("record"), dict)
+            ):
+                raise BufferError(
+                    f'line {number}: expected {{"datasource_id": "...", "record": {{...}}}}; '
+                    "nothing was imported"
+                )
+            rows.append((doc["datasource_id"], _ENCODER.encode(doc["record"])))
+        now = time.time()
+        with transaction(self.conn):
+            self.conn.executemany(
+                "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES (?,?,?,?)",
+                [(ds, self._schema_id(text), now, text) for ds, text in rows],
+            )
+            bump(self.conn, Counter(f"imported.{ds}" for ds, _ in rows))
+        return len(rows)
 
     def pending_count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM readings").fetchone()[0])

@@ -109,6 +109,18 @@ def _parser() -> argparse.ArgumentParser:
         help="those that failed at least this long ago: 30s, 15m, 12h, 7d",
     )
     purge.set_defaults(func=cmd_purge_dead_letters)
+    export = bsub.add_parser("export", help="write pending readings as JSON lines")
+    _config_arg(export)
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
+    export.add_argument(
+        "--db", type=Path, help="read this buffer file instead (e.g. one moved aside)"
+    )
+    export.set_defaults(func=cmd_export)
+    imp = bsub.add_parser("import", help="queue readings from an exported JSON lines file")
+    _config_arg(imp)
+    imp.add_argument("file", type=Path, help="a file written by `buffer export`")
+    imp.set_defaults(func=cmd_import)
     return parser
 
 
@@ -329,3 +341,37 @@ def cmd_purge_dead_letters(args: argparse.Namespace) -> int:
     cutoff = utc_stamp(time.time() - args.older_than)
     print(f"purged {purged} dead letter(s) that failed at {cutoff} or earlier")
     return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    path = args.db or _inspection_config(args.config).buffer_path
+    session = BufferSession(path)
+    out = sys.stdout if args.output is None else args.output.open("w", encoding="utf-8")
+    try:
+        n = 0
+        for line in session.export_lines():
+            out.write(line + "\n")
+            n += 1
+    finally:
+        session.close()
+        if out is not sys.stdout:
+            out.close()
+    print(f"exported {n} readings (pending and held) from {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    session = _session(args)
+    try:
+        n = session.import_lines(_read_lines(args.file))
+    finally:
+        session.close()
+    print(f"queued {n} readings from {args.file}; the running agent uploads them")
+    return 0
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise EdgeAgentError(f"cannot read {path}: {exc.strerror}") from None

@@ -327,7 +327,10 @@ class Uploader:
         if batch is None:
             self._idle(min(1.0, self._next_resume(now)))
             return
-        young = time.time() - batch.oldest_created < self.endpoint.flush_interval_s
+        # A reading "from the future" means the wall clock went back since it was stored:
+        # send it rather than wait out the jump.
+        age = time.time() - batch.oldest_created
+        young = 0 <= age < self.endpoint.flush_interval_s
         if young and not self._full(batch):
             self._idle(self.endpoint.flush_interval_s - (time.time() - batch.oldest_created))
             return
