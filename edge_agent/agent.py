@@ -69,7 +69,7 @@ class AgentIntake:
         self, buffer: Buffer, record_id_field: str | None, clock: Clock, guard: ClockGuard
     ) -> None:
         self._buffer = buffer
-        self._id_field = record_id_field
+        self.record_id_field = record_id_field
         self._ids = ReadingIds(clock)
         self._guard = guard
 
@@ -79,7 +79,7 @@ class AgentIntake:
         on_durable: Callable[[], None] | None = None,
         device_time: bool = False,
     ) -> bool:
-        field = self._id_field
+        field = self.record_id_field
         mono = None if device_time else self._guard.stamp().mono
         if field or mono is not None:
             readings = [
@@ -234,7 +234,19 @@ class Agent:
             log.warning("agent: [buffer] and data_dir changes take effect at the next restart")
             agent = replace(new.agent, data_dir=old.agent.data_dir)
             new = replace(new, buffer=old.buffer, agent=agent)
+        if new.status != old.status:
+            log.warning("agent: [status] changes take effect at the next restart")
+        if (new.agent.trust_clock, new.agent.require_ntp_sync, new.agent.log_level) != (
+            old.agent.trust_clock,
+            old.agent.require_ntp_sync,
+            old.agent.log_level,
+        ):
+            log.warning(
+                "agent: trust_clock, require_ntp_sync and log_level take effect at the next restart"
+            )
         self.config = new
+        if self.intake is not None:
+            self.intake.record_id_field = new.endpoint.record_id_field
         self.uploader.reload(new.endpoint, new.token)
         self._reload_sources(old, new)
         log.info("agent: configuration reloaded from %s", new.path)
@@ -244,10 +256,22 @@ class Agent:
         before = {s.name: s for s in old.sources}
         after = {s.name: s for s in new.sources}
         same_device = old.agent.device_id == new.agent.device_id
+        device_id = new.agent.device_id
         for name, sc in before.items():
-            if after.get(name) != sc or not same_device:
-                self.sources.pop(name).stop()
-                log.info("agent: source %s stopped for the reload", name)
+            fresh = after.get(name)
+            if fresh == sc and same_device:
+                continue
+            running = self.sources[name]
+            if (
+                fresh is not None
+                and isinstance(running, SerialSource)
+                and fresh.type == "serial"
+                and running.update(fresh, device_id)
+            ):
+                log.info("agent: source %s updated in place (its port stays open)", name)
+                continue
+            self.sources.pop(name).stop()
+            log.info("agent: source %s stopped for the reload", name)
         for name, sc in after.items():
             if name not in self.sources:
                 self._start_source(sc)
@@ -272,7 +296,7 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "sources": [
             {"name": name, "type": _source_type(agent, name), **asdict(src.stats)}
-            for name, src in agent.sources.items()
+            for name, src in list(agent.sources.items())  # a reload may change the dict
         ],
         "buffer": {
             "pending": st.pending,
@@ -289,7 +313,7 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "uploader": {
             "records_uploaded": up.records_uploaded,
-            "requests": dict(up.requests),
+            "requests": dict(up.requests.copy()),
             "retries": up.retries,
             "last_success": up.last_success,
             "last_error": up.last_error,
@@ -298,7 +322,7 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "clock": {
             "trusted": guard is None or guard.trusted,
-            "state": "trusted" if guard is None or guard.trusted else (guard.reason or "untrusted"),
+            "state": "ok" if guard is None or guard.trusted else (guard.reason or "untrusted"),
             "jumps": 0 if guard is None else guard.jumps,
         },
         "errors": errors,

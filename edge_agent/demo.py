@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from types import FrameType
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.agent import Agent
 from edge_agent.buffer import BufferSession
@@ -26,6 +32,8 @@ from edge_agent.simulator import PtySensor
 
 TOKEN = "demo-token"
 DATASOURCE = "67890"
+MQTT_DATASOURCE = "67891"
+DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="take the sandbox down this long, 5 s after the start")  # fmt: skip
     parser.add_argument("--rate", type=float, default=5.0, help="sensor lines per second")
     parser.add_argument("--dir", type=Path, help="keep the demo's files here (default: temp)")
+    parser.add_argument("--mqtt", metavar="URL", default=None,
+                        help=f"also bridge this MQTT broker (default: {DEFAULT_MQTT} if it "
+                        "answers)")  # fmt: skip
+    parser.add_argument("--no-mqtt", action="store_true", help="do not bridge MQTT")
 
 
 def _config_text(data_dir: Path, port: Path, url: str, token_file: Path) -> str:
@@ -68,6 +80,69 @@ tags = {{ site = "demo" }}
 """
 
 
+def _mqtt_source_text(broker: str, prefix: str) -> str:
+    return f"""
+[[sources]]
+name = "plant"
+type = "mqtt"
+broker = "{broker}"
+topics = ["{prefix}/+/+"]
+topic_fields = "{prefix}/{{device}}/{{channel}}"
+qos = 1
+client_id = "edge-agent-demo-{prefix.rsplit("/", 1)[-1]}"
+format = "json"
+shape = "wide"
+datasource_id = "{MQTT_DATASOURCE}"
+"""
+
+
+def broker_answers(url: str) -> bool:
+    parts = urlsplit(url)
+    port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=1.0).close()
+    except OSError:
+        return False
+    return True
+
+
+class MqttPublisher:
+    """Publishes `{"seq": n, "pressure": x}` at QoS 1 and counts what the broker acknowledged."""
+
+    def __init__(self, broker: str, topic: str, rate_hz: float) -> None:
+        parts = urlsplit(broker)
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self._client.connect(parts.hostname or "127.0.0.1", parts.port or 1883)
+        self._client.loop_start()
+        self._topic = topic
+        self._period = 1.0 / rate_hz
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-mqtt", daemon=True)
+        self.acked = 0
+
+    def start(self) -> MqttPublisher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.loop_stop()
+        self._client.disconnect()
+
+    def _run(self) -> None:
+        seq = 0
+        while not self._stop.wait(self._period):
+            payload = json.dumps({"seq": seq, "pressure": round(4.0 + (seq % 11) * 0.05, 2)})
+            info = self._client.publish(self._topic, payload, qos=1)
+            try:
+                info.wait_for_publish(timeout=5)
+            except RuntimeError:
+                continue  # not connected: the broker never had it
+            if info.is_published():
+                self.acked = seq = seq + 1
+
+
 def run(args: argparse.Namespace) -> int:
     if args.duration < 0 or args.outage < 0 or args.rate <= 0:
         print("edge-agent demo: --duration and --outage must be >= 0, --rate > 0", file=sys.stderr)
@@ -83,16 +158,28 @@ class _Demo:
         self.args = args
         self.stop = threading.Event()
         self.sandbox_db = work / "sandbox.db"
-        self.sandbox = Sandbox(tokens=[TOKEN], datasources=[DATASOURCE], db_path=self.sandbox_db)
+        self.sandbox = Sandbox(
+            tokens=[TOKEN], datasources=[DATASOURCE, MQTT_DATASOURCE], db_path=self.sandbox_db
+        )
         self.sandbox.start()
         self.port = self.sandbox.port
         self.sensor = PtySensor(work / "ttyDEMO-weather", rate_hz=args.rate)
         token_file = work / "token"
         token_file.write_text(TOKEN + "\n")
         self.config_path = work / "demo.toml"
-        self.config_path.write_text(
-            _config_text(work / "data", self.sensor.link, self.sandbox.url, token_file)
-        )
+        text = _config_text(work / "data", self.sensor.link, self.sandbox.url, token_file)
+        self.broker = None if args.no_mqtt else (args.mqtt or DEFAULT_MQTT)
+        if self.broker is not None and not broker_answers(self.broker):
+            say(
+                f"no MQTT broker answers on {self.broker}: bridging serial only "
+                "(install mosquitto, or pass --mqtt URL, to see the MQTT bridge too)"
+            )
+            self.broker = None
+        self.mqtt_topic = f"edge-agent-demo/{os.getpid()}"
+        if self.broker is not None:
+            text += _mqtt_source_text(self.broker, self.mqtt_topic)
+        self.config_path.write_text(text)
+        self.publisher: MqttPublisher | None = None
 
     def run(self) -> int:
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -110,8 +197,15 @@ class _Demo:
         try:
             self._wait_connected(agent)
             self.sensor.start()
+            if self.broker is not None:
+                say(f"bridging MQTT from {self.broker}, topics {self.mqtt_topic}/+/+")
+                self.publisher = MqttPublisher(
+                    self.broker, f"{self.mqtt_topic}/pump-1/telemetry", rate_hz=2.0
+                ).start()
             self._watch(agent)
         finally:
+            if self.publisher is not None:
+                self.publisher.stop()
             self.sensor.stop()
             self._drain(agent)
             agent.stop()
@@ -141,12 +235,18 @@ class _Demo:
 
     def _wait_connected(self, agent: Agent) -> None:
         deadline = time.monotonic() + 10
-        while not agent.sources["weather"].stats.connected and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not all(
+            s.stats.connected for s in agent.sources.values()
+        ):
             time.sleep(0.05)
+        time.sleep(0.3)  # let the MQTT subscription settle
 
     def _new_sandbox(self) -> Sandbox:
         return Sandbox(
-            port=self.port, tokens=[TOKEN], datasources=[DATASOURCE], db_path=self.sandbox_db
+            port=self.port,
+            tokens=[TOKEN],
+            datasources=[DATASOURCE, MQTT_DATASOURCE],
+            db_path=self.sandbox_db,
         ).start()
 
     def _pending(self, agent: Agent) -> int:
@@ -157,10 +257,10 @@ class _Demo:
             session.close()
 
     def _progress(self, agent: Agent, t: float) -> None:
-        src = agent.sources["weather"].stats
+        read = sum(s.stats.readings for s in agent.sources.values())
         up = agent.uploader.stats
         say(
-            f"{t:5.0f}s  read {src.readings:5d}  buffered {self._pending(agent):5d}  "
+            f"{t:5.0f}s  read {read:5d}  buffered {self._pending(agent):5d}  "
             f"uploaded {up.records_uploaded:5d}  requests {dict(sorted(up.requests.items()))}"
         )
 
@@ -173,22 +273,33 @@ class _Demo:
     def _summary(self, agent: Agent) -> int:
         # A fresh sandbox on the same file reads what every incarnation of it stored.
         with Sandbox(datasources=[DATASOURCE], db_path=self.sandbox_db) as received:
-            records = received.records(DATASOURCE)
-        seqs = {int(r["seq"]) for r in records}
-        total = len(records)
-        written = self.sensor.written
-        missing = sorted(set(range(written)) - seqs)
+            serial = received.records(DATASOURCE)
+            bridged = received.records(MQTT_DATASOURCE)
         say("")
-        say(f"sensor wrote {written} lines; the agent read {agent.sources['weather'].stats.lines}")
-        say(f"sandbox received {total} records ({total - len(seqs)} duplicates), "
-            f"{len(seqs)} distinct lines")  # fmt: skip
-        sample = records[-1:] or [{}]
-        say(f"last record: {json.dumps(sample[0])}")
+        say(f"sensor wrote {self.sensor.written} lines; the agent read "
+            f"{agent.sources['weather'].stats.lines}")  # fmt: skip
+        missing = _account("serial", "lines", self.sensor.written, serial)
+        if self.publisher is not None:
+            say(f"MQTT: the broker acknowledged {self.publisher.acked} published messages")
+            missing += _account("MQTT", "messages", self.publisher.acked, bridged)
+        sample = serial[-1:] or [{}]
+        say(f"last serial record: {json.dumps(sample[0])}")
+        if bridged:
+            say(f"last MQTT record:   {json.dumps(bridged[-1])}")
         if missing:
-            say(f"MISSING {len(missing)} lines: {missing[:20]}")
             return 1
-        say("nothing missing: every line the sensor wrote reached the endpoint")
+        say("nothing missing: every line and message reached the endpoint")
         return 0
+
+
+def _account(what: str, unit: str, sent: int, records: list[dict[str, object]]) -> int:
+    seqs = {int(str(r["seq"])) for r in records}
+    say(f"sandbox received {len(records)} {what} records ({len(records) - len(seqs)} "
+        f"duplicates), {len(seqs)} distinct {unit}")  # fmt: skip
+    missing = sorted(set(range(sent)) - seqs)
+    if missing:
+        say(f"MISSING {len(missing)} {what} {unit}: {missing[:20]}")
+    return len(missing)
 
 
 def say(message: str) -> None:

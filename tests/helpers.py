@@ -97,15 +97,19 @@ def serial_source(port: Path, **extra: Any) -> dict[str, Any]:
 class AgentProcess:
     """`edge-agent run` as a child process, the way systemd runs it."""
 
-    def __init__(self, config: Path, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self, config: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> None:
+        """`env`: variables added to this process's environment (NOTIFY_SOCKET...)."""
         self.config = config
         self.log_path = log_path
         self.extra = extra
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
         log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config), *self.extra],
             stdout=log,

@@ -45,6 +45,20 @@ class SerialSource(ThreadedSource):
         self._bad_line_log = RateLimitedLog(log)
         self._framer_seen = 0
 
+    def update(self, config: SourceConfig, device_id: str | None) -> bool:
+        """Take a reloaded config without reopening the port, when only parsing changed.
+
+        Reopening would discard what waits in the port (pyserial flushes its input on open),
+        and a serial device cannot send it again. False: the port itself changed; restart.
+        """
+        port_keys = ("port", "baudrate", "encoding", "max_line_bytes")
+        if any(getattr(config, k) != getattr(self.config, k) for k in port_keys):
+            return False
+        parse = make_line_parser(line_format(config))
+        builder = RecordBuilder(config.datasource_id, config.shape, config.tags, device_id)
+        self._parse, self._builder, self.config = parse, builder, config
+        return True
+
     @property
     def label(self) -> str:
         return f"serial {self.name}"
