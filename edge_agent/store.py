@@ -33,8 +33,8 @@ _BUSY_TIMEOUT_MS = 30_000
 def connect(path: Path, sync: str = "full") -> sqlite3.Connection:
     """A connection in autocommit mode (we BEGIN ourselves), WAL, with our pragmas.
 
-    Automatic checkpoints are off on every connection: the writer checkpoints on its own
-    schedule, so that fsyncs stay at one per commit interval plus a few per checkpoint.
+    Automatic checkpoints are off here: only the buffer's writer connection turns them on,
+    with a large threshold, so that fsyncs stay at one per commit plus a few per checkpoint.
     """
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
