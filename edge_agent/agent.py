@@ -23,7 +23,7 @@ from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.clock import Clock, ClockGuard, SystemClock
 from edge_agent.config import Config, Secret, SourceConfig, load_config, resolve_token
 from edge_agent.errors import ConfigError, EdgeAgentError
-from edge_agent.records import Reading
+from edge_agent.records import Reading, with_field
 from edge_agent.sources.base import Source
 from edge_agent.sources.mqtt import MqttSource
 from edge_agent.sources.serial import SerialSource
@@ -80,16 +80,14 @@ class AgentIntake:
         device_time: bool = False,
     ) -> bool:
         field = self.record_id_field
-        mono = None if device_time else self._guard.stamp().mono
-        if field or mono is not None:
-            readings = [
-                Reading(
-                    r.datasource_id,
-                    {**r.record, field: self._ids.next()} if field else r.record,
-                    mono,
-                )
-                for r in readings
-            ]
+        # `trusted` is read without the guard's lock: stamp() decides under it whenever the
+        # clock may not be trusted, and a trusted clock (the usual case) costs no stamp.
+        guard = self._guard
+        mono = None if device_time or guard.trusted else guard.stamp().mono
+        if field:
+            readings = [with_field(r, field, self._ids.next(), mono) for r in readings]
+        elif mono is not None:
+            readings = [replace(r, mono=mono) for r in readings]
         # A source that acknowledges its input (MQTT) can wait for room; others cannot.
         return self._buffer.put(readings, on_durable, can_wait=on_durable is not None)
 

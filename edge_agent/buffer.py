@@ -875,6 +875,29 @@ class BufferSession:
             bump(self.conn, Counter(f"imported.{ds}" for ds, _ in rows))
         return len(rows)
 
+    def move_datasource(self, source: str, target: str) -> int:
+        """Send a data source's pending readings to another one (a fixed `datasource_id`)."""
+        with transaction(self.conn):
+            moved = 0
+            for table in ("readings", "held"):
+                moved += self.conn.execute(
+                    f"UPDATE {table} SET datasource_id = ? WHERE datasource_id = ?",
+                    (target, source),
+                ).rowcount
+            bump(self.conn, {f"moved.{source}.{target}": moved})
+        return moved
+
+    def drop_datasource(self, datasource_id: str) -> int:
+        """Delete a data source's pending readings for good; counted as dropped by hand."""
+        with transaction(self.conn):
+            dropped = 0
+            for table in ("readings", "held"):
+                dropped += self.conn.execute(
+                    f"DELETE FROM {table} WHERE datasource_id = ?", (datasource_id,)
+                ).rowcount
+            bump(self.conn, {f"dropped.by_operator.{datasource_id}": dropped})
+        return dropped
+
     def pending_count(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM readings").fetchone()[0])
 

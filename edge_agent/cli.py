@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(getattr(args, "log_level", None) or "info", getattr(args, "log_format", "text"))
     try:
         return int(args.func(args))
+    except BrokenPipeError:
+        # `edge-agent buffer stats | head`: the reader left; not an error of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +115,16 @@ def _parser() -> argparse.ArgumentParser:
         help="those that failed at least this long ago: 30s, 15m, 12h, 7d",
     )
     purge.set_defaults(func=cmd_purge_dead_letters)
+    move = bsub.add_parser("move", help="send a data source's pending readings to another")
+    _config_arg(move)
+    move.add_argument("--from", dest="source", required=True, metavar="ID")
+    move.add_argument("--to", dest="target", required=True, metavar="ID")
+    move.set_defaults(func=cmd_move)
+    drop = bsub.add_parser("drop", help="delete a data source's pending readings (counted)")
+    _config_arg(drop)
+    drop.add_argument("--datasource", required=True, metavar="ID")
+    drop.add_argument("--yes", action="store_true", help="really delete them")
+    drop.set_defaults(func=cmd_drop)
     export = bsub.add_parser("export", help="write pending readings as JSON lines")
     _config_arg(export)
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
@@ -187,15 +203,15 @@ def _offline_status(config: Config) -> dict[str, Any]:
     try:
         session = BufferSession(config.buffer_path)
     except EdgeAgentError as exc:
-        return {"health": {"healthy": False, "reasons": [why, str(exc)]}}
+        return {"offline": True, "health": {"healthy": False, "reasons": [why, str(exc)]}}
     try:
         st = session.stats()
     finally:
         session.close()
     return {
+        "offline": True,
         "agent": {"config": str(config.path), "device_id": config.agent.device_id},
         "health": {"healthy": False, "reasons": [why]},
-        "sources": [],
         "buffer": {
             "pending": st.pending,
             "pending_total": sum(st.pending.values()),
@@ -233,12 +249,35 @@ def describe(config: Config) -> str:
         f"{ep.max_batch_bytes:,} bytes, token from {token_from} (set)",
     ]
     for s in config.sources:
-        what = f"{s.port} at {s.baudrate} baud" if s.type == "serial" else s.type
+        what = (
+            f"{s.port} at {s.baudrate} baud"
+            if s.type == "serial"
+            else f"{s.broker} topics {', '.join(s.topics)} (QoS {s.qos}, MQTT {s.mqtt_version})"
+        )
         lines.append(
             f"source {s.name}: {s.type} {what}, format {s.format}, shape {s.shape} "
             f"-> data source {s.datasource_id}"
         )
+    if config.status.listen:
+        lines.append(f"status page: http://{config.status.listen}/ (and /healthz, /metrics)")
+    lines += [f"warning: {w}" for w in _warnings(config)]
     return "\n".join(lines)
+
+
+def _warnings(config: Config) -> list[str]:
+    """Things that are allowed but probably wrong; `check` says them, `run` goes ahead."""
+    out = []
+    if not config.endpoint.url.rstrip("/").endswith("/restapi/datasource/insert"):
+        out.append(
+            f"[endpoint] url {config.endpoint.url} does not end in /restapi/datasource/insert"
+        )
+    ports = [s.port for s in config.sources if s.type == "serial"]
+    for port in sorted({p for p in ports if p is not None}):
+        if ports.count(port) > 1:
+            out.append(f"{port} is used by {ports.count(port)} serial sources; one can open it")
+        if not Path(port).exists():
+            out.append(f"{port} does not exist now (unplugged?); the agent retries until it does")
+    return out
 
 
 # -- buffer ------------------------------------------------------------------------------
@@ -375,3 +414,31 @@ def _read_lines(path: Path) -> list[str]:
         return path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise EdgeAgentError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def cmd_move(args: argparse.Namespace) -> int:
+    session = _session(args)
+    try:
+        n = session.move_datasource(args.source, args.target)
+    finally:
+        session.close()
+    print(f"moved {n} pending readings from data source {args.source} to {args.target}")
+    return 0
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print(
+            f"this deletes every pending reading of data source {args.datasource} for good; "
+            "add --yes to do it (or `buffer export` them first)",
+            file=sys.stderr,
+        )
+        return 2
+    session = _session(args)
+    try:
+        n = session.drop_datasource(args.datasource)
+    finally:
+        session.close()
+    print(f"dropped {n} pending readings of data source {args.datasource} (counted as "
+          f"dropped.by_operator.{args.datasource})")  # fmt: skip
+    return 0

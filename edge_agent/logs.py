@@ -79,7 +79,10 @@ class RecentErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
-        component = message.split(":", 1)[0] if ":" in message[:40] else record.name
+        component = record.name.rsplit(".", 1)[-1]
+        head, sep, rest = message.partition(": ")
+        if sep and len(head) <= 40:  # our lines start with their component: keep it once
+            component, message = head, rest
         self._lines.append({"time": record.created, "component": component, "message": message})
 
     def lines(self) -> list[dict[str, Any]]:

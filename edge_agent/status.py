@@ -107,9 +107,9 @@ def _upload_reasons(snapshot: Snapshot, unhealthy_after_s: float) -> Iterable[st
         return
     for scope, why in sorted(paused.items()):
         if scope == "*":
-            yield f"uploads are stopped for every data source: {why}; readings are kept"
+            yield f"uploads are stopped for every data source: {why}"
         else:
-            yield f"uploads to data source {scope} are paused: {why}; its readings are kept"
+            yield f"uploads to data source {scope} are paused: {why}"
 
 
 def _clock_reasons(snapshot: Snapshot) -> Iterable[str]:
@@ -663,6 +663,8 @@ def render_status_text(doc: Snapshot, now: float | None = None) -> str:
     now = time.time() if now is None else now
     agent = _part(doc, "agent")
     health_part = _part(doc, "health")
+    if doc.get("offline"):
+        return _offline_text(doc, agent, health_part)
     uptime = agent.get("uptime_s")
     lines = [
         f"edge-agent {agent.get('version', '?')} on {agent.get('device_id') or 'no device id'}, "
@@ -676,6 +678,20 @@ def render_status_text(doc: Snapshot, now: float | None = None) -> str:
         *_upload_lines(_part(doc, "uploader"), now),
         f"clock: {_clock_text(_part(doc, 'clock'))}",
         *_error_lines(doc.get("errors"), now),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _offline_text(doc: Snapshot, agent: dict[str, Any], health_part: dict[str, Any]) -> str:
+    """What the buffer alone can tell: no live facts, so no health verdict either."""
+    counters = _part(doc, "buffer").get("counters") or {}
+    uploaded = sum(n for k, n in counters.items() if k.startswith("uploaded."))
+    lines = [
+        f"edge-agent (config {agent.get('config', '?')}): no answer from a running agent",
+        *(f"  - {reason}" for reason in health_part.get("reasons") or []),
+        "health: unknown; what the buffer says:",
+        *_buffer_lines(_part(doc, "buffer")),
+        f"uploaded so far (all runs): {_count(uploaded)} records",
     ]
     return "\n".join(lines) + "\n"
 

@@ -44,6 +44,9 @@ log = logging.getLogger("edge_agent.uploader")
 # logged again while it lasts: slow enough not to hammer the server or flood the log.
 PAUSE_S = 60.0
 REPEAT_LOG_S = 600.0
+# A failing uplink is said again once a minute (with the failure count), so a log read in
+# the middle of an outage shows it is still going on.
+TRANSIENT_REPEAT_LOG_S = 60.0
 # While paused, how often the token (file) is read again to notice a new one.
 TOKEN_CHECK_S = 1.0
 # A batch smaller than this share of a full one waits for `flush_interval_s` to fill up.
@@ -325,6 +328,7 @@ class Uploader:
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
         batch = session.next_batch(self.endpoint.max_batch_records, self._byte_limit, excluded)
         if batch is None:
+            self._forget_expired_pauses(now)
             self._idle(min(1.0, self._next_resume(now)))
             return
         # A reading "from the future" means the wall clock went back since it was stored:
@@ -358,6 +362,14 @@ class Uploader:
                 return
             self._wake.wait(min(remaining, 1.0))
         self._wake.clear()
+
+    def _forget_expired_pauses(self, now: float) -> None:
+        """Nothing is pending for a data source whose pause ran out (its readings were moved
+        or dropped): it is not paused any more, so health and status stop reporting it."""
+        for key, until in list(self._paused_until.items()):
+            if key != "*" and until <= now:
+                del self._paused_until[key]
+                self.stats.paused.pop(key, None)
 
     def _pause_remaining(self, now: float) -> float:
         until = self._paused_until.get("*")
@@ -567,6 +579,7 @@ class Uploader:
             f"uploader: upload to {self.endpoint.url} failed ({what}); readings are kept, "
             f"retrying in {delay:.1f} s (failure {self._failures})",
             force=self._failures == 1,
+            every=TRANSIENT_REPEAT_LOG_S,
         )
         self._sleep(delay)
 
@@ -576,9 +589,16 @@ class Uploader:
         # Keyed by status too: a 404 followed by a 401 is news worth a line at once.
         self._log_limited(f"pause:{key}:{answer.status}", logging.ERROR, "uploader: " + message)
 
-    def _log_limited(self, key: str, level: int, message: str, force: bool = False) -> None:
+    def _log_limited(
+        self,
+        key: str,
+        level: int,
+        message: str,
+        force: bool = False,
+        every: float = REPEAT_LOG_S,
+    ) -> None:
         now = time.monotonic()
         last = self._last_logged.get(key)
-        if force or last is None or now - last >= REPEAT_LOG_S:
+        if force or last is None or now - last >= every:
             self._last_logged[key] = now
             log.log(level, message)

@@ -503,3 +503,32 @@ def test_kill_9_during_commits_and_checkpoints_never_loses_a_committed_reading(
         assert max_present is not None
         next_seq = max(present) + 1
     assert not list(tmp_path.glob("*.corrupt-*")), "a kill -9 must never damage the file"
+
+
+def test_move_and_drop_fix_readings_stuck_under_a_wrong_datasource(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "agent.toml",
+        url="http://127.0.0.1:9/restapi/datasource/insert",
+        data_dir=tmp_path / "data",
+        sources=[serial_source(tmp_path / "port")],
+    )
+    buf = Buffer(tmp_path / "data" / "buffer.db", BufferConfig())
+    buf.open()
+    buf.put([reading(i, ds="11111") for i in range(4)] + [reading(9, ds="22222")])
+    buf.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "edge_agent", "buffer", *args, "--config", str(config)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+    moved = cli("move", "--from", "11111", "--to", DATASOURCE)
+    assert moved.returncode == 0 and "moved 4 pending readings" in moved.stdout
+    refused = cli("drop", "--datasource", "22222")
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    dropped = cli("drop", "--datasource", "22222", "--yes")
+    assert dropped.returncode == 0 and "dropped 1 pending readings" in dropped.stdout
+    session = BufferSession(tmp_path / "data" / "buffer.db")
+    st = session.stats()
+    session.close()
+    assert st.pending == {DATASOURCE: 4}
+    assert st.counters["dropped.by_operator.22222"] == 1

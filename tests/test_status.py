@@ -158,14 +158,13 @@ def test_uploads_failing_longer_than_the_limit_are_unhealthy() -> None:
 def test_paused_uploads_are_unhealthy_for_everything_or_one_data_source() -> None:
     snap = make_snapshot()
     snap["uploader"]["paused"] = {"99999": "403: forbidden for this token"}
+    # The uploader's own message says what happens to the readings: not repeated here.
     assert health(snap, 60.0)[1] == [
-        "uploads to data source 99999 are paused: 403: forbidden for this token; "
-        "its readings are kept"
+        "uploads to data source 99999 are paused: 403: forbidden for this token"
     ]
     snap["uploader"]["paused"] = {"*": "token rejected by the server (401)"}
     assert health(snap, 60.0)[1] == [
-        "uploads are stopped for every data source: token rejected by the server (401); "
-        "readings are kept"
+        "uploads are stopped for every data source: token rejected by the server (401)"
     ]
 
 
