@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -187,7 +188,10 @@ class _Demo:
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        say(f"sandbox insert API on {self.sandbox.url}")
+        # One line per request would bury the demo's own lines.
+        logging.getLogger("edge_agent.sandbox").setLevel(logging.WARNING)
+        say(f"sandbox insert API on {self.sandbox.url} (data sources {DATASOURCE}: the serial "
+            f"sensor, {MQTT_DATASOURCE}: MQTT)")  # fmt: skip
         say(f"simulated sensor on {self.sensor.link} -> agent config {self.config_path}")
         # Plug in first and write only once the port is open: opening a serial port
         # discards what was waiting in it, as with a real device.
@@ -261,7 +265,7 @@ class _Demo:
         up = agent.uploader.stats
         say(
             f"{t:5.0f}s  read {read:5d}  buffered {self._pending(agent):5d}  "
-            f"uploaded {up.records_uploaded:5d}  requests {dict(sorted(up.requests.items()))}"
+            f"uploaded {up.records_uploaded:5d}  requests {_requests(up.requests)}"
         )
 
     def _drain(self, agent: Agent) -> None:
@@ -282,13 +286,17 @@ class _Demo:
         if self.publisher is not None:
             say(f"MQTT: the broker acknowledged {self.publisher.acked} published messages")
             missing += _account("MQTT", "messages", self.publisher.acked, bridged)
+        requests = agent.uploader.stats.requests
+        say(f"upload requests: {_requests(requests)}; retried after failures: "
+            f"{agent.uploader.stats.retries}")  # fmt: skip
         sample = serial[-1:] or [{}]
         say(f"last serial record: {json.dumps(sample[0])}")
         if bridged:
             say(f"last MQTT record:   {json.dumps(bridged[-1])}")
         if missing:
             return 1
-        say("nothing missing: every line and message reached the endpoint")
+        what = "line and message" if self.publisher is not None else "line"
+        say(f"nothing missing: every {what} reached the endpoint")
         return 0
 
 
@@ -300,6 +308,12 @@ def _account(what: str, unit: str, sent: int, records: list[dict[str, object]]) 
     if missing:
         say(f"MISSING {len(missing)} {what} {unit}: {missing[:20]}")
     return len(missing)
+
+
+def _requests(by_status: dict[str, int]) -> str:
+    """`200 x7, failed x3`: answers by status; "failed" means no answer (connection error)."""
+    names = {"error": "failed"}
+    return ", ".join(f"{names.get(k, k)} x{n}" for k, n in sorted(by_status.items())) or "none"
 
 
 def say(message: str) -> None:

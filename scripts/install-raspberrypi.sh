@@ -70,11 +70,14 @@ while [ $# -gt 0 ]; do
     --start) START=1; shift ;;
     --no-pip) PIP=0; shift ;;
     --uninstall) UNINSTALL=1; shift ;;
-    --purge) PURGE=1; UNINSTALL=1; shift ;;
+    --purge) PURGE=1; shift ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown option: $1" ;;
   esac
 done
+if [ "$PURGE" = 1 ] && [ "$UNINSTALL" != 1 ]; then
+  die "--purge deletes the config, the token and the buffer (unsent readings included); it only goes with --uninstall: --uninstall --purge"
+fi
 
 if [ -n "$ROOT" ]; then
   mkdir -p "$ROOT"

@@ -186,6 +186,15 @@ def test_uninstall_keeps_config_and_data_and_purge_removes_them(tmp_path: Path) 
     install(paths.root, "--no-pip")  # a reinstall picks the kept files up again
     assert (paths.data / "buffer.db").exists()
 
+    alone = subprocess.run(
+        ["bash", str(SCRIPT), "--root", str(paths.root), "--purge"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert alone.returncode != 0 and "only goes with --uninstall" in alone.stderr
+    assert paths.config.exists() and paths.data.exists()  # --purge alone touched nothing
+
     done = install(paths.root, "--uninstall", "--purge")
     assert "purging" in done.stdout
     assert not paths.etc.exists()
