@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
 """Messages per second from a broker into the committed buffer, against a bare subscriber.
 
-    .venv/bin/python scripts/bench_mqtt.py [--messages 200000] [--window 20] [--mqtt-version 3.1.1]
+    .venv/bin/python scripts/bench_mqtt.py [--messages 200000] [--config 3.1.1:20 --config 5:1000]
+                                           [--json out.json] [--no-strace]
 
-Starts a private Mosquitto on a free port, makes a persistent session for each subscriber,
-pre-publishes N QoS 1 messages into both sessions, then times each subscriber draining its
-session, one at a time, each in a child process of its own:
+For each configuration (MQTT version : window), starts a private Mosquitto on a free port,
+makes a persistent session for each subscriber, pre-publishes N QoS 1 messages into all of
+them, then times each subscriber draining its session, one at a time, each in a child
+process of its own:
 
 - bare: a paho client that acknowledges right in on_message (manual ack): the ceiling;
 - agent: the agent's MqttSource + Buffer (sync "full", commit_interval_ms 200), which
   acknowledges each message only after the commit of its readings (end-to-end ack).
+
+The window is the number of QoS 1 messages in flight to a subscriber: Mosquitto's
+max_inflight_messages (3.1.1), the subscribers' Receive Maximum (5), and the agent's
+inflight_window. The agent commits as soon as its unacknowledged messages fill the window,
+so the window sets how many messages share one fsync. The defaults report the agent's
+default (3.1.1, window 20) and an MQTT 5 client announcing Receive Maximum 1000.
 
 fsyncs: strace slows the traced process even when it traces only fsync and fdatasync (via
 seccomp), so the rate is measured untraced. When strace is installed a third session is
@@ -17,6 +25,9 @@ drained by the agent under `strace -f -c` (up to 50,000 messages) to count fsync
 fsync/s is that times the untraced run's commits per second. Without strace (or with
 --no-strace) one fsync per commit is assumed. Memory is each child's VmHWM, read from
 /proc/self/status at the end of its run. The target is agent/bare >= 0.8.
+
+stdout holds one markdown table (one row per configuration, read by scripts/bench.py) and
+notes; --json also writes every figure.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "bench/line-1/seq"
 CLIENTS = {"bare": "bench-bare", "agent": "bench-agent", "traced": "bench-agent-traced"}
 TRACED_MESSAGES = 50_000  # enough commits to know the fsyncs per commit
+DEFAULT_CONFIGS = ("3.1.1:20", "5:1000")  # the agent's default, and a large MQTT 5 window
 SESSION_EXPIRY_S = 3600
 
 
@@ -55,21 +68,35 @@ def main() -> int:
     return run_bench(args)
 
 
+def _config(text: str) -> tuple[str, int]:
+    version, _, window = text.partition(":")
+    if version not in ("3.1.1", "5") or not window.isdigit() or int(window) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VERSION:WINDOW, e.g. 5:1000")
+    return version, int(window)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--messages", type=int, default=200_000, help="messages per subscriber")
     p.add_argument(
-        "--window",
-        type=int,
-        default=20,
-        help="QoS 1 messages in flight to a subscriber: Mosquitto's max_inflight_messages "
-        "(3.1.1), the subscribers' Receive Maximum (5), and the agent's inflight_window",
+        "--config",
+        action="append",
+        type=_config,
+        metavar="VERSION:WINDOW",
+        help="MQTT version (3.1.1 or 5) and window: QoS 1 messages in flight to a subscriber "
+        "(Mosquitto's max_inflight_messages, the Receive Maximum, the agent's inflight_window); "
+        f"repeat for several; default {' '.join('--config ' + c for c in DEFAULT_CONFIGS)}",
     )
-    p.add_argument("--mqtt-version", choices=["3.1.1", "5"], default="3.1.1")
+    p.add_argument("--json", type=Path, help="also write every figure to this file")
     p.add_argument(
         "--no-strace",
         action="store_true",
         help="count fsyncs from the buffer's commits instead of running the agent under strace",
+    )
+    # The children's own settings (one configuration each).
+    p.add_argument("--window", type=int, default=20, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--mqtt-version", choices=["3.1.1", "5"], default="3.1.1", help=argparse.SUPPRESS
     )
     p.add_argument("--role", choices=list(CLIENTS), help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -85,29 +112,41 @@ def run_bench(args: argparse.Namespace) -> int:
     if not os.path.exists(binary):
         print("bench_mqtt: mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
         return 2
+    configs = args.config or [_config(c) for c in DEFAULT_CONFIGS]
+    strace = None if args.no_strace else shutil.which("strace")
+    results = []
+    for version, window in configs:
+        run = argparse.Namespace(**{**vars(args), "mqtt_version": version, "window": window})
+        bare, agent = _bench_config(binary, run, strace)
+        results.append({"mqtt_version": version, "window": window, "bare": bare, "agent": agent})
+    _report(args, results)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"messages": args.messages, "runs": results}, indent=2))
+    return 0
+
+
+def _bench_config(
+    binary: str, args: argparse.Namespace, strace: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One broker with one session per subscriber; the bare and the agent subscriber's runs."""
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         workdir = Path(tmp)
         port = _free_port()
         broker = _start_broker(binary, workdir, port, args.window)
         try:
-            roles = (
-                list(CLIENTS)
-                if shutil.which("strace") and not args.no_strace
-                else ["bare", "agent"]
-            )
+            roles = list(CLIENTS) if strace is not None else ["bare", "agent"]
             for role in roles:
                 _make_session(port, CLIENTS[role], args)
             started = time.monotonic()
             _publish(port, args.messages)
             publish_s = time.monotonic() - started
             print(
-                f"pre-published {args.messages} messages into {len(roles)} sessions "
-                f"in {publish_s:.1f} s",
+                f"MQTT {args.mqtt_version}, window {args.window}: pre-published "
+                f"{args.messages} messages into {len(roles)} sessions in {publish_s:.1f} s",
                 file=sys.stderr,
             )
             bare = _child("bare", port, workdir, args)
             agent = _child("agent", port, workdir, args)
-            strace = None if args.no_strace else shutil.which("strace")
             if strace is not None:
                 traced = _child("traced", port, workdir, args, strace)
                 agent["fsyncs_per_commit"] = traced["fsyncs"] / max(1, traced["commits"])
@@ -115,8 +154,10 @@ def run_bench(args: argparse.Namespace) -> int:
         finally:
             broker.terminate()
             broker.wait(30)
-    _report(args, bare, agent)
-    return 0
+    per_commit = agent.get("fsyncs_per_commit", 1.0)
+    agent["fsync_rate"] = per_commit * agent["commits"] / agent["seconds"]
+    agent["ratio"] = agent["rate"] / bare["rate"]
+    return bare, agent
 
 
 def _free_port() -> int:
@@ -250,27 +291,35 @@ def _strace_calls(summary: str) -> int:
     return calls
 
 
-def _report(args: argparse.Namespace, bare: dict[str, Any], agent: dict[str, Any]) -> None:
-    per_commit = agent.get("fsyncs_per_commit", 1.0)
-    agent["fsync_rate"] = per_commit * agent["commits"] / agent["seconds"]
-    bare["fsync_rate"] = 0.0
-    rows = [("bare paho, ack in on_message", bare), ("agent MqttSource + Buffer", agent)]
+def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     print(
-        f"\n{args.messages} QoS 1 messages, MQTT {args.mqtt_version}, window {args.window}, "
-        'buffer sync "full", commit_interval_ms 200\n'
+        f"\n{args.messages} QoS 1 messages per subscriber; agent: MqttSource + Buffer, "
+        'sync "full", commit_interval_ms 200, ack after commit; bare: paho, ack in on_message\n'
     )
-    print("| subscriber | seconds | messages/s | commits | fsync/s | VmHWM MiB |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, r in rows:
-        print(
-            f"| {name} | {r['seconds']:.2f} | {r['rate']:,.0f} | {r.get('commits', '-')} "
-            f"| {r['fsync_rate']:,.0f} | {r['vmhwm_kb'] / 1024:.0f} |"
+    print("| configuration | agent msg/s | bare msg/s | ratio agent/bare | target | details |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for run in results:
+        bare, agent = run["bare"], run["agent"]
+        details = (
+            f"{agent['commits']} commits ({args.messages / max(1, agent['commits']):.0f} "
+            f"messages each), {agent['fsync_rate']:,.0f} fsync/s; VmHWM agent "
+            f"{agent['vmhwm_kb'] / 1024:.0f} MiB, bare {bare['vmhwm_kb'] / 1024:.0f} MiB; "
+            f"{agent['seconds']:.1f} s vs {bare['seconds']:.1f} s"
         )
-    ratio = agent["rate"] / bare["rate"]
-    verdict = "meets" if ratio >= 0.8 else "misses"
-    print(f"\nratio agent/bare: {ratio:.2f} ({verdict} the 0.8 target)")
-    source = agent.get("fsync_source", "assumed: one per commit (no strace)")
-    print(f"fsyncs per commit: {per_commit:.2f} ({source})")
+        print(
+            f"| MQTT {run['mqtt_version']}, window {run['window']} | {agent['rate']:,.0f} "
+            f"| {bare['rate']:,.0f} | {agent['ratio']:.2f} | >= 0.8 | {details} |"
+        )
+    print()
+    for run in results:
+        agent = run["agent"]
+        verdict = "meets" if agent["ratio"] >= 0.8 else "misses"
+        source = agent.get("fsync_source", "assumed: one per commit (no strace)")
+        print(
+            f"MQTT {run['mqtt_version']}, window {run['window']}: ratio {agent['ratio']:.2f} "
+            f"({verdict} the 0.8 target); fsyncs per commit "
+            f"{agent.get('fsyncs_per_commit', 1.0):.2f} ({source})"
+        )
 
 
 # --- the children: one subscriber each ---------------------------------------------------------
@@ -310,7 +359,7 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
 def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
     from edge_agent.agent import AgentIntake
     from edge_agent.buffer import Buffer
-    from edge_agent.clock import SystemClock
+    from edge_agent.clock import ClockGuard, SystemClock
     from edge_agent.config import BufferConfig, SourceConfig
     from edge_agent.sources.mqtt import MqttSource
 
@@ -319,7 +368,8 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
         BufferConfig(sync="full", commit_interval_ms=200, max_bytes=1 << 34),
     )
     buffer.open()
-    intake = _CountingIntake(AgentIntake(buffer, None, SystemClock()), args.messages)
+    clock = SystemClock()
+    intake = _CountingIntake(AgentIntake(buffer, None, clock, ClockGuard(clock)), args.messages)
     config = SourceConfig(
         name="bench",
         type="mqtt",
@@ -348,25 +398,26 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
 
 
 class _CountingIntake:
-    """The agent's intake, counting messages whose readings committed (their ack is sent)."""
+    """The agent's intake, counting messages whose readings committed (their ack is queued).
+
+    Every `on_durable` runs in the buffer's one writer thread, so the count needs no lock.
+    """
 
     def __init__(self, inner: Any, expected: int) -> None:
         self._inner = inner
         self._expected = expected
-        self._lock = threading.Lock()
         self.durable = 0
         self.done = threading.Event()
 
     def put(self, readings: Any, on_durable: Any = None) -> bool:
-        def counted() -> None:
-            if on_durable is not None:
-                on_durable()
-            with self._lock:
-                self.durable += 1
-                if self.durable >= self._expected:
-                    self.done.set()
+        return bool(self._inner.put(readings, partial(self._counted, on_durable)))
 
-        return bool(self._inner.put(readings, counted))
+    def _counted(self, on_durable: Any) -> None:
+        if on_durable is not None:
+            on_durable()
+        self.durable += 1
+        if self.durable >= self._expected:
+            self.done.set()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
