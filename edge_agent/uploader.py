@@ -480,13 +480,13 @@ class Uploader:
             # Halving converges whatever the server's limit is: a batch of one record always
             # goes out, and the server then refuses only that record.
             self._byte_limit = max(1, min(self._byte_limit, batch.nbytes // 2))
-            log.warning(
-                "uploader: %s refused %d bytes as too large (413: %s); batches are now kept "
-                "under %d bytes",
-                self.endpoint.url,
-                batch.nbytes,
-                answer.message,
-                self._byte_limit,
+            # Once a minute at most: one batch may halve several times in a row.
+            self._log_limited(
+                "too-large",
+                logging.WARNING,
+                f"uploader: {self.endpoint.url} refused {batch.nbytes} bytes as too large "
+                f"(413: {answer.message}); batches are now kept under {self._byte_limit} bytes",
+                every=TRANSIENT_REPEAT_LOG_S,
             )
         if len(batch.rows) > 1:
             split.extra_requests += 2
