@@ -20,11 +20,16 @@ class Intake(Protocol):
     """Where sources put readings (the agent's side of the contract)."""
 
     def put(
-        self, readings: Sequence[Reading], on_durable: Callable[[], None] | None = None
+        self,
+        readings: Sequence[Reading],
+        on_durable: Callable[[], None] | None = None,
+        device_time: bool = False,
     ) -> bool:
         """Queue readings for the buffer; `on_durable` runs once they are committed.
 
-        Returns False when the agent is stopping and the readings were not taken.
+        `device_time`: the timestamps came from the device, not from our clock, so an
+        untrusted clock must not hold or rewrite them. Returns False when the agent is
+        stopping and the readings were not taken.
         """
         ...
 

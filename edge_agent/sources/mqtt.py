@@ -565,7 +565,8 @@ class MqttSource(ThreadedSource):
         except ParseError as exc:
             return self._dead_letter(topic, payload, str(exc), on_durable)
         self.stats.readings += len(readings)
-        return self._intake.put(readings, on_durable)
+        device_time = self.config.timestamp_field is not None
+        return self._intake.put(readings, on_durable, device_time)
 
     def _dead_letter(
         self, topic: str, payload: bytes, reason: str, on_durable: Callable[[], None] | None
