@@ -296,19 +296,7 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
             {"name": name, "type": _source_type(agent, name), **asdict(src.stats)}
             for name, src in list(agent.sources.items())  # a reload may change the dict
         ],
-        "buffer": {
-            "pending": st.pending,
-            "pending_total": sum(st.pending.values()),
-            "pending_bytes": st.pending_bytes,
-            "held": st.held,
-            "oldest_age_s": None
-            if st.oldest_created is None
-            else max(0.0, agent.clock.wall() - st.oldest_created),
-            "file_bytes": st.file_bytes,
-            "max_bytes": agent.config.buffer.max_bytes,
-            "dead_letters": st.dead_letters,
-            "counters": st.counters,
-        },
+        "buffer": st.as_dict(agent.config.buffer.max_bytes, agent.clock.wall()),
         "uploader": {
             "records_uploaded": up.records_uploaded,
             "requests": dict(up.requests.copy()),

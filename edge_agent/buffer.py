@@ -724,6 +724,22 @@ class BufferStats:
     file_bytes: int = 0
     held: int = 0  # readings waiting for a trusted clock
 
+    def as_dict(self, max_bytes: int, now: float) -> dict[str, Any]:
+        """The buffer's part of the status document (and of `buffer stats --json`)."""
+        return {
+            "pending": self.pending,
+            "pending_total": sum(self.pending.values()),
+            "pending_bytes": self.pending_bytes,
+            "held": self.held,
+            "oldest_age_s": None
+            if self.oldest_created is None
+            else max(0.0, now - self.oldest_created),
+            "file_bytes": self.file_bytes,
+            "max_bytes": max_bytes,
+            "dead_letters": self.dead_letters,
+            "counters": self.counters,
+        }
+
 
 class BufferSession:
     """One thread's view of the buffer: batches out, settlements in, inspection."""

@@ -212,19 +212,7 @@ def _offline_status(config: Config) -> dict[str, Any]:
         "offline": True,
         "agent": {"config": str(config.path), "device_id": config.agent.device_id},
         "health": {"healthy": False, "reasons": [why]},
-        "buffer": {
-            "pending": st.pending,
-            "pending_total": sum(st.pending.values()),
-            "pending_bytes": st.pending_bytes,
-            "held": st.held,
-            "oldest_age_s": None
-            if st.oldest_created is None
-            else max(0.0, time.time() - st.oldest_created),
-            "file_bytes": st.file_bytes,
-            "max_bytes": config.buffer.max_bytes,
-            "dead_letters": st.dead_letters,
-            "counters": st.counters,
-        },
+        "buffer": st.as_dict(config.buffer.max_bytes, time.time()),
     }
 
 
@@ -292,21 +280,14 @@ def _session(args: argparse.Namespace) -> BufferSession:
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
-    session = _session(args)
+    config = _inspection_config(args.config)
+    session = BufferSession(config.buffer_path)
     try:
         st = session.stats()
     finally:
         session.close()
-    age = None if st.oldest_created is None else max(0.0, time.time() - st.oldest_created)
-    doc = {
-        "pending": st.pending,
-        "pending_total": sum(st.pending.values()),
-        "pending_bytes": st.pending_bytes,
-        "oldest_age_s": age,
-        "file_bytes": st.file_bytes,
-        "dead_letters": st.dead_letters,
-        "counters": st.counters,
-    }
+    doc = st.as_dict(config.buffer.max_bytes, time.time())
+    age = doc["oldest_age_s"]
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
@@ -314,7 +295,8 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
     for ds, n in st.pending.items():
         print(f"  data source {ds}: {n}")
     print("oldest pending: " + ("none" if age is None else f"{age:.0f} s ago"))
-    print(f"database file: {st.file_bytes:,} bytes; dead letters: {st.dead_letters}")
+    print(f"database file: {st.file_bytes:,} of at most {config.buffer.max_bytes:,} bytes; "
+          f"dead letters: {st.dead_letters}; held for a trusted clock: {st.held}")  # fmt: skip
     for name, value in st.counters.items():
         print(f"  {name}: {value}")
     return 0
