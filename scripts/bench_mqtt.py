@@ -409,8 +409,8 @@ class _CountingIntake:
         self.durable = 0
         self.done = threading.Event()
 
-    def put(self, readings: Any, on_durable: Any = None) -> bool:
-        return bool(self._inner.put(readings, partial(self._counted, on_durable)))
+    def put(self, readings: Any, on_durable: Any = None, device_time: bool = False) -> bool:
+        return bool(self._inner.put(readings, partial(self._counted, on_durable), device_time))
 
     def _counted(self, on_durable: Any) -> None:
         if on_durable is not None:
