@@ -551,7 +551,7 @@ class _agent_reader:
     def __init__(self, port: str, data_dir: Path) -> None:
         from edge_agent.agent import AgentIntake
         from edge_agent.buffer import Buffer
-        from edge_agent.clock import SystemClock
+        from edge_agent.clock import ClockGuard, SystemClock
         from edge_agent.config import BufferConfig, SourceConfig
         from edge_agent.sources.serial import SerialSource
 
@@ -568,7 +568,9 @@ class _agent_reader:
             port=port,
             baudrate=115_200,
         )
-        self.source = SerialSource(config, DEVICE, AgentIntake(self.buffer, None, SystemClock()))
+        clock = SystemClock()
+        intake = AgentIntake(self.buffer, None, clock, ClockGuard(clock, trust_clock=True))
+        self.source = SerialSource(config, DEVICE, intake)
 
     def __enter__(self) -> Reader:
         self.buffer.open()
