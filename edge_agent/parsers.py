@@ -109,6 +109,10 @@ def parse_payload(payload: bytes, kind: PayloadKind, metric: str | None = None) 
     json: an object, read like a json line, or a bare JSON number; number: one number as text;
     kv: pairs, read like a kv line. A lone number is named `metric`, or "value" when it is None.
     """
+    if kind == "json":
+        values = _flat_json_object(payload)
+        if values is not None:
+            return values
     name = "value" if metric is None else metric
     what = f"{kind} payload"
     try:
@@ -123,6 +127,30 @@ def parse_payload(payload: bytes, kind: PayloadKind, metric: str | None = None) 
     if kind == "kv":
         return _run(_parse_kv, text, what)
     raise ValueError(f"unknown payload format {kind!r}; use one of 'json', 'number', 'kv'")
+
+
+def _flat_json_object(payload: bytes) -> Values | None:
+    """The common payload, read quickly: a JSON object of numbers, strings and booleans.
+
+    None for anything else (nested, null, NaN, a BOM, not UTF-8, not JSON...): the full path
+    reads it, or says what is wrong. Gives what the full path would give.
+    """
+    if payload[:1] != b"{":
+        return None
+    try:
+        document = json.loads(payload.decode())
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or not document:
+        return None
+    for value in document.values():
+        kind = type(value)
+        if kind is float:
+            if value - value != 0.0:  # NaN or infinity
+                return None
+        elif kind is not int and kind is not str and kind is not bool:
+            return None
+    return document
 
 
 def _run(parse: Callable[[str], Values], text: str, what: str) -> Values:

@@ -28,9 +28,11 @@ Value = int | float | str | bool
 RECORD_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Reading:
-    """One record for one data source.
+    """One record for one data source. Treat it as immutable: make a new one to change it
+    (not frozen only because a frozen dataclass costs three times as much to make, and
+    sources make one per value).
 
     `signature` and `text`, when given, must be `signature(record)` and
     `RECORD_ENCODER.encode(record)`: the buffer stores them instead of computing them. Do

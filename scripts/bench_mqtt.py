@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -57,6 +58,7 @@ CLIENTS = {"bare": "bench-bare", "agent": "bench-agent", "traced": "bench-agent-
 TRACED_MESSAGES = 50_000  # enough commits to know the fsyncs per commit
 DEFAULT_CONFIGS = ("3.1.1:20", "5:1000")  # the agent's default, and a large MQTT 5 window
 SESSION_EXPIRY_S = 3600
+READINGS_PER_MESSAGE = 2  # {"seq": N, "temperature": 21.5}, long shape
 
 
 def main() -> int:
@@ -332,6 +334,11 @@ def _vmhwm_kb() -> int:
     return 0
 
 
+def _context_switches() -> int:
+    """Voluntary context switches of this process so far (threads handing work over)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+
+
 def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     done = threading.Event()
     received = 0
@@ -347,13 +354,21 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
     client.on_message = on_message
     started = time.monotonic()
     _connect(client, args.port, args.mqtt_version, args.window)
+    cpu = time.process_time()
     client.loop_start()
     if not done.wait(600):
         raise SystemExit(f"bench_mqtt: bare subscriber got {received} of {args.messages}")
     seconds = time.monotonic() - started
+    cpu = time.process_time() - cpu
     client.disconnect()
     client.loop_stop()
-    return {"seconds": seconds, "rate": args.messages / seconds, "vmhwm_kb": _vmhwm_kb()}
+    return {
+        "seconds": seconds,
+        "rate": args.messages / seconds,
+        "cpu_us_per_message": cpu / args.messages * 1e6,
+        "context_switches": _context_switches(),
+        "vmhwm_kb": _vmhwm_kb(),
+    }
 
 
 def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
@@ -383,15 +398,22 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
     )
     source = MqttSource(config, "bench-gw", intake)
     started = time.monotonic()
+    cpu = time.process_time()
     source.start()
     if not intake.done.wait(600):
-        raise SystemExit(f"bench_mqtt: agent committed {intake.durable} of {args.messages}")
+        raise SystemExit(
+            f"bench_mqtt: agent committed {intake.durable} readings of "
+            f"{args.messages * READINGS_PER_MESSAGE}"
+        )
     seconds = time.monotonic() - started
+    cpu = time.process_time() - cpu
     source.stop()
     buffer.close()
     return {
         "seconds": seconds,
         "rate": args.messages / seconds,
+        "cpu_us_per_message": cpu / args.messages * 1e6,
+        "context_switches": _context_switches(),
         "vmhwm_kb": _vmhwm_kb(),
         "commits": buffer.commits,
     }
@@ -400,22 +422,24 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
 class _CountingIntake:
     """The agent's intake, counting messages whose readings committed (their ack is queued).
 
-    Every `on_durable` runs in the buffer's one writer thread, so the count needs no lock.
+    Each message makes READINGS_PER_MESSAGE readings (seq and temperature). Every
+    `on_durable` runs in the buffer's one writer thread, so the count needs no lock.
     """
 
     def __init__(self, inner: Any, expected: int) -> None:
         self._inner = inner
-        self._expected = expected
+        self._expected = expected * READINGS_PER_MESSAGE
         self.durable = 0
         self.done = threading.Event()
 
     def put(self, readings: Any, on_durable: Any = None, device_time: bool = False) -> bool:
-        return bool(self._inner.put(readings, partial(self._counted, on_durable), device_time))
+        counted = partial(self._counted, on_durable, len(readings))
+        return bool(self._inner.put(readings, counted, device_time))
 
-    def _counted(self, on_durable: Any) -> None:
+    def _counted(self, on_durable: Any, n: int) -> None:
         if on_durable is not None:
             on_durable()
-        self.durable += 1
+        self.durable += n
         if self.durable >= self._expected:
             self.done.set()
 

@@ -54,6 +54,8 @@ from edge_agent.sources.base import Intake, ThreadedSource
 log = logging.getLogger("edge_agent.sources.mqtt")
 
 _SUPERVISE_S = 1.0
+_BATCH = 256  # messages read into readings at a time (fewer when the window is smaller)
+_GATHER_S = 0.01  # after a message, how long before our thread reads what paho's left
 _DRAIN_S = 2.0  # on stop, how long to wait for the last messages to commit and be acknowledged
 _FIRST_BACKOFF_S = 1.0
 _DEAD_LETTER_CHARS = 1024  # of a bad payload kept in dead_letters: enough to see what was wrong
@@ -77,17 +79,66 @@ _CONNECT_HINTS = {
 }
 
 
-class _AckWindow:
-    """QoS 1 messages taken from the broker and not yet acknowledged, on one client.
+# A message as paho's thread takes it: topic, payload, receive time, and what acknowledges it
+# (connection generation, client, packet id, QoS; QoS 0 is never acknowledged).
+_Message = tuple[str, bytes | bytearray, float, int, mqtt.Client, int, int]
+_Taken = tuple[int, mqtt.Client, int, int]  # generation, client, mid, qos
 
-    Each connection is a new generation: a message is acknowledged only on the connection that
-    delivered it, because after a reconnect the broker sends it again and may give its packet
-    id to another message, which a late acknowledgement would then confirm before its commit.
+
+class _Inbox:
+    """Messages taken by paho's thread and not yet read into readings.
+
+    paho's thread reads them itself, a batch at a time, when `batch` have gathered or the ack
+    window is full: handing every message to another thread would cost a thread switch each,
+    more than reading it. The source's thread reads what is left once messages pause. One
+    reader at a time, in arrival order.
+    """
+
+    def __init__(self, batch: int) -> None:
+        self._lock = threading.Lock()  # guards _items
+        self._reading = threading.Lock()  # one reader at a time, so batches stay in order
+        self._items: list[_Message] = []
+        self._batch = batch
+        self.arrived = threading.Event()  # set when a message lands in an empty inbox
+
+    def put(self, item: _Message) -> bool:
+        """Add a message; True when a batch has gathered for the caller to read."""
+        with self._lock:
+            items = self._items
+            items.append(item)
+            n = len(items)
+        if n == 1:
+            self.arrived.set()
+        return n >= self._batch
+
+    def read(self, reader: Callable[[list[_Message]], None]) -> None:
+        """Hand what has gathered to `reader`, unless another thread is reading it."""
+        with self._reading:
+            with self._lock:
+                items, self._items = self._items, []
+            if items:
+                reader(items)
+
+    def discard(self) -> None:
+        """Forget what has gathered (not acknowledged: the broker sends it again)."""
+        with self._lock:
+            self._items = []
+
+
+class _AckWindow:
+    """Messages taken from the broker whose readings are not yet committed, on one client.
+
+    QoS 0 messages count too (so memory stays bounded whatever the QoS) but are never
+    acknowledged. Each connection is a new generation: a message is acknowledged only on the
+    connection that delivered it, because after a reconnect the broker sends it again and may
+    give its packet id to another message, which a late acknowledgement would then confirm
+    before its commit.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._unacked = 0
         self._generation = 0
         self._closed = False
@@ -100,6 +151,10 @@ class _AckWindow:
 
     def take(self) -> int | None:
         """Wait for room for one more message; returns its generation, or None once closed."""
+        with self._lock:  # the common case, on a plain lock: room is free
+            if self._unacked < self.limit and not self._closed:
+                self._unacked += 1
+                return self._generation
         with self._cond:
             while self._unacked >= self.limit and not self._closed:
                 self._cond.wait()
@@ -108,28 +163,34 @@ class _AckWindow:
             self._unacked += 1
             return self._generation
 
-    def give_back(self, generation: int) -> None:
-        """A taken message was not handed on (the agent is stopping): free its room."""
+    def give_back_all(self, taken: list[_Taken]) -> None:
+        """Taken messages that were not handed on (the agent is stopping): free their room."""
         with self._cond:
-            if generation == self._generation:
-                self._free_one()
+            self._free(sum(1 for t in taken if t[0] == self._generation))
 
-    def acknowledge(self, generation: int, client: mqtt.Client, mid: int, qos: int) -> None:
-        """Acknowledge a message whose readings committed, if its connection is the current one.
+    def acknowledge(self, taken: list[_Taken]) -> None:
+        """Acknowledge messages whose readings committed, those of the current connection.
 
-        Runs in the buffer's writer thread, once per message: it only queues the PUBACK,
+        Runs in the buffer's writer thread, once per commit: it only queues the PUBACKs,
         which paho's network thread sends.
         """
         with self._cond:
-            if generation == self._generation:
-                client.ack(mid, qos)
-                self._free_one()
+            current = self._generation
+            freed = 0
+            for generation, client, mid, qos in taken:
+                if generation == current:
+                    if qos:
+                        client.ack(mid, qos)
+                    freed += 1
+            self._free(freed)
 
-    def _free_one(self) -> None:
-        self._unacked -= 1
-        # Only `take` on a full window and `wait_empty` wait: wake them only when it matters.
-        if self._unacked == self.limit - 1 or self._unacked == 0:
-            self._cond.notify_all()
+    def _free(self, n: int) -> None:
+        if n:
+            before = self._unacked
+            self._unacked -= n
+            # Only `take` on a full window and `wait_empty` wait: wake them only when it matters.
+            if before >= self.limit or self._unacked == 0:
+                self._cond.notify_all()
 
     @property
     def unacked(self) -> int:
@@ -294,6 +355,7 @@ class MqttSource(ThreadedSource):
         self._subscriptions: dict[int, list[str]] = {}
         self._client: mqtt.Client | None = None
         self._window = _AckWindow(config.inflight_window)
+        self._inbox = _Inbox(_BATCH)
 
     @property
     def label(self) -> str:
@@ -364,23 +426,46 @@ class MqttSource(ThreadedSource):
         client.loop_start()
 
     def _supervise(self) -> BaseException | None:
-        """Beat the heartbeat until stopped (None) or a callback failed (its exception)."""
+        """Beat the heartbeat and read what paho's thread leaves in the inbox, until stopped
+        (None) or a callback or the reading failed (its exception)."""
+        inbox = self._inbox
         while True:
             self.heartbeat = time.monotonic()
             if self._failure is not None:
                 return self._failure
-            if self._stop.wait(_SUPERVISE_S):
+            if self._stop.is_set():
                 return None
+            if not inbox.arrived.wait(_SUPERVISE_S):
+                continue
+            # Messages came: paho's thread reads them as batches gather; read the rest of a
+            # burst after a moment.
+            if self._stop.wait(_GATHER_S):
+                continue
+            inbox.arrived.clear()
+            try:
+                inbox.read(self._read_batch)
+            except Exception as exc:
+                # A bug, not bad input. Restart the client: what was not acknowledged
+                # comes again.
+                log.exception("%s: unexpected error reading messages", self.label)
+                return exc
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._inbox.arrived.set()
+        super().stop(timeout)
 
     def _close(self, client: mqtt.Client, drain: bool) -> None:
         window = self._window
         window.close()
         if drain and self.stats.connected:
             # Let what was taken commit and be acknowledged, so it is not sent to us again.
+            self._inbox.read(self._read_batch)
             self._intake.commit_soon()
             window.wait_empty(_DRAIN_S)
         client.disconnect()
         client.loop_stop()
+        self._inbox.discard()
         # paho closes its wake-up socket pair only when the client is collected; without the
         # cycle through our callbacks that happens as soon as the last reference goes.
         client.on_connect = client.on_connect_fail = client.on_disconnect = None
@@ -514,74 +599,105 @@ class MqttSource(ThreadedSource):
                 )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """Take a message for our thread to read: as little work as possible in paho's thread,
+        which decodes every packet and shares the interpreter with everything else."""
         try:
-            self._handle(client, message)
+            if message.retain:
+                self._skip_retained(client, message)
+                return
+            generation = self._window.take()
+            if generation is None:
+                return  # stopping: not acknowledged, the broker keeps it for the next session
+            item = (
+                message.topic,
+                message.payload,
+                self._clock.wall(),
+                generation,
+                client,
+                message.mid,
+                message.qos,
+            )
+            if self._inbox.put(item) or self._window.full:
+                # Read here, in paho's thread: the broker sends nothing more once the
+                # window is full, so this is also when to commit.
+                self._inbox.read(self._read_batch)
         except Exception as exc:
-            # A bug, not bad input: paho's thread would die with it. Restart the client;
-            # the unacknowledged message comes again.
+            # A bug: paho's thread would die with it. Restart the client; the unacknowledged
+            # message comes again.
             log.exception("%s: unexpected error handling a message", self.label)
             self._failure = exc
             client.disconnect()
 
-    # -- messages ---------------------------------------------------------------------------
+    def _skip_retained(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
+        # Sent because we subscribed, not because a sensor just published: an old value
+        # that would get today's timestamp, and is sent again at every reconnect.
+        if not self._retained_noted:
+            self._retained_noted = True
+            log.info(
+                "%s: skipping retained messages (old values the broker sends on subscribe, "
+                "e.g. on %r); live messages are read as they come",
+                self.label,
+                message.topic,
+            )
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)
 
-    def _handle(self, client: mqtt.Client, message: mqtt.MQTTMessage) -> None:
-        if message.retain:
-            # Sent because we subscribed, not because a sensor just published: an old value
-            # that would get today's timestamp, and is sent again at every reconnect.
-            if not self._retained_noted:
-                self._retained_noted = True
-                log.info(
-                    "%s: skipping retained messages (old values the broker sends on subscribe, "
-                    "e.g. on %r); live messages are read as they come",
-                    self.label,
-                    message.topic,
-                )
-            if message.qos > 0:
-                client.ack(message.mid, message.qos)
-            return
-        if message.qos == 0:
-            self._deliver(message, None)
+    # -- messages (our thread) --------------------------------------------------------------
+
+    def _read_batch(self, batch: list[_Message]) -> None:
+        """Read messages into readings and hand them on in one put, acknowledged together
+        once committed; each unreadable one goes to dead_letters on its own."""
+        read = self._reader.read
+        readings: list[Reading] = []
+        taken: list[_Taken] = []
+        for topic, payload, received, generation, client, mid, qos in batch:
+            try:
+                readings += read(topic, bytes(payload), received)
+            except ParseError as exc:
+                self._dead_letter(topic, payload, str(exc), generation, client, mid, qos)
+                continue
+            taken.append((generation, client, mid, qos))
+        stats = self.stats
+        stats.lines += len(batch)
+        stats.readings += len(readings)
+        stats.last_data = batch[-1][2]
+        if not readings:
             return
         window = self._window
-        generation = window.take()
-        if generation is None:
-            return  # stopping: not acknowledged, the broker keeps it for the next session
-        on_durable = partial(window.acknowledge, generation, client, message.mid, message.qos)
-        if not self._deliver(message, on_durable):
-            window.give_back(generation)
+        # QoS 0 messages are not acknowledged, but their room in the window frees on commit.
+        on_durable = partial(window.acknowledge, taken)
+        device_time = self.config.timestamp_field is not None
+        if not self._intake.put(readings, on_durable, device_time):
+            window.give_back_all(taken)
         elif window.full:
+            # The broker sends nothing more until it gets acknowledgements: commit now.
             self._intake.commit_soon()
 
-    def _deliver(self, message: mqtt.MQTTMessage, on_durable: Callable[[], None] | None) -> bool:
-        now = self._clock.wall()
-        self.heartbeat = time.monotonic()
-        self.stats.lines += 1
-        self.stats.last_data = now
-        topic = message.topic
-        payload = bytes(message.payload)
-        try:
-            readings = self._reader.read(topic, payload, now)
-        except ParseError as exc:
-            return self._dead_letter(topic, payload, str(exc), on_durable)
-        self.stats.readings += len(readings)
-        device_time = self.config.timestamp_field is not None
-        return self._intake.put(readings, on_durable, device_time)
-
     def _dead_letter(
-        self, topic: str, payload: bytes, reason: str, on_durable: Callable[[], None] | None
-    ) -> bool:
+        self,
+        topic: str,
+        payload: bytes | bytearray,
+        reason: str,
+        generation: int,
+        client: mqtt.Client,
+        mid: int,
+        qos: int,
+    ) -> None:
         self.stats.parse_errors += 1
         self._intake.count(f"dropped.unparseable.{self.name}")
         self._bad_message_log(
             logging.WARNING,
             f"{self.label}: unparseable message on {topic!r} ({reason}); kept in dead_letters",
         )
-        text = payload.decode("utf-8", "backslashreplace")
+        text = bytes(payload).decode("utf-8", "backslashreplace")
         record = json.dumps({"topic": topic, "payload": text[:_DEAD_LETTER_CHARS]})
-        return self._intake.put_dead_letter(
+        taken = [(generation, client, mid, qos)]
+        on_durable = partial(self._window.acknowledge, taken)
+        kept = self._intake.put_dead_letter(
             self.config.datasource_id, record, reason, f"mqtt:{topic}", on_durable
         )
+        if not kept:
+            self._window.give_back_all(taken)
 
     # -- helpers ----------------------------------------------------------------------------
 
