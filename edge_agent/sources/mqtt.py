@@ -55,7 +55,7 @@ log = logging.getLogger("edge_agent.sources.mqtt")
 
 _SUPERVISE_S = 1.0
 _BATCH = 256  # messages read into readings at a time (fewer when the window is smaller)
-_GATHER_S = 0.01  # after a message, how long before our thread reads what paho's left
+_GATHER_S = 0.025  # after a message, how long before our thread reads what paho's left
 _DRAIN_S = 2.0  # on stop, how long to wait for the last messages to commit and be acknowledged
 _FIRST_BACKOFF_S = 1.0
 _DEAD_LETTER_CHARS = 1024  # of a bad payload kept in dead_letters: enough to see what was wrong
