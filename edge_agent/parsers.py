@@ -113,6 +113,12 @@ def parse_payload(payload: bytes, kind: PayloadKind, metric: str | None = None) 
         values = _flat_json_object(payload)
         if values is not None:
             return values
+    return _parse_payload_fully(payload, kind, metric)
+
+
+def _parse_payload_fully(
+    payload: bytes, kind: PayloadKind, metric: str | None = None
+) -> dict[str, Value]:
     name = "value" if metric is None else metric
     what = f"{kind} payload"
     try:

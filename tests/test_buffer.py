@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -78,6 +79,26 @@ def test_batches_are_oldest_first_one_datasource_and_schema(buffer: Buffer) -> N
     assert session.next_batch(100, 1_000_000) is None
     assert session.stats().counters == {"uploaded.67890": 4, "uploaded.67891": 2}
     session.close()
+
+
+@pytest.mark.parametrize("count", [1, 127, 128, 129, 300, 1000])
+def test_every_reading_of_a_large_put_is_stored_once_in_order(buffer: Buffer, count: int) -> None:
+    # Rows go in as multi-row INSERTs of 128 and the remainder one by one: every split
+    # keeps each reading once, with its own record and schema, in the order put.
+    wide = [reading(i, ds="67891", name=f"r{i}") for i in range(0, count, 3)]
+    buffer.put([reading(i) if i % 3 else wide[i // 3] for i in range(count)])
+    assert buffer.flush()
+    session = open_session(buffer)
+    seen: list[str] = []
+    while (batch := session.next_batch(10_000, 100_000_000)) is not None:
+        seen += [r.record for r in batch.rows]
+        session.ack(batch)
+    session.close()
+    expected = [
+        (reading(i) if i % 3 else wide[i // 3]).record for i in range(count)
+    ]  # 67891 first (its reading 0 is the oldest), then 67890; each in the order put
+    as_json = [json.dumps(r, separators=(",", ":")) for r in expected]
+    assert seen == [t for t in as_json if "name" in t] + [t for t in as_json if "name" not in t]
 
 
 def test_batch_limits_and_exclusion(buffer: Buffer) -> None:

@@ -21,6 +21,8 @@ from edge_agent.parsers import (
     LineFormat,
     LineFramer,
     Value,
+    _flat_json_object,
+    _parse_payload_fully,
     coerce,
     make_line_parser,
     parse_payload,
@@ -443,6 +445,39 @@ def test_any_json_document_gives_values_or_parse_error(document: object) -> None
 @given(payload=st.binary(max_size=80), kind=st.sampled_from(["json", "number", "kv"]))
 def test_any_payload_gives_values_or_parse_error(payload: bytes, kind: str) -> None:
     parses_or_refuses(lambda: parse_payload(payload, kind))  # type: ignore[arg-type]
+
+
+flat_objects = st.dictionaries(
+    st.text(max_size=5),
+    json_scalars | st.dictionaries(st.text(max_size=3), json_scalars),
+    max_size=4,
+)
+
+
+@PROPERTY
+@given(document=flat_objects, prefix=st.sampled_from(["", " ", "\ufeff"]), ascii=st.booleans())
+def test_the_fast_json_path_gives_what_the_full_path_gives(
+    document: dict[str, object], prefix: str, ascii: bool
+) -> None:
+    payload = (prefix + json.dumps(document, ensure_ascii=ascii)).encode()
+    fast = _flat_json_object(payload)
+    try:
+        full: dict[str, Value] | None = _parse_payload_fully(payload, "json")
+    except ParseError:
+        full = None
+    if fast is not None:  # it may leave a payload to the full path, never answer differently
+        assert fast == full
+        assert [type(v) for v in fast.values()] == [type(v) for v in full.values()]
+    if prefix == "" and all(type(v) in (int, str, bool) for v in document.values()) and document:
+        assert fast is not None, "a flat object of ints, strings and booleans takes the fast path"
+
+
+@PROPERTY
+@given(payload=st.binary(max_size=40).map(lambda b: b"{" + b))
+def test_the_fast_json_path_never_accepts_what_the_full_path_refuses(payload: bytes) -> None:
+    fast = _flat_json_object(payload)
+    if fast is not None:
+        assert _parse_payload_fully(payload, "json") == fast
 
 
 keys = st.from_regex(r"[A-Za-z_][A-Za-z0-9_.\-]{0,10}", fullmatch=True)
