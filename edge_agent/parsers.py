@@ -135,6 +135,10 @@ def _parse_payload_fully(
     raise ValueError(f"unknown payload format {kind!r}; use one of 'json', 'number', 'kv'")
 
 
+# The C scanner behind json.loads: (document, end index), StopIteration when nothing parses.
+_SCAN_JSON: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
 def _flat_json_object(payload: bytes) -> Values | None:
     """The common payload, read quickly: a JSON object of numbers, strings and booleans.
 
@@ -144,10 +148,11 @@ def _flat_json_object(payload: bytes) -> Values | None:
     if payload[:1] != b"{":
         return None
     try:
-        document = json.loads(payload.decode())
-    except (ValueError, RecursionError):
+        text = payload.decode()
+        document, end = _SCAN_JSON(text, 0)  # json.loads without its Python-level layers
+    except (ValueError, RecursionError, StopIteration):
         return None
-    if not isinstance(document, dict) or not document:
+    if end != len(text) or not isinstance(document, dict) or not document:
         return None
     for value in document.values():
         kind = type(value)

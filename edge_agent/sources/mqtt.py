@@ -274,14 +274,21 @@ class SecondStamps:
 
     def __init__(self) -> None:
         self._last: tuple[int, str] = (0, utc_stamp(0)[:-4])  # 'YYYY-MM-DDTHH:MM:SS.'
+        self._last_stamp: tuple[int, str] = (0, utc_stamp(0))
 
     def __call__(self, epoch_seconds: float) -> str:
-        second, ms = divmod(int(epoch_seconds * 1000), 1000)  # as utc_stamp rounds
+        millis = int(epoch_seconds * 1000)  # as utc_stamp rounds
+        last_millis, stamp = self._last_stamp
+        if millis == last_millis:  # thousands a second: many share a millisecond
+            return stamp
+        second, ms = divmod(millis, 1000)
         last_second, head = self._last
         if second != last_second:
             head = utc_stamp(second)[:-4]
             self._last = (second, head)  # one tuple: a reader never sees a torn pair
-        return f"{head}{ms:03d}Z"
+        stamp = f"{head}{ms:03d}Z"
+        self._last_stamp = (millis, stamp)
+        return stamp
 
 
 def device_stamp(value: Value) -> str:
