@@ -87,7 +87,7 @@ class AgentIntake:
         if field:
             readings = [with_field(r, field, self._ids.next(), mono) for r in readings]
         elif mono is not None:
-            readings = [replace(r, mono=mono) for r in readings]
+            readings = [r.with_mono(mono) for r in readings]
         # A source that acknowledges its input (MQTT) can wait for room; others cannot.
         return self._buffer.put(readings, on_durable, can_wait=on_durable is not None)
 

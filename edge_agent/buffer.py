@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from edge_agent.clock import Clock, SystemClock, boot_id, utc_stamp
 from edge_agent.config import BufferConfig
@@ -72,18 +72,9 @@ def wal_reserve(max_bytes: int) -> int:
     return min(max_bytes // 4, 32 * 1024 * 1024)
 
 
-class Row(NamedTuple):
-    """A reading as the writer stores it (a tuple: one is made for every reading put)."""
-
-    datasource_id: str
-    signature: str
-    text: str  # the record as JSON
-    mono: float | None  # set when the reading was stamped by an untrusted clock
-
-
 @dataclass
 class _Pending:
-    rows: list[Row]
+    rows: list[Reading]
     on_durable: Callable[[], None] | None
     # A dead letter from a source: (datasource_id, record JSON, reason, origin).
     dead_letter: tuple[str, str, str, str] | None = None
@@ -215,19 +206,9 @@ class Buffer:
         Blocks while the intake is full (the writer is behind). Returns False if `timeout`
         passed first or the buffer is closing; the readings were then not taken. With
         `can_wait`, a full buffer under `when_full = "block"` holds them back (and delays
-        `on_durable`) instead of dropping them. Raises ValueError for a record that is not
-        JSON (NaN, a non-str key...): a caller's bug.
+        `on_durable`) instead of dropping them.
         """
-        # Sources that know a record's signature and text in advance hand them along.
-        rows = [
-            Row(
-                r.datasource_id,
-                signature(r.record) if r.signature is None else r.signature,
-                _ENCODER.encode(r.record) if r.text is None else r.text,
-                r.mono,
-            )
-            for r in readings
-        ]
+        rows = list(readings)  # each knows its text and signature
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._intake_count >= MAX_INTAKE and not self._stopping:
@@ -487,7 +468,7 @@ class Buffer:
     def _commit(
         self,
         conn: sqlite3.Connection,
-        rows: list[Row],
+        rows: list[Reading],
         counts: Counter[str],
         dead: Sequence[tuple[str, str, str, str]],
         fix: TimeFix | None,
@@ -514,7 +495,7 @@ class Buffer:
                 )
             bump(conn, counts)
 
-    def _insert(self, conn: sqlite3.Connection, rows: list[Row], now: float) -> None:
+    def _insert(self, conn: sqlite3.Connection, rows: list[Reading], now: float) -> None:
         ids = self._schema_ids.lookup(conn, {r.signature for r in rows})
         offset = self._offset
         if all(r.mono is None for r in rows):  # the usual case: a trusted clock

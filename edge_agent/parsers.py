@@ -103,7 +103,9 @@ def make_line_parser(fmt: LineFormat) -> Callable[[str], dict[str, Value]]:
     return parse_line
 
 
-def parse_payload(payload: bytes, kind: PayloadKind, metric: str | None = None) -> dict[str, Value]:
+def parse_payload(
+    payload: bytes | bytearray, kind: PayloadKind, metric: str | None = None
+) -> dict[str, Value]:
     """Read one MQTT payload into named values; raises `ParseError`.
 
     json: an object, read like a json line, or a bare JSON number; number: one number as text;
@@ -117,7 +119,7 @@ def parse_payload(payload: bytes, kind: PayloadKind, metric: str | None = None) 
 
 
 def _parse_payload_fully(
-    payload: bytes, kind: PayloadKind, metric: str | None = None
+    payload: bytes | bytearray, kind: PayloadKind, metric: str | None = None
 ) -> dict[str, Value]:
     name = "value" if metric is None else metric
     what = f"{kind} payload"
@@ -125,7 +127,7 @@ def _parse_payload_fully(
         # utf-8-sig: some firmwares prefix a byte order mark, which json.loads would refuse.
         text = payload.decode("utf-8-sig").strip()
     except UnicodeDecodeError as exc:
-        raise ParseError(f"{what}: not UTF-8 ({exc.reason}): {_excerpt(payload)}") from None
+        raise ParseError(f"{what}: not UTF-8 ({exc.reason}): {_excerpt(bytes(payload))}") from None
     if kind == "json":
         return _run(lambda t: _parse_json(t, name), text, what)
     if kind == "number":
@@ -139,7 +141,7 @@ def _parse_payload_fully(
 _SCAN_JSON: Callable[[str, int], tuple[Any, int]] = json.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
-def _flat_json_object(payload: bytes) -> Values | None:
+def _flat_json_object(payload: bytes | bytearray) -> Values | None:
     """The common payload, read quickly: a JSON object of numbers, strings and booleans.
 
     None for anything else (nested, null, NaN, a BOM, not UTF-8, not JSON...): the full path

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from json.encoder import encode_basestring
 from typing import Any, Literal
 
@@ -28,24 +27,67 @@ Value = int | float | str | bool
 RECORD_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-@dataclass(slots=True)
 class Reading:
-    """One record for one data source. Treat it as immutable: make a new one to change it
-    (not frozen only because a frozen dataclass costs three times as much to make, and
-    sources make one per value).
+    """One record for one data source, with its stored form.
 
-    `signature` and `text`, when given, must be `signature(record)` and
-    `RECORD_ENCODER.encode(record)`: the buffer stores them instead of computing them. Do
-    not change `record` in place once they are set; make a new Reading.
+    `text` is the record's JSON as stored and sent (`RECORD_ENCODER`), `signature` its keys and
+    JSON types (`signature()`), which decide what shares a batch. Both are computed here from
+    `record` unless the maker passes them (they must then be exactly these); a maker that knows
+    them can leave out `record`, which is then decoded from `text` only if someone asks for it.
+    The long-shape builder does that: a dict per value costs more than the rest of a message.
+    Raises ValueError for a record that is not JSON (NaN, a non-str key...): a caller's bug.
+
+    Treat a Reading as immutable; make a new one to change it (`with_mono`, `with_field`).
     """
 
-    datasource_id: str
-    record: dict[str, Any]
-    # Monotonic time of the reading when the wall clock was not trusted as it was stamped:
-    # the buffer holds it and corrects `record["timestamp"]` once the clock is trusted.
-    mono: float | None = None
-    signature: str | None = None
-    text: str | None = None
+    __slots__ = ("_record", "datasource_id", "mono", "signature", "text")
+
+    def __init__(
+        self,
+        datasource_id: str,
+        record: dict[str, Any] | None = None,
+        mono: float | None = None,
+        signature: str | None = None,
+        text: str | None = None,
+    ) -> None:
+        if record is None:
+            if signature is None or text is None:
+                raise TypeError("a Reading needs its record, or its signature and text")
+        else:
+            if text is None:
+                text = RECORD_ENCODER.encode(record)
+            if signature is None:
+                signature = _signature(record)
+        self.datasource_id = datasource_id
+        self._record = record
+        # Monotonic time of the reading when the wall clock was not trusted as it was stamped:
+        # the buffer holds it and corrects the timestamp once the clock is trusted.
+        self.mono = mono
+        self.signature: str = signature
+        self.text: str = text
+
+    @property
+    def record(self) -> dict[str, Any]:
+        if self._record is None:
+            self._record = json.loads(self.text)
+        return self._record
+
+    def with_mono(self, mono: float | None) -> Reading:
+        return Reading(self.datasource_id, self._record, mono, self.signature, self.text)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reading):
+            return NotImplemented
+        return (self.datasource_id, self.text, self.mono) == (
+            other.datasource_id,
+            other.text,
+            other.mono,
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Reading({self.datasource_id!r}, {self.text}, mono={self.mono!r})"
 
 
 def signature(record: Mapping[str, Any]) -> str:
@@ -66,6 +108,9 @@ def json_type(value: Any) -> str:
     return "o" if isinstance(value, dict) else "a"
 
 
+_signature = signature  # Reading's parameter of the same name hides it there
+
+
 def with_field(reading: Reading, name: str, value: str, mono: float | None) -> Reading:
     """`reading` with one more string field at the end of its record, and `mono` set.
 
@@ -73,10 +118,9 @@ def with_field(reading: Reading, name: str, value: str, mono: float | None) -> R
     record that already has the field keeps its place for it, so that case is recomputed.
     """
     record = {**reading.record, name: value}
-    text = reading.text
-    if text is None or name in reading.record:
+    if name in reading.record:
         return Reading(reading.datasource_id, record, mono)
-    text = f"{text[:-1]},{encode_basestring(name)}:{encode_basestring(value)}}}"
+    text = f"{reading.text[:-1]},{encode_basestring(name)}:{encode_basestring(value)}}}"
     return Reading(reading.datasource_id, record, mono, signature(record), text)
 
 
@@ -105,6 +149,7 @@ class RecordBuilder:
         self._tag_text = _members(self._tags)
         # (field names, JSON type of the value) -> signature of a long record.
         self._signatures: dict[tuple[tuple[str, ...], str], str] = {}
+        self._quoted: dict[str, str] = {}  # metric name -> its JSON string
 
     def build(
         self,
@@ -131,21 +176,30 @@ class RecordBuilder:
     def _build_long(
         self, values: Mapping[str, Value], timestamp: str, fields: Mapping[str, str]
     ) -> list[Reading]:
-        """Long records with their text assembled from parts: only the value is encoded."""
+        """Long records as text assembled from parts (only the value is encoded), without a
+        dict each: the Reading decodes its text only if someone asks for the record."""
         head = '{"timestamp":' + encode_basestring(timestamp) + ',"metric":'
         tail = self._tag_text + _members(fields) + "}" if fields else self._tag_text + "}"
         names = tuple(fields)
+        quoted = self._quoted
+        signatures = self._signatures
+        datasource_id = self.datasource_id
         readings = []
         for name, value in values.items():
-            value_text, kind = _scalar(value)
-            record = {"timestamp": timestamp, "metric": name, "value": value, **self._tags}
-            if fields:
-                record.update(fields)
-            sig = self._signatures.get((names, kind))
+            if type(value) is int:  # the common case, inline
+                value_text, kind = int.__repr__(value), "n"
+            else:
+                value_text, kind = _scalar(value)
+            name_text = quoted.get(name)
+            if name_text is None:
+                name_text = quoted[name] = encode_basestring(name)
+                if len(quoted) > 10_000:  # names from payloads: keep the cache bounded
+                    quoted.clear()
+            text = f'{head}{name_text},"value":{value_text}{tail}'
+            sig = signatures.get((names, kind))
             if sig is None:
-                sig = self._signatures[names, kind] = signature(record)
-            text = f'{head}{encode_basestring(name)},"value":{value_text}{tail}'
-            readings.append(Reading(self.datasource_id, record, None, sig, text))
+                sig = signatures[names, kind] = signature(json.loads(text))
+            readings.append(Reading(datasource_id, None, None, sig, text))
         return readings
 
 

@@ -89,14 +89,27 @@ def test_a_tag_named_like_a_long_key_replaces_it_and_is_encoded_whole(tag: str) 
         "metric",
         "value",
     ]
-    assert reading.text is None and reading.signature is None
+    check(reading)
 
 
 def test_a_field_named_like_a_tag_wins_and_is_encoded_whole() -> None:
     builder = RecordBuilder("1", "long", {"line": "tag"}, None)
     [reading] = builder.build({"t": 1}, STAMP, {"line": "topic"})
     assert reading.record["line"] == "topic"
-    assert reading.text is None
+    check(reading)
+
+
+def test_a_reading_made_from_its_text_decodes_the_record_only_when_asked() -> None:
+    text = '{"timestamp":"2025-01-01T00:00:00.000Z","metric":"t","value":1.5}'
+    reading = Reading("1", None, None, "metric:s,timestamp:s,value:n", text)
+    assert reading._record is None
+    assert reading.record == {"timestamp": "2025-01-01T00:00:00.000Z", "metric": "t", "value": 1.5}
+    assert reading == Reading("1", reading.record)  # text and signature computed alike
+    assert reading.with_mono(2.0).mono == 2.0 and reading.with_mono(2.0).text == text
+    with pytest.raises(TypeError):
+        Reading("1", None, None, None, text)
+    with pytest.raises(ValueError):
+        Reading("1", {"t": math.nan})
 
 
 def test_a_value_json_cannot_carry_is_refused_as_before() -> None:

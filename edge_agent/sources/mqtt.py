@@ -79,9 +79,9 @@ _CONNECT_HINTS = {
 }
 
 
-# A message as paho's thread takes it: topic, payload, receive time, and what acknowledges it
-# (connection generation, client, packet id, QoS; QoS 0 is never acknowledged).
-_Message = tuple[str, bytes | bytearray, float, int, mqtt.Client, int, int]
+# A message as paho's thread takes it: the message, its receive time, and the connection
+# generation and client that acknowledge it.
+_Message = tuple[mqtt.MQTTMessage, float, int, mqtt.Client]
 _Taken = tuple[int, mqtt.Client, int, int]  # generation, client, mid, qos
 
 
@@ -221,9 +221,10 @@ class MessageReader:
         self._metric = config.metric
         self._timestamp_field = config.timestamp_field
         self._builder = RecordBuilder(config.datasource_id, config.shape, config.tags, device_id)
+        self.uses_topic = self._template is not None  # read() ignores the topic otherwise
         self._stamps = SecondStamps()
 
-    def read(self, topic: str, payload: bytes, received: float) -> list[Reading]:
+    def read(self, topic: str, payload: bytes | bytearray, received: float) -> list[Reading]:
         fields = self.topic_fields(topic)
         topic_metric = fields.pop("metric", None)
         values = parse_payload(payload, self._format, topic_metric or self._metric)
@@ -351,6 +352,7 @@ class MqttSource(ThreadedSource):
         self.config = config
         self._intake = intake
         self._clock = clock or SystemClock()
+        self._wall = self._clock.wall
         self._reader = MessageReader(config, device_id)
         self._host, self._port, self._tls = broker_address(config.broker)
         self.client_id = config.client_id or _default_client_id(device_id, config.name)
@@ -606,25 +608,16 @@ class MqttSource(ThreadedSource):
                 )
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """Take a message for our thread to read: as little work as possible in paho's thread,
-        which decodes every packet and shares the interpreter with everything else."""
+        """Take a message into the inbox; read the inbox when a batch has gathered."""
         try:
             if message.retain:
                 self._skip_retained(client, message)
                 return
-            generation = self._window.take()
+            window = self._window
+            generation = window.take()
             if generation is None:
                 return  # stopping: not acknowledged, the broker keeps it for the next session
-            item = (
-                message.topic,
-                message.payload,
-                self._clock.wall(),
-                generation,
-                client,
-                message.mid,
-                message.qos,
-            )
-            if self._inbox.put(item) or self._window.full:
+            if self._inbox.put((message, self._wall(), generation, client)) or window.full:
                 # Read here, in paho's thread: the broker sends nothing more once the
                 # window is full, so this is also when to commit.
                 self._inbox.read(self._read_batch)
@@ -655,19 +648,22 @@ class MqttSource(ThreadedSource):
         """Read messages into readings and hand them on in one put, acknowledged together
         once committed; each unreadable one goes to dead_letters on its own."""
         read = self._reader.read
+        uses_topic = self._reader.uses_topic
         readings: list[Reading] = []
         taken: list[_Taken] = []
-        for topic, payload, received, generation, client, mid, qos in batch:
+        for message, received, generation, client in batch:
+            # paho decodes the topic each time it is asked: only when it is used.
+            topic = message.topic if uses_topic else ""
             try:
-                readings += read(topic, bytes(payload), received)
+                readings += read(topic, message.payload, received)
             except ParseError as exc:
-                self._dead_letter(topic, payload, str(exc), generation, client, mid, qos)
+                self._dead_letter(message, str(exc), generation, client)
                 continue
-            taken.append((generation, client, mid, qos))
+            taken.append((generation, client, message.mid, message.qos))
         stats = self.stats
         stats.lines += len(batch)
         stats.readings += len(readings)
-        stats.last_data = batch[-1][2]
+        stats.last_data = batch[-1][1]
         if not readings:
             return
         window = self._window
@@ -681,24 +677,18 @@ class MqttSource(ThreadedSource):
             self._intake.commit_soon()
 
     def _dead_letter(
-        self,
-        topic: str,
-        payload: bytes | bytearray,
-        reason: str,
-        generation: int,
-        client: mqtt.Client,
-        mid: int,
-        qos: int,
+        self, message: mqtt.MQTTMessage, reason: str, generation: int, client: mqtt.Client
     ) -> None:
+        topic = message.topic
         self.stats.parse_errors += 1
         self._intake.count(f"dropped.unparseable.{self.name}")
         self._bad_message_log(
             logging.WARNING,
             f"{self.label}: unparseable message on {topic!r} ({reason}); kept in dead_letters",
         )
-        text = bytes(payload).decode("utf-8", "backslashreplace")
+        text = bytes(message.payload).decode("utf-8", "backslashreplace")
         record = json.dumps({"topic": topic, "payload": text[:_DEAD_LETTER_CHARS]})
-        taken = [(generation, client, mid, qos)]
+        taken = [(generation, client, message.mid, message.qos)]
         on_durable = partial(self._window.acknowledge, taken)
         kept = self._intake.put_dead_letter(
             self.config.datasource_id, record, reason, f"mqtt:{topic}", on_durable
