@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -233,7 +234,11 @@ def test_kill_9_twice_while_publishing_loses_nothing(
                 "the agent connected",
             )
             wait_until(lambda n=uploaded: len(sandbox.records(DS)) > n, 30, "this agent uploading")
-            agents[-1].kill9()
+            killed = agents[-1]
+            assert killed.proc is not None and link_processes(killed.proc.pid)
+            killed.kill9()
+            # Its MQTT link dies with it, or it would hold the session's client id.
+            wait_until(lambda k=killed.proc.pid: not link_processes(k), 10, "the link gone")
             uploaded = len(sandbox.records(DS))
             agents.append(AgentProcess(config, log).start())
     finally:
@@ -308,6 +313,52 @@ def test_broker_restart_while_publishing_loses_nothing(
     wait_until(lambda: set(seqs(sandbox)) == set(range(total)), 45, "every seq in the sandbox")
     assert source(agent).stats.reconnects >= 1
     assert source(agent).stats.connected
+
+
+def test_a_killed_mqtt_link_is_started_again_and_nothing_is_lost(
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    make_agent: Callable[..., Agent],
+    mqtt_log: _Lines,
+) -> None:
+    agent = make_agent(mqtt_source(broker))
+    wait_subscribed(broker, client_id())
+    first = source(agent).link_pid
+    assert first is not None and link_processes(os.getpid()) == [first]
+    total = 600
+    for seq in range(total):
+        if seq == total // 3:
+            wait_until(lambda: len(sandbox.records(DS)) > 0, 15, "uploads under way")
+            os.kill(first, signal.SIGKILL)
+        publisher.publish(f"sensors/dev{seq % 3}/seq", json.dumps({"seq": seq}))
+        if seq % 20 == 0:
+            time.sleep(0.01)
+    publisher.wait_acked()
+    wait_until(lambda: set(seqs(sandbox)) == set(range(total)), 45, "every seq in the sandbox")
+    assert any("the MQTT link process ended unexpectedly" in line for line in mqtt_log.lines)
+    second = source(agent).link_pid
+    assert second not in (None, first) and link_processes(os.getpid()) == [second]
+    assert source(agent).stats.connected
+    source(agent).stop()
+    assert link_processes(os.getpid()) == [], "a stopped source leaves no link behind"
+
+
+def link_processes(agent_pid: int) -> list[int]:
+    """The MQTT link processes started by the agent process `agent_pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        link = b"edge_agent.sources.mqtt_link" in argv
+        if link and argv[-2:-1] == [str(agent_pid).encode()] and state != "Z":
+            found.append(int(entry.name))
+    return found
 
 
 def test_uplink_down_messages_wait_committed_and_arrive_once(

@@ -1,0 +1,368 @@
+"""The MQTT link: a child process that runs the paho client for one MQTT source.
+
+    python -m edge_agent.sources.mqtt_link FD     (started by MqttSource, never by hand)
+
+paho decodes every packet in Python. In the agent's process it would share one interpreter
+lock with the parsing, the buffer and the uploader, and the bridge would reach about three
+quarters of what paho alone manages (measured with MQTT 5). Here paho has a process to itself:
+it takes messages, forwards them in batches to the agent over a socket pair (FD), and sends
+the PUBACKs the agent asks for, after the readings made from the messages have committed.
+Everything else (parsing, logging, counting, deciding) stays in the agent.
+
+Messages on the socket pair (multiprocessing.connection, pickled tuples):
+
+    agent -> link   ("start", LinkSettings)          first, once
+                    ("ack", [(generation, mid, qos), ...])
+                    ("stop", drain_seconds)          take no more, flush, then disconnect
+    link -> agent   ("messages", [(topic, payload, received, generation, mid, qos), ...])
+                    ("connected", failed, reason_name, session_present)
+                    ("connect_failed",)
+                    ("disconnected", reason_name)
+                    ("subscribed", [(topic, failed, reason_name, reason_value), ...])
+                    ("retained", topic)              the first retained message skipped
+                    ("flushed",)                     after "stop": nothing more will come
+                    ("error", text)                  the link cannot go on (it exits)
+
+The link dies with the agent (PR_SET_PDEATHSIG, and the socket closing): a message it took
+and the agent never committed is not acknowledged, so the broker sends it again. It ignores
+SIGINT and SIGTERM, which a terminal or systemd sends to the whole group: the agent stops it.
+
+At most `window` messages are taken and not yet acknowledged (QoS 0 ones count too); the
+broker gets no more until acknowledgements free room, so TCP slows a broker that ignores the
+window. With MQTT 5 the window is announced as Receive Maximum.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger("edge_agent.mqtt_link")
+
+BATCH = 256  # messages forwarded at a time (fewer when the window is smaller)
+GATHER_S = 0.025  # after a message, how long before a partial batch is forwarded anyway
+_PR_SET_PDEATHSIG = 1
+
+# A message as forwarded: topic, payload, receive time (wall clock), and what acknowledges
+# it: connection generation, packet id, QoS.
+Message = tuple[str, bytes, float, int, int, int]
+Taken = tuple[int, int, int]  # generation, mid, qos
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    host: str
+    port: int
+    tls: bool
+    ca_file: str | None
+    client_cert: str | None
+    client_key: str | None
+    username: str | None
+    password: str | None
+    client_id: str
+    mqtt_version: str  # "3.1.1" or "5"
+    keepalive_s: int
+    session_expiry_s: int
+    window: int
+    qos: int
+    topics: tuple[str, ...]
+    reconnect_max_s: int
+
+
+def new_client(settings: LinkSettings) -> mqtt.Client:
+    """The paho client for `settings`; raises ssl.SSLError, OSError or ValueError for bad TLS
+    files (the agent calls this too, at start-up, to report them before the link starts)."""
+    v5 = settings.mqtt_version == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=settings.client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if v5 else False,
+        manual_ack=True,
+    )
+    if settings.username:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set(
+            ca_certs=settings.ca_file, certfile=settings.client_cert, keyfile=settings.client_key
+        )
+    client.reconnect_delay_set(1, max(1, settings.reconnect_max_s))
+    return client
+
+
+class _AckWindow:
+    """Messages taken from the broker and not yet acknowledged, on the current connection.
+
+    Each connection is a new generation: a message is acknowledged only on the connection that
+    delivered it, because after a reconnect the broker sends it again and may give its packet
+    id to another message, which a late acknowledgement would then confirm before its commit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self.unacked = 0
+        self.generation = 0
+        self.closed = False
+
+    def new_connection(self) -> None:
+        with self._cond:
+            self.generation += 1
+            self.unacked = 0
+            self._cond.notify_all()
+
+    def take(self) -> int | None:
+        """Wait for room for one more message; its generation, or None once closed."""
+        with self._lock:  # the common case, on the plain lock: room is free
+            if self.unacked < self.limit and not self.closed:
+                self.unacked += 1
+                return self.generation
+        with self._cond:
+            while self.unacked >= self.limit and not self.closed:
+                self._cond.wait()
+            if self.closed:
+                return None
+            self.unacked += 1
+            return self.generation
+
+    def acknowledge(self, client: mqtt.Client, taken: list[Taken]) -> None:
+        with self._cond:
+            current = self.generation
+            freed = 0
+            for generation, mid, qos in taken:
+                if generation == current:
+                    if qos:
+                        client.ack(mid, qos)
+                    freed += 1
+            if freed:
+                before = self.unacked
+                self.unacked -= freed
+                if before >= self.limit or self.unacked == 0:
+                    self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def wait_empty(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.unacked == 0, timeout)
+
+
+class Link:
+    """One paho client, forwarding to and taking acknowledgements from one connection."""
+
+    def __init__(self, conn: Connection, settings: LinkSettings) -> None:
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        self._settings = settings
+        self._window = _AckWindow(settings.window)
+        self._lock = threading.Lock()  # guards _out
+        self._out: list[Message] = []
+        self._arrived = threading.Event()
+        self._retained_noted = False
+        self._subscriptions: dict[int, list[str]] = {}
+        self._stopped = threading.Event()
+        self.client = new_client(settings)
+        c = self.client
+        c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+
+    def run(self) -> None:
+        s = self._settings
+        if s.mqtt_version == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry_s
+            props.ReceiveMaximum = s.window
+            self.client.connect_async(
+                s.host, s.port, s.keepalive_s, clean_start=False, properties=props
+            )
+        else:
+            self.client.connect_async(s.host, s.port, s.keepalive_s)
+        self.client.loop_start()
+        threading.Thread(target=self._forward_stragglers, name="stragglers", daemon=True).start()
+        self._take_commands()
+
+    def _send(self, item: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            self._conn.send(item)
+
+    # -- commands from the agent (the main thread) ------------------------------------------
+
+    def _take_commands(self) -> None:
+        while True:
+            try:
+                command = self._conn.recv()
+            except (EOFError, OSError):
+                return  # the agent is gone: what it did not acknowledge comes again
+            if command[0] == "ack":
+                self._window.acknowledge(self.client, command[1])
+            elif command[0] == "stop":
+                self._stop(float(command[1]))
+                return
+
+    def _stop(self, drain_s: float) -> None:
+        """Take no more, forward what was taken, let the agent acknowledge it, disconnect."""
+        self._window.close()
+        self._forward()
+        self._send(("flushed",))
+        deadline = time.monotonic() + drain_s
+        while self._window.unacked and time.monotonic() < deadline:
+            if self._conn.poll(max(0.0, deadline - time.monotonic())):
+                try:
+                    command = self._conn.recv()
+                except (EOFError, OSError):
+                    break
+                if command[0] == "ack":
+                    self._window.acknowledge(self.client, command[1])
+        self._stopped.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    def _forward(self) -> None:
+        with self._lock:
+            out, self._out = self._out, []
+        if out:
+            self._send(("messages", out))
+
+    def _forward_stragglers(self) -> None:
+        while not self._stopped.is_set():
+            if not self._arrived.wait(1.0):
+                continue
+            time.sleep(GATHER_S)
+            self._arrived.clear()
+            self._forward()
+
+    # -- paho callbacks (paho's network thread) ---------------------------------------------
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.retain:
+            # Sent because we subscribed, not because a sensor just published: an old value
+            # that would get today's timestamp, and is sent again at every reconnect.
+            if not self._retained_noted:
+                self._retained_noted = True
+                self._send(("retained", message.topic))
+            if message.qos > 0:
+                client.ack(message.mid, message.qos)
+            return
+        window = self._window
+        generation = window.take()
+        if generation is None:
+            return  # stopping: not acknowledged, the broker keeps it for the next session
+        payload = bytes(message.payload)
+        item = (message.topic, payload, time.time(), generation, message.mid, message.qos)
+        with self._lock:
+            self._out.append(item)
+            n = len(self._out)
+        if n == 1:
+            self._arrived.set()
+        if n >= BATCH or window.unacked >= window.limit:
+            self._forward()
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._window.new_connection()
+        self._send(("connected", reason.is_failure, reason.getName(), flags.session_present))
+        if reason.is_failure:
+            return
+        topics = list(self._settings.topics)
+        result, mid = client.subscribe([(t, self._settings.qos) for t in topics])
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._subscriptions[mid] = topics
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        self._send(("connect_failed",))
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: mqtt.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._window.new_connection()
+        if not self._stopped.is_set():
+            self._send(("disconnected", reason.getName()))
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        topics = self._subscriptions.pop(mid, [])
+        results = [
+            (topic, reason.is_failure, reason.getName(), int(reason.value))
+            for topic, reason in zip(topics, reasons, strict=False)
+        ]
+        self._send(("subscribed", results))
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the closing socket ends the link instead
+        pass
+    if os.getppid() != parent:  # the agent died before prctl took effect
+        os._exit(0)
+
+
+def main(argv: list[str]) -> int:
+    fd = int(argv[0])
+    parent = int(argv[1])
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.WARNING, format="edge-agent mqtt link: %(message)s")
+    conn = Connection(socket.socket(fileno=fd).detach())
+    try:
+        command = conn.recv()
+    except (EOFError, OSError):
+        return 0
+    settings = command[1]
+    try:
+        link = Link(conn, settings)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        conn.send(
+            ("error", f"cannot set up TLS ({exc}); check ca_file, client_cert and client_key")
+        )
+        return 2
+    link.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
