@@ -12,8 +12,9 @@ fastest run of each (all rates are in --json), so that load from elsewhere on a 
 machine during one run does not decide the ratio:
 
 - bare: a paho client that acknowledges right in on_message (manual ack): the ceiling;
-- agent: the agent's MqttSource + Buffer (sync "full", commit_interval_ms 200), which
-  acknowledges each message only after the commit of its readings (end-to-end ack).
+- agent: the agent's MqttSource (with its MQTT link process, which runs paho) + Buffer
+  (sync "full", commit_interval_ms 200), which acknowledges each message only after the
+  commit of its readings (end-to-end ack).
 
 The window is the number of QoS 1 messages in flight to a subscriber: Mosquitto's
 max_inflight_messages (3.1.1), the subscribers' Receive Maximum (5), and the agent's
@@ -33,7 +34,9 @@ seccomp), so the rate is measured untraced. When strace is installed a third ses
 drained by the agent under `strace -f -c` (up to 50,000 messages) to count fsyncs per commit;
 fsync/s is that times the untraced run's commits per second. Without strace (or with
 --no-strace) one fsync per commit is assumed. Memory is each child's VmHWM, read from
-/proc/self/status at the end of its run. The target is agent/bare >= 0.8.
+/proc/self/status at the end of its run, and the MQTT link's from /proc/PID/status; the
+agent's CPU per message is its process and its link together (the link's counted from its
+start, so it includes its imports). The target is agent/bare >= 0.8.
 
 stdout holds one markdown table (one row per configuration, read by scripts/bench.py) and
 notes; --json also writes every figure.
@@ -334,7 +337,7 @@ def _strace_calls(summary: str) -> int:
 
 def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     print(
-        f"\n{args.messages} QoS 1 messages per subscriber; agent: MqttSource + Buffer, "
+        f"\n{args.messages} QoS 1 messages per subscriber; agent: MqttSource (+ link) + Buffer, "
         'sync "full", commit_interval_ms 200, ack after commit; bare: paho, ack in on_message\n'
     )
     print("| configuration | agent msg/s | bare msg/s | ratio agent/bare | target | details |")
