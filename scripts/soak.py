@@ -289,6 +289,7 @@ class AgentRunner:
         self.proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self.peak_rss_kib = 0
+        self.link_peak_rss_kib = 0  # its MQTT link processes (children), sampled the same way
         self.hwm_kib: list[int] = []  # VmHWM of each process, read just before it ended
         self.pids: list[int] = []
 
@@ -328,6 +329,26 @@ class AgentRunner:
             rss = self._status("VmRSS")
             if rss is not None:
                 self.peak_rss_kib = max(self.peak_rss_kib, rss)
+            self.link_peak_rss_kib = max(self.link_peak_rss_kib, self._children_rss())
+
+    def _children_rss(self) -> int:
+        """VmRSS (KiB) of the agent's child processes together: its MQTT links."""
+        if self.proc is None:
+            return 0
+        total = 0
+        try:
+            tasks = list(Path(f"/proc/{self.proc.pid}/task").iterdir())
+            children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        except OSError:
+            return 0
+        for child in children:
+            try:
+                text = Path(f"/proc/{child}/status").read_text()
+            except OSError:
+                continue
+            match = re.search(r"^VmRSS:\s+(\d+) kB", text, re.M)
+            total += int(match.group(1)) if match else 0
+        return total
 
     def _record_hwm(self) -> int:
         hwm = self._status("VmHWM") or 0
@@ -1086,6 +1107,7 @@ def report(soak: Soak, books: list[Books], drained: bool, status: int) -> bool:
     hwm = ", ".join(mib(k) for k in soak.agent.hwm_kib)
     log_line(f"  processes: {len(soak.agent.pids)}; VmHWM at each end: {hwm}")
     log_line(f"  peak memory (VmRSS/VmHWM): {mib(soak.agent.peak_rss_kib)}")
+    log_line(f"  peak memory of its MQTT link process (VmRSS): {mib(soak.agent.link_peak_rss_kib)}")
     log_line(f"  exit status on SIGTERM: {status}")
     log_line(f"  sandbox answers: {soak.endpoint.answers()}")
     for finding in agent_log_findings(soak.agent.log_text()):
