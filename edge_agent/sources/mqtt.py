@@ -54,6 +54,7 @@ log = logging.getLogger("edge_agent.sources.mqtt")
 
 _SUPERVISE_S = 1.0
 _LINK_MODULE = "edge_agent.sources.mqtt_link"
+_LINK_SETTLED_S = 60.0  # a link that ran this long before it failed restarts after 1 s again
 _DRAIN_S = 2.0  # on stop, how long to wait for the last messages to commit and be acknowledged
 _FIRST_BACKOFF_S = 1.0
 _DEAD_LETTER_CHARS = 1024  # of a bad payload kept in dead_letters: enough to see what was wrong
@@ -304,12 +305,15 @@ class MqttSource(ThreadedSource):
     def _run_links(self) -> None:
         backoff = _FIRST_BACKOFF_S
         while not self._stop.is_set():
+            started = time.monotonic()
             failure = self._run_link()
             self.stats.connected = False
             if failure is None:
                 break
+            if time.monotonic() - started > _LINK_SETTLED_S:
+                backoff = _FIRST_BACKOFF_S  # it had been running well: a new incident
             self._note_down(SourceError(failure))
-            log.error("%s: starting the MQTT link again in %.0f s", self.label, backoff)
+            log.info("%s: starting the MQTT link again in %.0f s", self.label, backoff)
             if self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, self.config.reopen_backoff_max_s)
@@ -340,7 +344,9 @@ class MqttSource(ThreadedSource):
             conn.send(("start", self._settings()))
             return self._follow(conn, proc, epoch)
         except (EOFError, OSError):
-            return f"the MQTT link process ended unexpectedly (exit status {proc.poll()})"
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(2.0)  # it closed its end as it died: let it finish dying
+            return f"the MQTT link process ended unexpectedly (exit status {proc.returncode})"
         except Exception as exc:
             # A bug, not bad input. Start the link again: what was not acknowledged comes again.
             log.exception("%s: unexpected error reading from the MQTT link", self.label)
