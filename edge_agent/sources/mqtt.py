@@ -30,6 +30,8 @@ import json
 import logging
 import math
 import os
+import queue
+import signal
 import socket
 import ssl
 import subprocess
@@ -229,7 +231,8 @@ class MqttSource(ThreadedSource):
         # The link's connection, its epoch (acknowledgements for an earlier link are dropped:
         # its messages come again) and the messages it forwarded that are not yet acknowledged.
         self._ack_cond = threading.Condition()
-        self._conn: Connection | None = None
+        self._acks: queue.SimpleQueue[list[Taken] | None] | None = None  # to the current link
+        self._send_lock = threading.Lock()  # one message at a time on the link's socket
         self._epoch = 0
         self._outstanding = 0
         self._wake: tuple[socket.socket, socket.socket] | None = None  # stop() wakes our thread
@@ -308,7 +311,7 @@ class MqttSource(ThreadedSource):
             started = time.monotonic()
             failure = self._run_link()
             self.stats.connected = False
-            if failure is None:
+            if failure is None or self._stop.is_set():
                 break
             if time.monotonic() - started > _LINK_SETTLED_S:
                 backoff = _FIRST_BACKOFF_S  # it had been running well: a new incident
@@ -334,32 +337,50 @@ class MqttSource(ThreadedSource):
         finally:
             theirs.close()
         conn = Connection(ours.detach())
+        acks: queue.SimpleQueue[list[Taken] | None] = queue.SimpleQueue()
+        sender = threading.Thread(
+            target=self._send_acks, args=(conn, acks), name=f"acks-{self.name}", daemon=True
+        )
         self.link_pid = proc.pid
         with self._ack_cond:
             self._epoch += 1
             epoch = self._epoch
-            self._conn = conn
+            self._acks = acks
             self._outstanding = 0
+        sender.start()
         try:
-            conn.send(("start", self._settings()))
+            with self._send_lock:
+                conn.send(("start", self._settings()))
             return self._follow(conn, proc, epoch)
         except (EOFError, OSError):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(2.0)  # it closed its end as it died: let it finish dying
-            return f"the MQTT link process ended unexpectedly (exit status {proc.returncode})"
+            return f"the MQTT link process ended unexpectedly ({_ended(proc.returncode)})"
         except Exception as exc:
             # A bug, not bad input. Start the link again: what was not acknowledged comes again.
             log.exception("%s: unexpected error reading from the MQTT link", self.label)
             return f"unexpected error: {exc!r}"
         finally:
             with self._ack_cond:
-                self._conn = None
+                self._acks = None  # acknowledgements still to come are for a link now gone
                 self._ack_cond.notify_all()
-            conn.close()
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+            acks.put(None)
+            conn.close()  # a send still under way fails now
+            sender.join(5.0)
             self.link_pid = None
+
+    def _send_acks(self, conn: Connection, acks: queue.SimpleQueue[list[Taken] | None]) -> None:
+        """Send acknowledgements to one link, in commit order; its own thread, so the buffer's
+        writer never waits on the link's socket."""
+        while (taken := acks.get()) is not None:
+            try:
+                with self._send_lock:
+                    conn.send(("ack", taken))
+            except OSError:
+                return  # the link is gone: the broker sends those messages again
 
     def _follow(self, conn: Connection, proc: subprocess.Popen[bytes], epoch: int) -> str | None:
         while True:
@@ -378,19 +399,19 @@ class MqttSource(ThreadedSource):
                     return failure
 
     def _close_link(self, conn: Connection, proc: subprocess.Popen[bytes], epoch: int) -> None:
-        """Let what the link took commit and be acknowledged, so it is not sent to us again."""
-        conn.send(("stop", _DRAIN_S))
-        deadline = time.monotonic() + _DRAIN_S
-        while (remaining := deadline - time.monotonic()) > 0 and conn.poll(remaining):
-            event = conn.recv()
-            if event[0] == "flushed":
-                break
-            self._handle(event, epoch)
-        self._intake.commit_soon()
-        with self._ack_cond:
-            self._ack_cond.wait_for(lambda: self._outstanding <= 0, _DRAIN_S)
+        """Let what the link took commit and be acknowledged, so it is not sent to us again.
+
+        The link forwards what it took, waits (up to _DRAIN_S) for the acknowledgements, then
+        disconnects and exits: read until then."""
+        with self._send_lock:
+            conn.send(("stop", _DRAIN_S))
+        deadline = time.monotonic() + _DRAIN_S + 1.0
+        with contextlib.suppress(EOFError, OSError):
+            while (remaining := deadline - time.monotonic()) > 0 and conn.poll(remaining):
+                self._handle(conn.recv(), epoch)
+                self._intake.commit_soon()
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(_DRAIN_S)
+            proc.wait(1.0)
 
     def _handle(self, event: tuple[Any, ...], epoch: int) -> str | None:
         """One event from the link; what went wrong if the link cannot go on."""
@@ -419,7 +440,7 @@ class MqttSource(ThreadedSource):
             )
         elif kind == "error":
             return str(event[1])
-        return None
+        return None  # "flushed": nothing to do
 
     # -- events from the link -----------------------------------------------------------------
 
@@ -456,6 +477,8 @@ class MqttSource(ThreadedSource):
             self.stats.connected = False
             return
         hint = ""
+        if name == "Unspecified error":  # what paho reports for a dropped socket
+            name = "closed by the broker or the network"
         if name == "Session taken over":
             hint = f"; another client connected as {self.client_id}: give each its own client_id"
         self._note_down(SourceError(f"lost the connection to the broker ({name}){hint}"))
@@ -501,6 +524,8 @@ class MqttSource(ThreadedSource):
         stats.last_data = batch[-1][2]
         self.heartbeat = time.monotonic()
         if not readings:
+            if taken:  # nothing to commit for them (parsers never give no readings, but still)
+                self._acknowledge(epoch, taken)
             return
         on_durable = partial(self._acknowledge, epoch, taken)
         device_time = self.config.timestamp_field is not None
@@ -510,15 +535,12 @@ class MqttSource(ThreadedSource):
             self._intake.commit_soon()
 
     def _acknowledge(self, epoch: int, taken: list[Taken]) -> None:
-        """Runs in the buffer's writer thread once the readings committed: ask the link to
-        acknowledge their messages (unless that link is gone: the broker sends them again)."""
+        """Runs in the buffer's writer thread once the readings committed: queue the messages'
+        acknowledgements for the link (unless that link is gone: the broker sends them again)."""
         with self._ack_cond:
-            if epoch != self._epoch or self._conn is None:
+            if epoch != self._epoch or self._acks is None:
                 return
-            try:
-                self._conn.send(("ack", taken))
-            except OSError:
-                return
+            self._acks.put(taken)
             self._outstanding -= len(taken)
             if self._outstanding <= 0:
                 self._ack_cond.notify_all()
@@ -556,6 +578,17 @@ class MqttSource(ThreadedSource):
                 self.config.reopen_backoff_max_s,
             )
         self.stats.last_error = reason
+
+
+def _ended(returncode: int | None) -> str:
+    """How a link process ended, for the log."""
+    if returncode is None:
+        return "it stopped answering"
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-returncode).name}"
+        return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
 
 
 def _default_client_id(device_id: str | None, name: str) -> str:

@@ -20,7 +20,9 @@ Messages on the socket pair (multiprocessing.connection, pickled tuples):
                     ("disconnected", reason_name)
                     ("subscribed", [(topic, failed, reason_name, reason_value), ...])
                     ("retained", topic)              the first retained message skipped
-                    ("flushed",)                     after "stop": nothing more will come
+                    ("flushed",)                     after "stop": what was taken has been sent
+                                                     (a straggler may follow; the link exits
+                                                     once all is acknowledged or drain ends)
                     ("error", text)                  the link cannot go on (it exits)
 
 The link dies with the agent (PR_SET_PDEATHSIG, and the socket closing): a message it took
@@ -35,6 +37,7 @@ window. With MQTT 5 the window is announced as Receive Maximum.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -43,6 +46,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -167,6 +171,21 @@ class _AckWindow:
             return self._cond.wait_for(lambda: self.unacked == 0, timeout)
 
 
+def _fatal(callback: Callable[..., None]) -> Callable[..., None]:
+    """A callback whose exception ends the link: paho's thread would die with it and leave the
+    process connected but deaf. The agent sees the link end and starts a new one."""
+
+    @functools.wraps(callback)
+    def guarded(*args: Any) -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("unexpected error in %s; the agent starts a new link", callback.__name__)
+            os._exit(3)
+
+    return guarded
+
+
 class Link:
     """One paho client, forwarding to and taking acknowledgements from one connection."""
 
@@ -183,11 +202,11 @@ class Link:
         self._stopped = threading.Event()
         self.client = new_client(settings)
         c = self.client
-        c.on_connect = self._on_connect
-        c.on_connect_fail = self._on_connect_fail
-        c.on_disconnect = self._on_disconnect
-        c.on_subscribe = self._on_subscribe
-        c.on_message = self._on_message
+        c.on_connect = _fatal(self._on_connect)
+        c.on_connect_fail = _fatal(self._on_connect_fail)
+        c.on_disconnect = _fatal(self._on_disconnect)
+        c.on_subscribe = _fatal(self._on_subscribe)
+        c.on_message = _fatal(self._on_message)
 
     def run(self) -> None:
         s = self._settings
@@ -223,19 +242,24 @@ class Link:
                 return
 
     def _stop(self, drain_s: float) -> None:
-        """Take no more, forward what was taken, let the agent acknowledge it, disconnect."""
+        """Take no more, forward what was taken, let the agent acknowledge it, disconnect.
+
+        The agent reads until this process exits, so a message paho's thread took just before
+        the window closed still reaches it (the straggler thread forwards it)."""
         self._window.close()
         self._forward()
         self._send(("flushed",))
         deadline = time.monotonic() + drain_s
         while self._window.unacked and time.monotonic() < deadline:
-            if self._conn.poll(max(0.0, deadline - time.monotonic())):
+            if self._conn.poll(min(GATHER_S, max(0.0, deadline - time.monotonic()))):
                 try:
                     command = self._conn.recv()
                 except (EOFError, OSError):
                     break
                 if command[0] == "ack":
                     self._window.acknowledge(self.client, command[1])
+            else:
+                self._forward()
         self._stopped.set()
         self.client.disconnect()
         self.client.loop_stop()
@@ -243,10 +267,13 @@ class Link:
     # -- forwarding -------------------------------------------------------------------------
 
     def _forward(self) -> None:
-        with self._lock:
-            out, self._out = self._out, []
-        if out:
-            self._send(("messages", out))
+        # Swap and send under the one send lock, so batches leave in the order they were taken
+        # (and their PUBACKs, later, in the order of the PUBLISHes).
+        with self._send_lock:
+            with self._lock:
+                out, self._out = self._out, []
+            if out:
+                self._conn.send(("messages", out))
 
     def _forward_stragglers(self) -> None:
         while not self._stopped.is_set():
