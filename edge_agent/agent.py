@@ -114,7 +114,7 @@ def make_source(
     if config.type == "serial":
         return SerialSource(config, device_id, intake, clock)
     if config.type == "mqtt":
-        return MqttSource(config, device_id, intake, clock)
+        return MqttSource(config, device_id, intake)
     raise ConfigError(f"source {config.name}: type {config.type!r} is not available yet")
 
 

@@ -43,7 +43,7 @@ from functools import partial
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from edge_agent.clock import Clock, SystemClock, utc_stamp
+from edge_agent.clock import utc_stamp
 from edge_agent.config import SourceConfig, broker_address, topic_field_levels
 from edge_agent.errors import ParseError, SourceError
 from edge_agent.logs import RateLimitedLog
@@ -90,7 +90,6 @@ class MessageReader:
         self._metric = config.metric
         self._timestamp_field = config.timestamp_field
         self._builder = RecordBuilder(config.datasource_id, config.shape, config.tags, device_id)
-        self.uses_topic = self._template is not None  # read() ignores the topic otherwise
         self._stamps = SecondStamps()
 
     def read(self, topic: str, payload: bytes | bytearray, received: float) -> list[Reading]:
@@ -215,17 +214,17 @@ class MqttSource(ThreadedSource):
         config: SourceConfig,
         device_id: str | None,
         intake: Intake,
-        clock: Clock | None = None,
     ) -> None:
+        """Receive times are stamped by the link process with the system clock."""
         super().__init__(config.name)
         assert config.broker is not None  # config requires it for mqtt sources
         self.config = config
         self._intake = intake
-        self._clock = clock or SystemClock()
         self._reader = MessageReader(config, device_id)
         self._host, self._port, self._tls = broker_address(config.broker)
         self.client_id = config.client_id or _default_client_id(device_id, config.name)
         self._qos = min(config.qos, 1)
+        self._link_settings = self._make_link_settings()
         self._bad_message_log = RateLimitedLog(log)
         self._ever_connected = False
         # The link's connection, its epoch (acknowledgements for an earlier link are dropped:
@@ -250,7 +249,7 @@ class MqttSource(ThreadedSource):
     def start(self) -> None:
         """Check the TLS files (errors stop start-up), then start the link."""
         try:
-            new_client(self._settings())
+            new_client(self._link_settings)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise SourceError(
                 f"{self.label}: cannot set up TLS ({exc}); check ca_file, client_cert "
@@ -272,7 +271,7 @@ class MqttSource(ThreadedSource):
                 self._wake[1].send(b"x")
         super().stop(timeout)
 
-    def _settings(self) -> LinkSettings:
+    def _make_link_settings(self) -> LinkSettings:
         cfg = self.config
         group = cfg.shared_group
         topics = cfg.topics if group is None else tuple(f"$share/{group}/{t}" for t in cfg.topics)
@@ -350,7 +349,7 @@ class MqttSource(ThreadedSource):
         sender.start()
         try:
             with self._send_lock:
-                conn.send(("start", self._settings()))
+                conn.send(("start", self._link_settings))
             return self._follow(conn, proc, epoch)
         except (EOFError, OSError):
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -469,7 +468,7 @@ class MqttSource(ThreadedSource):
             self.client_id,
             "resumed" if session_present else "new",
             self.config.mqtt_version,
-            ", ".join(self._settings().topics),
+            ", ".join(self._link_settings.topics),
         )
 
     def _on_disconnect(self, name: str) -> None:

@@ -47,7 +47,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -78,7 +78,7 @@ class LinkSettings:
     client_cert: str | None
     client_key: str | None
     username: str | None
-    password: str | None
+    password: str | None = field(repr=False)  # never in a log line
     client_id: str
     mqtt_version: str  # "3.1.1" or "5"
     keepalive_s: int
