@@ -21,12 +21,11 @@ import httpx
 from edge_agent import __version__
 from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.clock import Clock, ClockGuard, SystemClock
-from edge_agent.config import Config, Secret, SourceConfig, load_config, resolve_token
+from edge_agent.config import Config, Secret, load_config, resolve_token
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.records import Reading, with_field
-from edge_agent.sources.base import Source
-from edge_agent.sources.mqtt import MqttSource
-from edge_agent.sources.serial import SerialSource
+from edge_agent.sources.base import Source, SourceConfig
+from edge_agent.sources.registry import source_type
 from edge_agent.uploader import Uploader
 
 log = logging.getLogger("edge_agent.agent")
@@ -111,11 +110,10 @@ class AgentIntake:
 def make_source(
     config: SourceConfig, device_id: str | None, intake: AgentIntake, clock: Clock
 ) -> Source:
-    if config.type == "serial":
-        return SerialSource(config, device_id, intake, clock)
-    if config.type == "mqtt":
-        return MqttSource(config, device_id, intake)
-    raise ConfigError(f"source {config.name}: type {config.type!r} is not available yet")
+    declared = source_type(config.type)
+    if declared is None:  # load_config admits only registered types
+        raise ConfigError(f"source {config.name}: type {config.type!r} is not available")
+    return declared.make(config, device_id, intake, clock)
 
 
 class Agent:
@@ -260,12 +258,7 @@ class Agent:
             if fresh == sc and same_device:
                 continue
             running = self.sources[name]
-            if (
-                fresh is not None
-                and isinstance(running, SerialSource)
-                and fresh.type == "serial"
-                and running.update(fresh, device_id)
-            ):
+            if fresh is not None and fresh.type == sc.type and running.update(fresh, device_id):
                 log.info("agent: source %s updated in place (its port stays open)", name)
                 continue
             self.sources.pop(name).stop()

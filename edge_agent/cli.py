@@ -237,13 +237,8 @@ def describe(config: Config) -> str:
         f"{ep.max_batch_bytes:,} bytes, token from {token_from} (set)",
     ]
     for s in config.sources:
-        what = (
-            f"{s.port} at {s.baudrate} baud"
-            if s.type == "serial"
-            else f"{s.broker} topics {', '.join(s.topics)} (QoS {s.qos}, MQTT {s.mqtt_version})"
-        )
         lines.append(
-            f"source {s.name}: {s.type} {what}, format {s.format}, shape {s.shape} "
+            f"source {s.name}: {s.describe()}, format {s.format}, shape {s.shape} "
             f"-> data source {s.datasource_id}"
         )
     if config.status.listen:
@@ -259,10 +254,15 @@ def _warnings(config: Config) -> list[str]:
         out.append(
             f"[endpoint] url {config.endpoint.url} does not end in /restapi/datasource/insert"
         )
-    ports = [s.port for s in config.sources if s.type == "serial"]
-    for port in sorted({p for p in ports if p is not None}):
-        if ports.count(port) > 1:
-            out.append(f"{port} is used by {ports.count(port)} serial sources; one can open it")
+    users: dict[str, set[str]] = {}
+    for s in config.sources:
+        if (use := s.serial_port()) is not None:
+            users.setdefault(use[0], set()).add(use[1])
+    for port, groups in sorted(users.items()):
+        if len(groups) > 1:
+            out.append(
+                f"{port} is used by {len(groups)} sources that cannot share it; one can open it"
+            )
         if not Path(port).exists():
             out.append(f"{port} does not exist now (unplugged?); the agent retries until it does")
     return out

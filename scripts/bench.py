@@ -552,14 +552,15 @@ class _agent_reader:
         from edge_agent.agent import AgentIntake
         from edge_agent.buffer import Buffer
         from edge_agent.clock import ClockGuard, SystemClock
-        from edge_agent.config import BufferConfig, SourceConfig
-        from edge_agent.sources.serial import SerialSource
+        from edge_agent.config import BufferConfig
+        from edge_agent.sources.serial.config import SerialConfig
+        from edge_agent.sources.serial.source import SerialSource
 
         self.path = data_dir / "buffer.db"
         self.buffer = Buffer(
             self.path, BufferConfig(commit_interval_ms=COMMIT_INTERVAL_MS, max_bytes=BIG_BUFFER)
         )
-        config = SourceConfig(
+        config = SerialConfig(
             name="bench",
             type="serial",
             datasource_id=DATASOURCE,

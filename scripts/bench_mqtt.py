@@ -440,8 +440,9 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
     from edge_agent.agent import AgentIntake
     from edge_agent.buffer import Buffer
     from edge_agent.clock import ClockGuard, SystemClock
-    from edge_agent.config import BufferConfig, SourceConfig
-    from edge_agent.sources.mqtt import MqttSource
+    from edge_agent.config import BufferConfig
+    from edge_agent.sources.mqtt.config import MqttConfig
+    from edge_agent.sources.mqtt.source import MqttSource
 
     buffer = Buffer(
         Path(args.workdir) / client_id / "buffer.db",
@@ -450,7 +451,7 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
     buffer.open()
     clock = SystemClock()
     intake = _CountingIntake(AgentIntake(buffer, None, clock, ClockGuard(clock)), args.messages)
-    config = SourceConfig(
+    config = MqttConfig(
         name="bench",
         type="mqtt",
         datasource_id="1",

@@ -92,7 +92,7 @@ def test_token_never_in_repr(tmp_path: Path) -> None:
         (('format = "kv"', 'format = "xml"'), r"format: expected one of 'json'"),
         (("max_batch_records = 500", "max_batch_records = 0"),
          r"max_batch_records: expected a value from 1 to 100000, got 0"),
-        (('type = "serial"', 'type = "modbus"'), r"type: expected one of 'serial' \| 'mqtt'"),
+        (('type = "serial"', 'type = "canbus"'), r"type: expected one of 'serial' \| 'mqtt'"),
         (('port = "/dev/ttyUSB0"\n', ""), r"port: missing"),
         (('url = "https://api.example.com/restapi/datasource/insert"', 'url = "ftp://x"'),
          r"url: expected an http:// or https:// URL"),

@@ -33,7 +33,7 @@ from edge_agent.clock import utc_stamp
 from edge_agent.config import load_config
 from edge_agent.errors import ConfigError, ParseError
 from edge_agent.sandbox import Faults, Sandbox
-from edge_agent.sources.mqtt import MqttSource, device_stamp
+from edge_agent.sources.mqtt.source import MqttSource, device_stamp
 from tests.conftest import Mosquitto
 from tests.helpers import AgentProcess, wait_until, write_config
 
@@ -356,7 +356,7 @@ def link_processes(agent_pid: int) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        link = b"edge_agent.sources.mqtt_link" in argv
+        link = b"edge_agent.sources.mqtt.link" in argv
         if link and argv[-2:-1] == [str(agent_pid).encode()] and state != "Z":
             found.append(int(entry.name))
     return found

@@ -3,17 +3,74 @@
 A source reads from one device or broker in its own thread and hands readings to `Intake`.
 It knows nothing about batching, retries or HTTP. It survives its device going away: it
 logs once, backs off, reopens. A stopped source cannot be started again.
+
+Each source type is a plugin, a folder under `sources/` (see `registry.py`): its config class
+derives from `SourceConfig` here (the keys every source shares), and its source follows the
+`Source` protocol. The agent and the config loader know sources only through these two.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, Self
 
+from edge_agent.errors import ConfigError
+from edge_agent.parsers import LineKind
 from edge_agent.records import Reading
+from edge_agent.tables import build
+
+Shape = Literal["long", "wide"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """The keys every `[[sources]]` table has; each type's config class adds its own.
+
+    `from_table` builds and checks one table; a type adds its checks in `check` and its
+    secrets in `with_secrets`, and says in one line what it reads in `describe`.
+    """
+
+    name: str
+    type: str
+    datasource_id: str
+    format: LineKind = "json"
+    shape: Shape = "long"
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], file: str, section: str) -> Self:
+        source = build(cls, table, file, section)
+        label = f"{file}: {section}"
+        if not _NAME_RE.match(source.name):
+            raise ConfigError(
+                f"{label} name: use letters, digits, '.', '_' or '-' (at most 64), "
+                f"got {source.name!r}"
+            )
+        if not source.datasource_id.strip():
+            raise ConfigError(f"{label} datasource_id: must not be empty")
+        source.check(label, table)
+        return source
+
+    def check(self, where: str, table: Mapping[str, Any]) -> None:
+        """The type's own checks; `where` names the file and the table for messages."""
+
+    def with_secrets(self, environ: Mapping[str, str], where: str) -> Self:
+        """This config with its passwords read (from the environment or their files)."""
+        return self
+
+    def describe(self) -> str:
+        """What the source reads, in a few words, for `edge-agent check`."""
+        return self.type
+
+    def serial_port(self) -> tuple[str, str] | None:
+        """The local serial device this source opens, and who may share it: sources that
+        name the same sharing group may use one port together (a Modbus bus), others not."""
+        return None
 
 
 class Intake(Protocol):
@@ -64,6 +121,8 @@ class SourceStats:
     readings: int = 0  # readings emitted
     parse_errors: int = 0
     reconnects: int = 0
+    timeouts: int = 0  # polls or requests the device did not answer in time
+    missed_polls: int = 0  # polls that could not start on time (the previous one ran late)
     last_error: str | None = None
     last_data: float | None = None  # wall clock of the last line or message
 
@@ -76,6 +135,11 @@ class Source(Protocol):
     def start(self) -> None: ...
 
     def stop(self, timeout: float = 5.0) -> None: ...
+
+    def update(self, config: SourceConfig, device_id: str | None) -> bool:
+        """Take a reloaded config in place where the device settings allow; False when the
+        source must be restarted for it (the agent then stops it and starts a new one)."""
+        ...
 
     @property
     def alive(self) -> bool: ...

@@ -1,6 +1,6 @@
 """The MQTT link: a child process that runs the paho client for one MQTT source.
 
-    python -m edge_agent.sources.mqtt_link FD     (started by MqttSource, never by hand)
+    python -m edge_agent.sources.mqtt.link FD     (started by MqttSource, never by hand)
 
 paho decodes every packet in Python. In the agent's process it would share one interpreter
 lock with the parsing, the buffer and the uploader, and the bridge would reach about three

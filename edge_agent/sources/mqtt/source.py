@@ -1,6 +1,6 @@
 """The MQTT source: messages from a broker become readings, acknowledged once they are durable.
 
-    MqttSource      lifecycle: the MQTT link process (paho, mqtt_link.py), watched by our thread
+    MqttSource      lifecycle: the MQTT link process (paho, link.py), watched by our thread
     MessageReader   topic fields + payload + device time -> readings (no network, no threads)
     SecondStamps    utc_stamp for a stream of receive times, the seconds formatted once
     device_stamp    a device timestamp (ISO 8601, epoch s or ms) -> the agent's UTC stamp
@@ -44,18 +44,18 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from edge_agent.clock import utc_stamp
-from edge_agent.config import SourceConfig, broker_address, topic_field_levels
 from edge_agent.errors import ParseError, SourceError
 from edge_agent.logs import RateLimitedLog
 from edge_agent.parsers import PayloadKind, Value, coerce, parse_payload
 from edge_agent.records import Reading, RecordBuilder
-from edge_agent.sources.base import Intake, ThreadedSource
-from edge_agent.sources.mqtt_link import LinkSettings, Message, Taken, new_client
+from edge_agent.sources.base import Intake, SourceConfig, ThreadedSource
+from edge_agent.sources.mqtt.config import MqttConfig, broker_address, topic_field_levels
+from edge_agent.sources.mqtt.link import LinkSettings, Message, Taken, new_client
 
 log = logging.getLogger("edge_agent.sources.mqtt")
 
 _SUPERVISE_S = 1.0
-_LINK_MODULE = "edge_agent.sources.mqtt_link"
+_LINK_MODULE = "edge_agent.sources.mqtt.link"
 _LINK_SETTLED_S = 60.0  # a link that ran this long before it failed restarts after 1 s again
 _DRAIN_S = 2.0  # on stop, how long to wait for the last messages to commit and be acknowledged
 _FIRST_BACKOFF_S = 1.0
@@ -83,7 +83,7 @@ _CONNECT_HINTS = {
 class MessageReader:
     """Turns one message (topic and payload) into readings; raises ParseError."""
 
-    def __init__(self, config: SourceConfig, device_id: str | None) -> None:
+    def __init__(self, config: MqttConfig, device_id: str | None) -> None:
         self._template = config.topic_fields.split("/") if config.topic_fields else None
         self._names = topic_field_levels(config.topic_fields) if config.topic_fields else ()
         self._format = _PAYLOAD_KINDS[config.format]  # config allows only these for mqtt
@@ -204,14 +204,14 @@ def _stamp(millis: int, shown: Value) -> str:
 class MqttSource(ThreadedSource):
     """Subscribes to the configured topics and hands readings to the intake.
 
-    The paho client runs in the MQTT link, a child process (mqtt_link.py); our thread starts
+    The paho client runs in the MQTT link, a child process (link.py); our thread starts
     it, reads the messages and events it forwards, beats the heartbeat, and starts it again
     with backoff if it dies. Acknowledgements go back from the buffer's writer thread.
     """
 
     def __init__(
         self,
-        config: SourceConfig,
+        config: MqttConfig,
         device_id: str | None,
         intake: Intake,
     ) -> None:
@@ -236,6 +236,11 @@ class MqttSource(ThreadedSource):
         self._outstanding = 0
         self._wake: tuple[socket.socket, socket.socket] | None = None  # stop() wakes our thread
         self.link_pid: int | None = None  # the running link process, for status and benchmarks
+
+    def update(self, config: SourceConfig, device_id: str | None) -> bool:
+        """Always False: a changed MQTT source restarts, its session resumes at the broker,
+        which sends again whatever was not acknowledged, so nothing is lost by it."""
+        return False
 
     @property
     def label(self) -> str:
