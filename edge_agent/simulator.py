@@ -97,3 +97,79 @@ class PtySensor:
                 self.written += 1
             else:
                 self.lost_unplugged += 1
+
+
+class PtyResponder:
+    """A polled instrument on a pty: answers each request line with `answer(request)`.
+
+    `delay_s` holds each answer back (a slow device); `answer` returning None leaves a request
+    unanswered (a device that is off or does not understand it). Like `PtySensor`, the pty is
+    reached through `link`, and `requests` counts what the device was asked.
+    """
+
+    def __init__(
+        self,
+        link: Path,
+        answer: Callable[[bytes], str | None],
+        delay_s: float = 0.0,
+    ) -> None:
+        self.link = link
+        self.answer = answer
+        self.delay_s = delay_s
+        self.requests: list[tuple[float, bytes]] = []  # (wall time, request) as received
+        self.answered = 0
+        self._master: int | None = None
+        self._slave: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> PtyResponder:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        tmp = self.link.with_name(self.link.name + ".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.ttyname(slave))
+        tmp.replace(self.link)
+        self._master, self._slave = master, slave
+        self._thread = threading.Thread(target=self._run, name="pty-responder", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        for fd in (self._master, self._slave):
+            if fd is not None:
+                os.close(fd)
+        self._master = self._slave = None
+        self.link.unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        import select
+
+        assert self._master is not None
+        pending = b""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._master], [], [], 0.05)
+            if not ready:
+                continue
+            try:
+                pending += os.read(self._master, 4096)
+            except OSError:  # the reader closed its end for a moment (reopen)
+                time.sleep(0.05)
+                continue
+            while b"\n" in pending:
+                request, pending = pending.split(b"\n", 1)
+                self._respond(request + b"\n")
+
+    def _respond(self, request: bytes) -> None:
+        self.requests.append((time.time(), request))
+        reply = self.answer(request)
+        if reply is None:
+            return
+        if self.delay_s and self._stop.wait(self.delay_s):
+            return
+        assert self._master is not None
+        os.write(self._master, reply.encode() + b"\r\n")
+        self.answered += 1

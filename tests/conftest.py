@@ -7,14 +7,16 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from edge_agent.agent import Agent
+from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
-from tests.helpers import DATASOURCE, TOKEN
+from tests.helpers import DATASOURCE, TOKEN, serial_source, write_config
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -39,6 +41,29 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     sbx.start()
     yield sbx
     sbx.stop()
+
+
+@pytest.fixture
+def serial_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
+    """Agents with one serial source ("weather") on the given port, run in this process."""
+    agents: list[Agent] = []
+
+    def make(**source: object) -> Agent:
+        port = Path(str(source.pop("port")))
+        config = write_config(
+            tmp_path / "agent.toml",
+            url=sandbox.url,
+            data_dir=tmp_path / "data",
+            sources=[serial_source(port, **source)],
+        )
+        agent = Agent(load_config(config))
+        agent.start()
+        agents.append(agent)
+        return agent
+
+    yield make
+    for agent in agents:
+        agent.stop()
 
 
 @pytest.fixture

@@ -9,7 +9,10 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
 
 TOKEN = "test-token"
 DATASOURCE = "67890"
@@ -144,3 +147,8 @@ class AgentProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def serial_connected(agent: Agent, name: str = "weather") -> bool:
+    """Whether the agent's serial source `name` has its port open."""
+    return agent.sources[name].stats.connected

@@ -3,49 +3,21 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from edge_agent.agent import Agent
 from edge_agent.buffer import BufferSession
-from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
-from tests.helpers import DATASOURCE, serial_source, wait_until, write_config
-
-
-@pytest.fixture
-def make_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator:  # type: ignore[type-arg]
-    agents: list[Agent] = []
-
-    def make(**source: object) -> Agent:
-        port = Path(str(source.pop("port")))
-        config = write_config(
-            tmp_path / "agent.toml",
-            url=sandbox.url,
-            data_dir=tmp_path / "data",
-            sources=[serial_source(port, **source)],
-        )
-        agent = Agent(load_config(config))
-        agent.start()
-        agents.append(agent)
-        return agent
-
-    yield make
-    for agent in agents:
-        agent.stop()
-
-
-def connected(agent: Agent) -> bool:
-    return agent.sources["weather"].stats.connected
+from tests.helpers import DATASOURCE, wait_until
+from tests.helpers import serial_connected as connected
 
 
 def test_lines_become_records_with_utc_stamps_and_tags(
-    make_agent, pty_sensor: PtySensor, sandbox: Sandbox
+    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox
 ) -> None:
-    agent = make_agent(port=pty_sensor.link, shape="long", tags={"site": "north"})
+    agent = serial_agent(port=pty_sensor.link, shape="long", tags={"site": "north"})
     wait_until(lambda: connected(agent), what="port open")
     pty_sensor.write_line("temperature=22.5 humidity=40")
     pty_sensor.write_line("status=ok")
@@ -69,9 +41,9 @@ def test_lines_become_records_with_utc_stamps_and_tags(
         ({"format": "kv"}, "t:1,h:2", {"t": 1, "h": 2}),
     ],
 )
-def test_line_formats(make_agent, pty_sensor: PtySensor, sandbox: Sandbox,  # type: ignore[no-untyped-def]
+def test_line_formats(serial_agent, pty_sensor: PtySensor, sandbox: Sandbox,  # type: ignore[no-untyped-def]
                       source, line, expected) -> None:  # fmt: skip
-    agent = make_agent(port=pty_sensor.link, **source)
+    agent = serial_agent(port=pty_sensor.link, **source)
     wait_until(lambda: connected(agent), what="port open")
     pty_sensor.write_line(line)
     (record,) = wait_until(lambda: sandbox.records(DATASOURCE), what="the record")
@@ -79,9 +51,9 @@ def test_line_formats(make_agent, pty_sensor: PtySensor, sandbox: Sandbox,  # ty
 
 
 def test_bad_input_is_counted_and_never_stops_the_source(
-    make_agent, pty_sensor: PtySensor, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
 ) -> None:
-    agent = make_agent(port=pty_sensor.link, max_line_bytes=64)
+    agent = serial_agent(port=pty_sensor.link, max_line_bytes=64)
     wait_until(lambda: connected(agent), what="port open")
     pty_sensor.write_line("seq=1")
     pty_sensor.write_line("this is not kv at all")
@@ -103,9 +75,9 @@ def test_bad_input_is_counted_and_never_stops_the_source(
 
 
 def test_unplug_and_replug_resume_reading(
-    make_agent, pty_sensor: PtySensor, sandbox: Sandbox
+    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox
 ) -> None:
-    agent = make_agent(port=pty_sensor.link)
+    agent = serial_agent(port=pty_sensor.link)
     wait_until(lambda: connected(agent), what="port open")
     pty_sensor.write_line("seq=1")
     wait_until(lambda: len(sandbox.records(DATASOURCE)) == 1, what="first line")
@@ -121,10 +93,10 @@ def test_unplug_and_replug_resume_reading(
 
 
 def test_missing_port_at_start_is_retried_until_it_appears(
-    make_agent, tmp_path: Path, sandbox: Sandbox
+    serial_agent, tmp_path: Path, sandbox: Sandbox
 ) -> None:
     sensor = PtySensor(tmp_path / "late-device")
-    agent = make_agent(port=sensor.link)
+    agent = serial_agent(port=sensor.link)
     wait_until(lambda: agent.sources["weather"].stats.last_error, what="open failure noted")
     assert "cannot open" in (agent.sources["weather"].stats.last_error or "")
     sensor.plug()
@@ -137,9 +109,9 @@ def test_missing_port_at_start_is_retried_until_it_appears(
 
 
 def test_silent_port_is_reported_and_reopened(
-    make_agent, pty_sensor: PtySensor, sandbox: Sandbox
+    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox
 ) -> None:
-    agent = make_agent(port=pty_sensor.link, silence_timeout_s=1.0)
+    agent = serial_agent(port=pty_sensor.link, silence_timeout_s=1.0)
     wait_until(lambda: connected(agent), what="port open")
     wait_until(
         lambda: "no data" in (agent.sources["weather"].stats.last_error or ""),

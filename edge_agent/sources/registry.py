@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from edge_agent.clock import Clock
 from edge_agent.sources.base import Intake, Source, SourceConfig
 
-
 # The types shipped with the agent, in the order messages list them; others follow by name.
 _BUILT_IN = ("serial", "mqtt", "modbus")
 

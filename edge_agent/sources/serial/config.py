@@ -112,7 +112,7 @@ class SerialConfig(SerialFraming, SourceConfig):
             )
         check_range(self.poll_interval_s, 0.05, 86_400.0, f"{where} poll_interval_s")
         check_range(self.response_timeout_s, 0.01, 600.0, f"{where} response_timeout_s")
-        if self.response_timeout_s > self.poll_interval_s:
+        if "response_timeout_s" in table and self.response_timeout_s > self.poll_interval_s:
             raise ConfigError(
                 f"{where} response_timeout_s: {self.response_timeout_s:g} s is longer than "
                 f"poll_interval_s ({self.poll_interval_s:g} s); a poll must end before the next"
@@ -122,6 +122,11 @@ class SerialConfig(SerialFraming, SourceConfig):
                 f"{where} silence_timeout_s: a polled source counts unanswered polls instead; "
                 "remove silence_timeout_s"
             )
+
+    @property
+    def answer_timeout_s(self) -> float:
+        """How long a poll waits for its answer: `response_timeout_s`, within the interval."""
+        return min(self.response_timeout_s, self.poll_interval_s)
 
     def line_format(self) -> LineFormat:
         """The parser settings of this source."""

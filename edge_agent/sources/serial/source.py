@@ -62,7 +62,7 @@ class SerialSource(ThreadedSource):
         """
         if not isinstance(config, SerialConfig):
             return False
-        port_keys = (*_PORT_KEYS, "encoding", "max_line_bytes", "response_timeout_s")
+        port_keys = (*_PORT_KEYS, "encoding", "max_line_bytes")
         if any(getattr(config, k) != getattr(self.config, k) for k in port_keys):
             return False
         if (config.request is None) != (self.config.request is None):
@@ -101,7 +101,7 @@ class SerialSource(ThreadedSource):
     def _open(self) -> serial.Serial:
         timeout = _READ_TIMEOUT_S
         if self.config.request is not None:
-            timeout = min(timeout, self.config.response_timeout_s / 4)
+            timeout = min(timeout, self.config.answer_timeout_s / 4)
         port = open_port(self.config, timeout)
         if self.stats.last_error is not None:
             self.stats.reconnects += 1
@@ -170,7 +170,7 @@ class SerialSource(ThreadedSource):
             port.write(self.config.request_bytes())
         except (serial.SerialException, OSError) as exc:
             raise SourceError(f"{self.config.port} disappeared ({exc})") from None
-        deadline = time.monotonic() + self.config.response_timeout_s
+        deadline = time.monotonic() + self.config.answer_timeout_s
         while time.monotonic() < deadline and not self._stop.is_set():
             try:
                 data = port.read(max(1, port.in_waiting))
@@ -202,7 +202,7 @@ class SerialSource(ThreadedSource):
                 self.label,
                 self.config.port,
                 self.config.request,
-                self.config.response_timeout_s,
+                self.config.answer_timeout_s,
             )
 
     # -- lines ----------------------------------------------------------------------------
