@@ -158,10 +158,14 @@ class ThreadedSource:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._thread is not None or self._stop.is_set():
-            raise RuntimeError(f"source {self.name} was already started")
+        self._refuse_restart()
         self._thread = threading.Thread(target=self._run, name=f"source-{self.name}", daemon=True)
         self._thread.start()
+
+    def _refuse_restart(self) -> None:
+        """A source starts once: call before taking any resource in `start`."""
+        if self._thread is not None or self._stop.is_set():
+            raise RuntimeError(f"source {self.name} was already started")
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -253,6 +253,7 @@ class MqttSource(ThreadedSource):
 
     def start(self) -> None:
         """Check the TLS files (errors stop start-up), then start the link."""
+        self._refuse_restart()
         try:
             new_client(self._link_settings)
         except (ssl.SSLError, OSError, ValueError) as exc:

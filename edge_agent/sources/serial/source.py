@@ -13,6 +13,7 @@ never made up with a burst; an unanswered one is counted and logged once per inc
 from __future__ import annotations
 
 import logging
+import termios
 import time
 
 import serial
@@ -168,7 +169,7 @@ class SerialSource(ThreadedSource):
         try:
             port.reset_input_buffer()
             port.write(self.config.request_bytes())
-        except (serial.SerialException, OSError) as exc:
+        except (serial.SerialException, OSError, termios.error) as exc:  # tcflush: termios
             raise SourceError(f"{self.config.port} disappeared ({exc})") from None
         deadline = time.monotonic() + self.config.answer_timeout_s
         while time.monotonic() < deadline and not self._stop.is_set():
