@@ -1,9 +1,9 @@
 """Logging set-up and the rate limit for repeated error lines.
 
-One line per event on stderr, naming the component (`serial weather: ...`), with anything
-that looks like a credential redacted. Under systemd
-(JOURNAL_STREAM set) the timestamp is left out because the journal adds its own.
-`--log-format json` gives one JSON object per line for log shippers.
+One line per event on stderr, naming the component (`serial weather: ...`), with anything that
+looks like a credential redacted. Under systemd (JOURNAL_STREAM set) the timestamp is left out
+because the journal adds its own. `--log-format json` gives one JSON object per line for log
+shippers.
 """
 
 from __future__ import annotations
