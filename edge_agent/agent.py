@@ -22,6 +22,7 @@ from edge_agent import __version__
 from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.clock import Clock, ClockGuard, SystemClock
 from edge_agent.config import Config, Secret, load_config, resolve_token
+from edge_agent.credentials import exposure_warnings
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.records import Reading, with_field
 from edge_agent.sources.base import Source, SourceConfig
@@ -170,6 +171,8 @@ class Agent:
             self.config.buffer_path,
             self.config.endpoint.url,
         )
+        for warning in exposure_warnings(self.config):
+            log.warning("agent: %s", warning)
 
     def _apply_clock_state(self, became_trusted: bool) -> None:
         assert self.guard is not None

@@ -20,6 +20,7 @@ from edge_agent import __version__, sandbox
 from edge_agent.buffer import BufferSession
 from edge_agent.clock import utc_stamp
 from edge_agent.config import Config, load_config, parse_duration
+from edge_agent.credentials import exposure_warnings
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.logs import setup_logging
 
@@ -248,8 +249,9 @@ def describe(config: Config) -> str:
 
 
 def _warnings(config: Config) -> list[str]:
-    """Things that are allowed but probably wrong; `check` says them, `run` goes ahead."""
-    out = []
+    """Things that are allowed but probably wrong; `check` says them, `run` goes ahead
+    (and logs the ones that expose a credential once, at start)."""
+    out = exposure_warnings(config)
     if not config.endpoint.url.rstrip("/").endswith("/restapi/datasource/insert"):
         out.append(
             f"[endpoint] url {config.endpoint.url} does not end in /restapi/datasource/insert"

@@ -19,6 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from edge_agent.credentials import (
+    decode_secret_file,
+    has_url_credentials,
+    strip_line_end,
+    token_problem,
+)
 from edge_agent.errors import ConfigError
 from edge_agent.sources.base import SourceConfig
 from edge_agent.tables import build, check_range, file_keys, reject_unknown
@@ -172,43 +178,71 @@ def load_config(
 
 
 def resolve_token(endpoint: EndpointConfig, environ: Mapping[str, str], where: str) -> Secret:
-    """The upload token from the environment variable or file the endpoint names."""
+    """The upload token from the environment variable or file the endpoint names.
+
+    It must be one line of printable ASCII (one final line break is dropped): anything else
+    would break the Authorization header, and httpx's error would quote the header whole.
+    """
     if endpoint.token_env:
-        value = environ.get(endpoint.token_env, "").strip()
+        name = endpoint.token_env
+        value = strip_line_end(environ.get(name, ""))
         if not value:
             raise ConfigError(
-                f"{where}: [endpoint] token_env: the environment variable {endpoint.token_env} "
+                f"{where}: [endpoint] token_env: the environment variable {name} "
                 "is not set or empty; export it before starting the agent, or use token_file"
+            )
+        problem = token_problem(value)
+        if problem:
+            raise ConfigError(
+                f"{where}: [endpoint] token_env: the environment variable {name} {problem}"
             )
         return Secret(value)
     assert endpoint.token_file is not None  # _check_endpoint requires one of the two
+    label = f"{where}: [endpoint] token_file: {endpoint.token_file}"
     try:
-        value = Path(endpoint.token_file).read_text(encoding="utf-8").strip()
+        data = Path(endpoint.token_file).read_bytes()
     except OSError as exc:
         raise ConfigError(
             f"{where}: [endpoint] token_file: cannot read {endpoint.token_file} "
             f"({exc.strerror}); create it with the token on one line, readable by the agent"
         ) from None
-    if not value:
-        raise ConfigError(
-            f"{where}: [endpoint] token_file: {endpoint.token_file} is empty; "
-            "put the token on one line"
-        )
+    try:
+        value = strip_line_end(decode_secret_file(data))
+    except ValueError as exc:
+        raise ConfigError(f"{label} {exc}") from None
+    problem = token_problem(value)
+    if problem:
+        raise ConfigError(f"{label} {problem}")
     return Secret(value)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such file; copy one of the examples in configs/ and edit it"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(_not_utf8(path, data, exc.start)) from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _not_utf8(path: Path, data: bytes, offset: int) -> str:
+    line = data.count(b"\n", 0, offset) + 1
+    column = offset - (data.rfind(b"\n", 0, offset) + 1) + 1
+    return (
+        f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} (line {line}, "
+        f"column {column}) is not UTF-8; TOML files must be UTF-8: save the file as UTF-8 "
+        "(e.g. `iconv -f latin1 -t utf-8`)"
+    )
 
 
 def _table(raw: Mapping[str, Any], name: str, where: str) -> Mapping[str, Any]:
@@ -231,6 +265,13 @@ def _check_endpoint(ep: EndpointConfig, where: str) -> None:
         raise ConfigError(
             f"{w} url: missing; set it to the insert URL, "
             'e.g. "https://api.example.com/restapi/datasource/insert"'
+        )
+    if has_url_credentials(ep.url):
+        # The URL is shown by `check`, in the log and on the status page: never quote it here.
+        raise ConfigError(
+            f"{w} url: holds a user name or password (user:password@host); remove them from "
+            "the URL: the agent sends the token from token_file (or token_env) as an "
+            "Authorization header"
         )
     if not re.match(r"^https?://[^/\s]+", ep.url):
         raise ConfigError(f"{w} url: expected an http:// or https:// URL, got {ep.url!r}")

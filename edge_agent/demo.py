@@ -167,6 +167,7 @@ class _Demo:
         self.sensor = PtySensor(work / "ttyDEMO-weather", rate_hz=args.rate)
         token_file = work / "token"
         token_file.write_text(TOKEN + "\n")
+        token_file.chmod(0o600)  # as installed: a token others can read earns a warning
         self.config_path = work / "demo.toml"
         text = _config_text(work / "data", self.sensor.link, self.sandbox.url, token_file)
         self.broker = None if args.no_mqtt else (args.mqtt or DEFAULT_MQTT)

@@ -1,8 +1,9 @@
 """Logging set-up and the rate limit for repeated error lines.
 
-One line per event on stderr, naming the component (`serial weather: ...`). Under systemd
-(JOURNAL_STREAM set) the timestamp is left out because the journal adds its own.
-`--log-format json` gives one JSON object per line for log shippers.
+One line per event on stderr, naming the component (`serial weather: ...`), with anything that
+looks like a credential redacted. Under systemd (JOURNAL_STREAM set) the timestamp is left out
+because the journal adds its own. `--log-format json` gives one JSON object per line for log
+shippers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,19 @@ import sys
 import time
 from collections import deque
 from typing import Any
+
+from edge_agent.credentials import redact
+
+
+class _Redact(logging.Filter):
+    """Defence in depth: no log line shows what follows "Bearer" or a URL's password."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
 
 
 class _JsonFormatter(logging.Formatter):
@@ -43,6 +57,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         )
         formatter.converter = time.gmtime
     handler.setFormatter(formatter)
+    handler.addFilter(_Redact())
     root = logging.getLogger("edge_agent")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -75,6 +90,7 @@ class RecentErrors(logging.Handler):
 
     def __init__(self, keep: int = 20) -> None:
         super().__init__(logging.WARNING)
+        self.addFilter(_Redact())
         self._lines: deque[dict[str, Any]] = deque(maxlen=keep)
 
     def emit(self, record: logging.LogRecord) -> None:

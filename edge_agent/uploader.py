@@ -35,6 +35,7 @@ import httpx
 from edge_agent import __version__
 from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.config import EndpointConfig, Secret
+from edge_agent.credentials import redact
 from edge_agent.errors import ConfigError
 from edge_agent.logs import RateLimitedLog
 
@@ -147,8 +148,17 @@ def _server_message(response: httpx.Response) -> str:
 
 
 def _network_message(exc: httpx.HTTPError) -> str:
-    """What went wrong on the wire, with a hint when it is a certificate problem."""
-    text = f"{type(exc).__name__}: {exc or 'no detail'}"
+    """What went wrong on the wire, with a hint when it is a certificate problem.
+
+    The request could not even be written when its headers were invalid; that error's text
+    quotes the header, which may be the Authorization one, so it is never shown.
+    """
+    if isinstance(exc, httpx.LocalProtocolError):
+        return (
+            f"{type(exc).__name__}: the request could not be written (a header value is "
+            "invalid; check the token for a line break or other characters)"
+        )
+    text = f"{type(exc).__name__}: {redact(str(exc)) or 'no detail'}"
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -211,6 +221,7 @@ class Uploader:
         self._failures = 0
         self._paused_until: dict[str, float] = {}  # data source or "*" -> monotonic time
         self._token_checked = 0.0
+        self._token_problem: str | None = None  # why the last re-read failed, said once
         self._carried: Counter[int] = Counter()  # reading id -> requests that carried it
         self._last_logged: dict[str, float] = {}
         self._dead_letter_log = RateLimitedLog(log, every=60.0)
@@ -389,8 +400,16 @@ class Uploader:
         self._token_checked = now
         try:
             fresh = self._token_source()
-        except Exception:  # an unreadable token file stays a 401 until it is fixed
+        except ConfigError as exc:
+            # Unreadable or not a token (two lines, a stray byte): keep the previous one and
+            # say so once per problem; the message names the file, never the token.
+            if str(exc) != self._token_problem:
+                self._token_problem = str(exc)
+                log.error("uploader: the token was not re-read, keeping the previous one: %s", exc)
             return
+        if self._token_problem is not None:
+            self._token_problem = None
+            log.info("uploader: the token file reads correctly again")
         if fresh != self._token:
             self._token = fresh
             log.info("uploader: the token changed; retrying now")

@@ -58,6 +58,7 @@ def write_config(
         token_file = path.parent / "token"
         if not token_file.exists():
             token_file.write_text(TOKEN + "\n")
+            token_file.chmod(0o600)  # as installed; a token others can read earns a warning
     ep = {
         "url": url,
         "token_file": str(token_file),

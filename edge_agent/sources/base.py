@@ -67,6 +67,10 @@ class SourceConfig:
         """What the source reads, in a few words, for `edge-agent check`."""
         return self.type
 
+    def exposure_warnings(self) -> list[str]:
+        """Allowed settings that expose a password of this source, one line each."""
+        return []
+
     def serial_port(self) -> tuple[str, str] | None:
         """The local serial device this source opens, and who may share it: sources that
         name the same sharing group may use one port together (a Modbus bus), others not."""

@@ -15,6 +15,13 @@ from typing import Any, Literal, Self
 from urllib.parse import urlsplit
 
 from edge_agent.config import Secret
+from edge_agent.credentials import (
+    decode_secret_file,
+    is_loopback,
+    password_problem,
+    readable_by_others,
+    strip_line_end,
+)
 from edge_agent.errors import ConfigError
 from edge_agent.sources.base import SourceConfig
 from edge_agent.tables import check_range
@@ -51,6 +58,21 @@ class MqttConfig(SourceConfig):
         if self.password_env is None and self.password_file is None:
             return self
         return dataclasses.replace(self, password=resolve_password(self, environ, where))
+
+    def exposure_warnings(self) -> list[str]:
+        label = f"[[sources]] ({self.name})"
+        out = []
+        has_password = self.password_env is not None or self.password_file is not None
+        if has_password and self.broker is not None:
+            broker = urlsplit(self.broker)
+            if broker.scheme == "mqtt" and not is_loopback(broker.hostname):
+                out.append(
+                    f"{label} broker: mqtt:// to {broker.hostname} sends the password in "
+                    "plain text over the network; use mqtts://"
+                )
+        if self.password_file is not None:
+            out += readable_by_others(f"{label} password_file", self.password_file)
+        return out
 
     def describe(self) -> str:
         return (
@@ -225,24 +247,37 @@ def _check_mqtt_credentials(src: MqttConfig, where: str) -> None:
 
 
 def resolve_password(src: MqttConfig, environ: Mapping[str, str], where: str) -> Secret:
-    """The broker password of an MQTT source, from its password_env or password_file."""
+    """The broker password of an MQTT source, from its password_env or password_file.
+
+    One line without control characters (one final line break is dropped).
+    """
     label = f"{where}: [[sources]] ({src.name})"
     if src.password_env:
-        value = environ.get(src.password_env, "")
+        value = strip_line_end(environ.get(src.password_env, ""))
         if not value:
             raise ConfigError(
                 f"{label} password_env: the environment variable {src.password_env} is not set "
                 "or empty; export it before starting the agent, or use password_file"
             )
+        problem = password_problem(value)
+        if problem:
+            raise ConfigError(
+                f"{label} password_env: the environment variable {src.password_env} {problem}"
+            )
         return Secret(value)
     assert src.password_file is not None  # _with_password calls us only with one of the two
     try:
-        value = Path(src.password_file).read_text(encoding="utf-8").rstrip("\r\n")
+        data = Path(src.password_file).read_bytes()
     except OSError as exc:
         raise ConfigError(
             f"{label} password_file: cannot read {src.password_file} ({exc.strerror}); create "
             "it with the password on one line, readable by the agent"
         ) from None
-    if not value:
-        raise ConfigError(f"{label} password_file: {src.password_file} is empty")
+    try:
+        value = strip_line_end(decode_secret_file(data))
+    except ValueError as exc:
+        raise ConfigError(f"{label} password_file: {src.password_file} {exc}") from None
+    problem = password_problem(value)
+    if problem:
+        raise ConfigError(f"{label} password_file: {src.password_file} {problem}")
     return Secret(value)
