@@ -902,6 +902,8 @@ class BufferSession:
             with transaction(self.conn):
                 taken = self._insert_fitting(chunk, config, schema_ids)
                 bump(self.conn, Counter(f"imported.{r.datasource_id}" for r in chunk[:taken]))
+            # Without a running agent nobody else checkpoints: fold each chunk in, so that
+            # the WAL stays near one chunk instead of growing by the whole file.
             self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
             done.add(chunk[:taken])
             if taken < len(chunk):
