@@ -179,7 +179,7 @@ def refusal(holder: Holder, buffer_path: Path, doing: str) -> str:
     return (
         f"`edge-agent {doing}` needs the agent stopped, and it runs on the buffer "
         f"{buffer_path}: {where}. Stop it ({holder.stop_hint()}), run this again, then start "
-        "it again. Nothing was changed"
+        "the agent again. Nothing was changed"
     )
 
 
