@@ -31,7 +31,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -866,42 +866,94 @@ class BufferSession:
         ]
 
     def export_lines(self) -> Iterator[str]:
-        """Pending and held readings as JSON lines `{"datasource_id": ..., "record": {...}}`."""
-        for table in ("readings", "held"):
-            cur = self.conn.execute(f"SELECT datasource_id, record FROM {table} ORDER BY id")
-            for ds, record in cur:
-                yield '{"datasource_id":' + json.dumps(ds) + ',"record":' + record + "}"
+        """Pending and held readings as JSON lines `{"datasource_id": ..., "record": {...}}`.
 
-    def import_lines(self, lines: Sequence[str]) -> int:
-        """Queue exported readings (all or none); a bad line raises BufferError naming it."""
-        rows = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except ValueError as exc:
-                raise BufferError(
-                    f"line {number}: not JSON ({exc}); nothing was imported"
-                ) from None
-            if (
-                not isinstance(doc, dict)
-                or not isinstance(doc.get("datasource_id"), str)
-                or not isinstance(doc.get("record"), dict)
-            ):
-                raise BufferError(
-                    f'line {number}: expected {{"datasource_id": "...", "record": {{...}}}}; '
-                    "nothing was imported"
-                )
-            rows.append((doc["datasource_id"], _ENCODER.encode(doc["record"])))
+        One read transaction, so a reading moved from `held` to `readings` meanwhile is
+        exported once.
+        """
+        self.conn.execute("BEGIN")
+        try:
+            for table in ("readings", "held"):
+                cur = self.conn.execute(f"SELECT datasource_id, record FROM {table} ORDER BY id")
+                for ds, record in cur:
+                    yield '{"datasource_id":' + json.dumps(ds) + ',"record":' + record + "}"
+        finally:
+            self.conn.execute("COMMIT")
+
+    def import_room(self, config: BufferConfig) -> int:
+        """Bytes the buffer takes before it is full, reckoned as the writer reckons it."""
+        return max(0, _session_budget(self.conn, self.path, config) - used_bytes(self.conn))
+
+    def import_lines(self, readings: Iterable[Exported], config: BufferConfig) -> Imported:
+        """Queue exported readings, in order, while they fit; stop at the first that does not.
+
+        Commits in chunks, each a fraction of the WAL reserve, so that neither the WAL nor the
+        running agent's writer (which waits for each chunk) suffers from a large file. Each
+        chunk is checked against the budget inside its transaction, where nobody else can
+        write: no reading is queued past `max_bytes`, so the agent never drops what was
+        just imported to make room. What did not fit is counted in the result, not queued.
+        """
+        done = Imported()
+        reserve = wal_reserve(config.max_bytes)
+        self.conn.execute(f"PRAGMA journal_size_limit={reserve}")
+        schema_ids: dict[str, int] = {}
+        chunks = _chunks(iter(readings), max(64 * 1024, reserve // 8))
+        for chunk in chunks:
+            with transaction(self.conn):
+                taken = self._insert_fitting(chunk, config, schema_ids)
+                bump(self.conn, Counter(f"imported.{r.datasource_id}" for r in chunk[:taken]))
+            # Without a running agent nobody else checkpoints: fold each chunk in, so that
+            # the WAL stays near one chunk instead of growing by the whole file.
+            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            done.add(chunk[:taken])
+            if taken < len(chunk):
+                done.refuse(chunk[taken:])
+                for rest in chunks:  # read on, only to report them
+                    done.refuse(rest)
+                break
+        return done
+
+    def _insert_fitting(
+        self, chunk: list[Exported], config: BufferConfig, schema_ids: dict[str, int]
+    ) -> int:
+        """Insert what of `chunk` fits the budget (call in a transaction); how many did."""
+        budget = _session_budget(self.conn, self.path, config)
         now = time.time()
-        with transaction(self.conn):
-            self.conn.executemany(
-                "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES (?,?,?,?)",
-                [(ds, self._schema_id(text), now, text) for ds, text in rows],
+        rows = [
+            (r.datasource_id, self._cached_schema_id(r, schema_ids), now, r.record) for r in chunk
+        ]
+        head = "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES "
+        self.conn.execute("SAVEPOINT import_chunk")
+        insert_rows(self.conn, head, rows)
+        if used_bytes(self.conn) <= budget:
+            self.conn.execute("RELEASE import_chunk")
+            return len(rows)
+        # It does not all fit: find exactly how much does, one reading at a time.
+        self.conn.execute("ROLLBACK TO import_chunk")
+        taken = 0
+        for row in rows:
+            self.conn.execute("SAVEPOINT import_row")
+            insert_rows(self.conn, head, [row])
+            if used_bytes(self.conn) > budget:
+                self.conn.execute("ROLLBACK TO import_row")
+                self.conn.execute("RELEASE import_row")
+                break
+            self.conn.execute("RELEASE import_row")
+            taken += 1
+        self.conn.execute("RELEASE import_chunk")
+        return taken
+
+    def _cached_schema_id(self, reading: Exported, cache: dict[str, int]) -> int:
+        found = cache.get(reading.signature)
+        if found is None:
+            self.conn.execute(
+                "INSERT OR IGNORE INTO schemas(signature) VALUES (?)", (reading.signature,)
             )
-            bump(self.conn, Counter(f"imported.{ds}" for ds, _ in rows))
-        return len(rows)
+            row = self.conn.execute(
+                "SELECT id FROM schemas WHERE signature = ?", (reading.signature,)
+            ).fetchone()
+            found = cache[reading.signature] = int(row[0])
+        return found
 
     def move_datasource(self, source: str, target: str) -> int:
         """Send a data source's pending readings to another one (a fixed `datasource_id`)."""
@@ -996,3 +1048,105 @@ def _record_object(text: str) -> bool:
         return isinstance(json.loads(text), dict)
     except ValueError:
         return False
+
+
+# -- the export format -----------------------------------------------------------------------
+
+# A line of an export file longer than this is refused: bounds what import holds in memory.
+MAX_EXPORT_LINE = 4 * 1024 * 1024
+# Rows per import transaction at most (bytes are bounded too, by the WAL reserve).
+_IMPORT_CHUNK_ROWS = 5_000
+
+
+@dataclass(frozen=True)
+class Exported:
+    """One reading of an export file: one line of `buffer export`."""
+
+    line: int
+    datasource_id: str
+    record: str  # the record's JSON text, as the buffer stores it
+    signature: str
+
+    @property
+    def estimated_bytes(self) -> int:
+        """Its room in the database, rounded up: the record, the data source in the row and
+        in the batch index, the row's overhead (a 119-byte record takes 168, measured)."""
+        return (len(self.record.encode()) + 2 * len(self.datasource_id.encode()) + 48) * 21 // 20
+
+
+def parse_exported(line: int, raw: bytes) -> Exported:
+    """One line of `buffer export` (without its line break); ValueError says what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start + 1} of the line)") from None
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply to be a record") from None
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if (
+        not isinstance(doc, dict)
+        or not isinstance(doc.get("datasource_id"), str)
+        or not doc["datasource_id"].strip()
+        or not isinstance(doc.get("record"), dict)
+    ):
+        raise ValueError('expected {"datasource_id": "...", "record": {...}}')
+    try:
+        record, sig = _ENCODER.encode(doc["record"]), signature(doc["record"])
+    except RecursionError:
+        raise ValueError("nested too deeply to be a record") from None
+    return Exported(line, doc["datasource_id"], record, sig)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number, and the API refuses it")
+
+
+@dataclass
+class Imported:
+    """What `import_lines` did: readings queued and not queued, by line."""
+
+    queued: Counter[str] = field(default_factory=Counter)  # by data source
+    queued_lines: tuple[int, int] | None = None  # first and last line queued
+    not_queued: int = 0
+    not_queued_lines: tuple[int, int] | None = None
+
+    def add(self, readings: list[Exported]) -> None:
+        if readings:
+            self.queued.update(r.datasource_id for r in readings)
+            first = readings[0].line if self.queued_lines is None else self.queued_lines[0]
+            self.queued_lines = (first, readings[-1].line)
+
+    def refuse(self, readings: list[Exported]) -> None:
+        if readings:
+            self.not_queued += len(readings)
+            first = readings[0].line if self.not_queued_lines is None else self.not_queued_lines[0]
+            self.not_queued_lines = (first, readings[-1].line)
+
+
+def _chunks(readings: Iterator[Exported], max_bytes: int) -> Iterator[list[Exported]]:
+    chunk: list[Exported] = []
+    size = 0
+    for r in readings:
+        chunk.append(r)
+        size += len(r.record)
+        if size >= max_bytes or len(chunk) >= _IMPORT_CHUNK_ROWS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _session_budget(conn: sqlite3.Connection, path: Path, config: BufferConfig) -> int:
+    """The writer's budget (`Buffer._budget`) for a session: `max_bytes` less the WAL
+    reserve, and no growth while free disk space is under `min_free_bytes`."""
+    budget = config.max_bytes - wal_reserve(config.max_bytes)
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return budget
+    if st.f_bavail * st.f_frsize < config.min_free_bytes:
+        budget = min(budget, file_bytes(conn))
+    return budget

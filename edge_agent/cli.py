@@ -7,21 +7,22 @@ that says what to fix).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_agent import __version__, sandbox
-from edge_agent.buffer import BufferSession
+from edge_agent import __version__, lock, sandbox
+from edge_agent.buffer import BufferSession, Imported
 from edge_agent.clock import utc_stamp
 from edge_agent.config import Config, load_config, parse_duration
 from edge_agent.credentials import exposure_warnings
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import BufferError, BufferInUseError, ConfigError, EdgeAgentError
 from edge_agent.logs import setup_logging
 
 log = logging.getLogger("edge_agent.cli")
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BufferInUseError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
         return 2
     except EdgeAgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
@@ -130,6 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(export)
     export.add_argument("--format", choices=["jsonl"], default="jsonl")
     export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
+    export.add_argument("--force", action="store_true", help="replace the output file if it exists")
     export.add_argument(
         "--db", type=Path, help="read this buffer file instead (e.g. one moved aside)"
     )
@@ -137,6 +142,13 @@ def _parser() -> argparse.ArgumentParser:
     imp = bsub.add_parser("import", help="queue readings from an exported JSON lines file")
     _config_arg(imp)
     imp.add_argument("file", type=Path, help="a file written by `buffer export`")
+    imp.add_argument(
+        "--when-full",
+        choices=["refuse", "drop_newest"],
+        default="refuse",
+        help="refuse (default): import nothing unless the whole file fits within max_bytes; "
+        "drop_newest: queue the first lines that fit and report the rest, not queued",
+    )
     imp.set_defaults(func=cmd_import)
     return parser
 
@@ -168,7 +180,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     setup_logging(args.log_level or config.agent.log_level, args.log_format)
-    return Service(config).run()
+    try:
+        # One agent per buffer, held until this process ends (see lock.py).
+        owner = lock.hold(config.buffer_path, "run", create=True)
+    except BufferInUseError:
+        raise
+    except BufferError as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return 2  # a start-up error
+    try:
+        return Service(config).run()
+    finally:
+        owner.release()
 
 
 # -- status ------------------------------------------------------------------------------
@@ -281,6 +304,22 @@ def _session(args: argparse.Namespace) -> BufferSession:
     return BufferSession(_inspection_config(args.config).buffer_path)
 
 
+@contextlib.contextmanager
+def _agent_stopped(args: argparse.Namespace, doing: str) -> Iterator[BufferSession]:
+    """A session for a command that is not safe beside a running agent: it holds the agent's
+    lock while it works, and refuses (BufferInUseError, naming the agent) if it cannot."""
+    path = _inspection_config(args.config).buffer_path
+    owner = lock.hold(path, doing)
+    try:
+        session = BufferSession(path)
+        try:
+            yield session
+        finally:
+            session.close()
+    finally:
+        owner.release()
+
+
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
     config = _inspection_config(args.config)
     session = BufferSession(config.buffer_path)
@@ -367,45 +406,97 @@ def cmd_purge_dead_letters(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = args.db or _inspection_config(args.config).buffer_path
+    from edge_agent.export_file import output_problem, write_atomically, write_lines
+
+    config = _inspection_config(args.config)
+    path = args.db or config.buffer_path
+    if args.output is not None:
+        problem = output_problem(args.output, [config.buffer_path, path], args.force)
+        if problem is not None:
+            print(f"edge-agent buffer export: error: {problem}", file=sys.stderr)
+            return 2
     session = BufferSession(path)
-    out = sys.stdout if args.output is None else args.output.open("w", encoding="utf-8")
     try:
-        n = 0
-        for line in session.export_lines():
-            out.write(line + "\n")
-            n += 1
+        if args.output is None:
+            n = write_lines(sys.stdout, session.export_lines())
+        else:
+            n = write_atomically(args.output, session.export_lines(), replace=args.force)
     finally:
         session.close()
-        if out is not sys.stdout:
-            out.close()
     print(f"exported {n} readings (pending and held) from {path}", file=sys.stderr)
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    session = _session(args)
+    """Check the whole file first, then queue what fits; say exactly what was not queued."""
+    from edge_agent.export_file import Readings, survey
+
+    config = _inspection_config(args.config)
+    session = BufferSession(config.buffer_path)
     try:
-        n = session.import_lines(_read_lines(args.file))
+        found = survey(args.file)
+        if found.bad_count:
+            return _bad_lines(args.file, found.bad, found.bad_count)
+        room = session.import_room(config.buffer)
+        if args.when_full == "refuse" and found.estimated_bytes > room:
+            return _does_not_fit(args.file, found.readings, found.estimated_bytes, room, config)
+        readings = Readings(args.file)
+        done = session.import_lines(readings, config.buffer)
     finally:
         session.close()
-    print(f"queued {n} readings from {args.file}; the running agent uploads them")
-    return 0
+    return _import_report(args.file, done, readings.problem, args.when_full)
 
 
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise EdgeAgentError(f"cannot read {path}: {exc.strerror}") from None
+def _bad_lines(path: Path, bad: list[tuple[int, str]], count: int) -> int:
+    for number, problem in bad:
+        print(f"edge-agent: error: {path} line {number}: {problem}", file=sys.stderr)
+    if count > len(bad):
+        print(f"edge-agent: error: ... and {count - len(bad)} more bad lines", file=sys.stderr)
+    print(
+        f"nothing was imported: {count} line(s) of {path} are not readings written by "
+        "`buffer export`; fix or delete them and import the file again",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _does_not_fit(path: Path, readings: int, need: int, room: int, config: Config) -> int:
+    print(
+        f"edge-agent: error: {path} holds {readings:,} readings, about {need:,} bytes in the "
+        f"buffer, and the buffer has room for {room:,} more bytes ([buffer] max_bytes = "
+        f"{config.buffer.max_bytes:,}); nothing was imported. Let the agent upload the "
+        "backlog first, raise max_bytes (and restart the agent), or queue the first lines "
+        "that fit with --when-full drop_newest",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _import_report(path: Path, done: Imported, problem: str | None, when_full: str) -> int:
+    queued = sum(done.queued.values())
+    where = "" if done.queued_lines is None else " (lines {}-{})".format(*done.queued_lines)
+    print(f"queued {queued} readings from {path}{where}; the agent uploads them")
+    for ds, n in sorted(done.queued.items()):
+        print(f"  data source {ds}: {n}")
+    if problem is not None:
+        print(f"edge-agent: error: {problem}; the readings after it were not queued",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if done.not_queued_lines is None:
+        return 0
+    first, last = done.not_queued_lines
+    print(
+        f"not queued: {done.not_queued} readings (lines {first}-{last}): the buffer is full. "
+        f"Import them once the agent has uploaded the backlog: "
+        f"`tail -n +{first} {path} > rest.jsonl`, then import rest.jsonl",
+        file=sys.stderr,
+    )
+    return 0 if when_full == "drop_newest" else 1
 
 
 def cmd_move(args: argparse.Namespace) -> int:
-    session = _session(args)
-    try:
+    with _agent_stopped(args, "buffer move") as session:
         n = session.move_datasource(args.source, args.target)
-    finally:
-        session.close()
     print(f"moved {n} pending readings from data source {args.source} to {args.target}")
     return 0
 
@@ -418,11 +509,8 @@ def cmd_drop(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    session = _session(args)
-    try:
+    with _agent_stopped(args, "buffer drop") as session:
         n = session.drop_datasource(args.datasource)
-    finally:
-        session.close()
     print(f"dropped {n} pending readings of data source {args.datasource} (counted as "
           f"dropped.by_operator.{args.datasource})")  # fmt: skip
     return 0

@@ -5,7 +5,8 @@
     ├── SourceError            a sensor or broker failed: the source logs, backs off, reopens
     │   └── ParseError         one line or payload could not be read: count it, go on
     ├── BufferError            the SQLite buffer cannot take or give readings
-    │   └── BufferFullError    intake refused by the `when_full` policy (counted as dropped)
+    │   ├── BufferFullError    intake refused by the `when_full` policy (counted as dropped)
+    │   └── BufferInUseError   another process owns the buffer: refuse, touch nothing (exit 2)
     └── UploadError            a request to the insert API did not deliver its batch
         ├── RetryableUploadError   transient (5xx, 408, 429, network): retry with backoff
         └── RejectedUploadError    the server refused (4xx): split, pause or dead-letter
@@ -39,6 +40,10 @@ class BufferError(EdgeAgentError):
 
 class BufferFullError(BufferError):
     """The buffer is full and its policy refused the readings."""
+
+
+class BufferInUseError(BufferError):
+    """Another process holds the buffer's lock (see lock.py); the message names it."""
 
 
 class UploadError(EdgeAgentError):

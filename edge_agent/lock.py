@@ -1,0 +1,245 @@
+"""The buffer's owner lock: one agent per buffer.
+
+`edge-agent run` holds an exclusive `flock` on `buffer.db.lock`, beside the database, from
+before it opens the buffer until its process ends. The kernel releases it when the process
+ends, kill -9 included, so there is never a stale lock to clean up. A second agent on the same
+data_dir would run a second uploader on the same readings, and the uploader, as the buffer's
+only consumer, keeps no claim state: both would send the same batches. So it refuses to start.
+
+Operator commands that are not safe beside a running agent (`buffer move`, `buffer drop`)
+take the same lock without waiting and hold it while they work; the others need none. The
+refusal names the holder from /proc (its PID, its command line, whether systemd runs it), so
+the operator knows what to stop.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import pwd
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_agent.errors import BufferError, BufferInUseError
+
+LOCK_SUFFIX = ".lock"
+_PROC = Path("/proc")
+
+
+def lock_path(buffer_path: Path) -> Path:
+    return buffer_path.with_name(buffer_path.name + LOCK_SUFFIX)
+
+
+class BufferLock:
+    """A held lock. It lasts as long as the process, or until `release`."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def hold(buffer_path: Path, doing: str, *, create: bool = False) -> BufferLock:
+    """Take the buffer's lock without waiting, for `doing` ("run", "buffer move"...).
+
+    Raises BufferInUseError naming the holder when another process has it, BufferError when
+    the lock file cannot be opened. `create` makes the data directory if it is missing
+    (`run` does; an operator command on a buffer that does not exist has nothing to lock).
+    """
+    path = lock_path(buffer_path)
+    fd = _open(path, create)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = find_holder(path, fd)
+        os.close(fd)
+        raise BufferInUseError(refusal(holder, buffer_path, doing)) from None
+    _note_pid(fd)
+    return BufferLock(path, fd)
+
+
+def _open(path: Path, create: bool) -> int:
+    user = _user()
+    if create:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BufferError(
+                f"cannot create the data directory {path.parent}: {exc.strerror} (user {user}); "
+                "create it and make it writable by this user, or set [agent] data_dir"
+            ) from None
+    try:
+        # Readable by all, so that an operator can see which PID holds it.
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        pass
+    except FileNotFoundError:
+        raise BufferError(
+            f"no buffer database at {path.parent}; has the agent run with this config?"
+        ) from None
+    except OSError as exc:
+        raise BufferError(f"cannot open the lock file {path}: {exc.strerror}") from None
+    try:
+        # flock needs no write access: another user (root made it, say) may still lock it.
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise BufferError(
+            f"cannot open the lock file {path}: {exc.strerror} (user {user}); run this as "
+            "the agent's user (e.g. `sudo -u edge-agent ...`) or as root"
+        ) from None
+
+
+def _note_pid(fd: int) -> None:
+    """Write our PID into the lock file: a second way, after /proc/locks, to find us."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as exc:
+        if exc.errno not in (errno.EBADF, errno.EINVAL, errno.EACCES):
+            raise BufferError(f"cannot write to the lock file: {exc.strerror}") from None
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+# -- who holds it -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    """The process that holds the lock, as far as /proc tells."""
+
+    pid: int | None
+    argv: tuple[str, ...] = ()
+    unit: str | None = None  # the systemd service whose cgroup it is in
+    maybe_service: bool = False  # its parent is PID 1, or systemd's INVOCATION_ID is set
+
+    @property
+    def is_operator(self) -> bool:
+        """An `edge-agent buffer ...` command rather than an agent."""
+        return "buffer" in self.argv
+
+    def how(self) -> str:
+        command = f" (`{shlex.join(self.argv)}`)" if self.argv else ""
+        if self.unit:
+            return f"the systemd service {self.unit}{command}"
+        if self.maybe_service:
+            return f"probably the edge-agent service{command}"
+        return f"started by hand{command}"
+
+    def stop_hint(self) -> str:
+        if self.unit:
+            return f"`systemctl stop {self.unit.removesuffix('.service')}`"
+        if self.maybe_service:
+            return "`systemctl stop edge-agent`"
+        if self.pid is not None:
+            return f"Ctrl-C where it runs, or `kill {self.pid}`"
+        return "find it with `fuser -v` on the lock file"
+
+
+def find_holder(path: Path, fd: int) -> Holder:
+    pid = _pid_from_proc_locks(fd) or _pid_from_file(path)
+    if pid is None:
+        return Holder(None)
+    ppid = _parent(pid)
+    return Holder(
+        pid,
+        argv=_argv(pid),
+        unit=_unit(pid),
+        maybe_service=ppid == 1 or _has_invocation_id(pid),
+    )
+
+
+def refusal(holder: Holder, buffer_path: Path, doing: str) -> str:
+    who = "a process whose PID cannot be read" if holder.pid is None else f"PID {holder.pid}"
+    where = f"{who}, {holder.how()}"
+    if holder.is_operator:
+        return (
+            f"{doing}: an `edge-agent buffer` command is working on the buffer {buffer_path} "
+            f"({where}); wait for it to finish and try again. Nothing was changed"
+        )
+    if doing == "run":
+        return (
+            f"another agent already runs on the buffer {buffer_path}: {where}. Two agents on "
+            f"one buffer would send the same readings twice: stop it first "
+            f"({holder.stop_hint()}), or give this configuration another data_dir; "
+            "`edge-agent check --config FILE` checks a configuration without touching the "
+            "buffer. Nothing was changed"
+        )
+    return (
+        f"`edge-agent {doing}` needs the agent stopped, and it runs on the buffer "
+        f"{buffer_path}: {where}. Stop it ({holder.stop_hint()}), run this again, then start "
+        "the agent again. Nothing was changed"
+    )
+
+
+def _pid_from_proc_locks(fd: int) -> int | None:
+    """/proc/locks lines read `1: FLOCK ADVISORY WRITE PID MAJ:MIN:INODE 0 EOF`."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        text = (_PROC / "locks").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == ident:
+            return int(fields[4]) if fields[4].isdigit() and fields[4] != "0" else None
+    return None
+
+
+def _pid_from_file(path: Path) -> int | None:
+    try:
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _argv(pid: int) -> tuple[str, ...]:
+    try:
+        raw = (_PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return ()
+    return tuple(a.decode(errors="replace") for a in raw.split(b"\0") if a)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name in parentheses may hold spaces: the fields after it are plain.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else None
+
+
+def _unit(pid: int) -> str | None:
+    """`edge-agent.service` from a cgroup path like `0::/system.slice/edge-agent.service`."""
+    try:
+        text = (_PROC / str(pid) / "cgroup").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        last = line.rsplit("/", 1)[-1]
+        if last.endswith(".service") and not last.startswith("user@"):
+            return last
+    return None
+
+
+def _has_invocation_id(pid: int) -> bool:
+    try:
+        environ = (_PROC / str(pid) / "environ").read_bytes()
+    except OSError:  # another user's process: only its parent tells
+        return False
+    return any(v.startswith(b"INVOCATION_ID=") for v in environ.split(b"\0"))

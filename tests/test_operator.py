@@ -1,0 +1,326 @@
+"""Operator commands and the buffer's single owner: one agent per buffer, what each `buffer`
+command does beside a running agent, and export and import that keep the buffer's promises."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.buffer import Buffer, BufferSession, wal_reserve
+from edge_agent.config import BufferConfig
+from edge_agent.records import Reading
+from edge_agent.sandbox import Faults, Sandbox
+from edge_agent.simulator import PtySensor, kv_line
+from edge_agent.store import used_bytes
+from tests.conftest import free_port
+from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
+
+OTHER = "67891"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def fill(db: Path, count: int, ds: str = DATASOURCE, start: int = 0) -> None:
+    buf = Buffer(db, BufferConfig())
+    buf.open()
+    buf.put([Reading(ds, {"timestamp": "2026-11-20T00:00:00.000Z", "seq": i})
+             for i in range(start, start + count)])  # fmt: skip
+    assert buf.flush()
+    buf.close()
+
+
+def seqs(db: Path, ds: str | None = None) -> list[int]:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        rows = conn.execute(
+            "SELECT record FROM readings WHERE ?1 IS NULL OR datasource_id = ?1 ORDER BY id", (ds,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return [json.loads(r)["seq"] for (r,) in rows]
+
+
+def counters(db: Path) -> dict[str, int]:
+    session = BufferSession(db)
+    try:
+        return session.stats().counters
+    finally:
+        session.close()
+
+
+def received(sandbox: Sandbox, ds: str = DATASOURCE) -> list[int]:
+    return [int(r["seq"]) for r in sandbox.records(ds)]
+
+
+def write_lines(sensor: PtySensor, start: int, count: int) -> int:
+    for seq in range(start, start + count):
+        assert sensor.write_line(kv_line(seq, time.time()))
+        time.sleep(0.002)
+    return start + count
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.ensure_dead()
+
+
+def agent_config(
+    tmp_path: Path, url: str, port: Path, *, listen: str | None = None, max_bytes: int = 1 << 28
+) -> Path:
+    path = write_config(
+        tmp_path / "agent.toml",
+        url=url,
+        data_dir=tmp_path / "data",
+        sources=[serial_source(port)],
+        buffer={"max_bytes": max_bytes},
+    )
+    if listen is not None:
+        path.write_text(path.read_text() + f'\n[status]\nlisten = "{listen}"\n')
+    return path
+
+
+# -- one agent per buffer ---------------------------------------------------------------------
+
+
+def test_a_second_agent_on_the_same_buffer_exits_2_and_nothing_is_sent_twice(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    config = agent_config(tmp_path, sandbox.url, pty_sensor.link)
+    # As systemd starts it: the refusal should say it is probably the service.
+    first = AgentProcess(config, tmp_path / "first.log", env={"INVOCATION_ID": "0123"}).start()
+    agents.append(first)
+    first.wait_log("serial weather: reading")
+    written = write_lines(pty_sensor, 0, 20)
+    wait_until(lambda: len(received(sandbox)) >= 20, what="the first readings")
+
+    second = AgentProcess(config, tmp_path / "second.log").start()
+    agents.append(second)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 2
+    message = second.log_text()
+    assert first.proc is not None
+    assert f"PID {first.proc.pid}" in message, message
+    assert "probably the edge-agent service" in message and "systemctl stop edge-agent" in message
+    assert f"run --config {config}" in message and "Traceback" not in message
+    assert "started with" not in message, "the second agent must touch nothing"
+
+    assert first.proc.poll() is None, "the first agent goes on"
+    written = write_lines(pty_sensor, written, 30)
+    wait_until(lambda: len(received(sandbox)) >= written, what="the next readings")
+
+    # kill -9: the kernel releases the lock with the process; a new agent starts at once.
+    wait_until(lambda: not seqs(tmp_path / "data" / "buffer.db"), what="an empty buffer")
+    first.kill9()
+    third = AgentProcess(config, tmp_path / "third.log").start()
+    agents.append(third)
+    third.wait_log("serial weather: reading")
+    written = write_lines(pty_sensor, written, 30)
+    wait_until(lambda: len(received(sandbox)) >= written, what="readings after the restart")
+    got = received(sandbox)
+    assert sorted(got) == list(range(written)), "each reading arrives exactly once"
+    assert third.terminate() == 0
+
+
+# -- each operator command beside a running agent --------------------------------------------
+
+
+def dead_letter_some(db: Path, count: int) -> None:
+    """Readings the server refused, as the uploader keeps them."""
+    fill(db, count, ds=OTHER, start=1000)
+    session = BufferSession(db)
+    try:
+        batch = session.next_batch(count, 1 << 20)
+        assert batch is not None and len(batch.rows) == count
+        session.dead_letter(batch, 400, "refused for the test", 1)
+    finally:
+        session.close()
+
+
+def test_operator_commands_beside_a_running_agent_do_what_the_readme_says(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    config = agent_config(tmp_path, sandbox.url, pty_sensor.link, listen=listen)
+    db = tmp_path / "data" / "buffer.db"
+    fill(db, 0)
+    dead_letter_some(db, 3)
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    agents.append(agent)
+    agent.wait_log("serial weather: reading")
+    assert agent.proc is not None
+    written = write_lines(pty_sensor, 0, 10)
+    wait_until(lambda: len(received(sandbox)) >= 10, what="the first readings")
+    c = str(config)
+
+    # Read-only commands work alongside.
+    check = cli("check", "--config", c)
+    assert check.returncode == 0 and "OK" in check.stdout, check.stderr
+    status = cli("status", "--config", c, "--json")
+    assert status.returncode in (0, 1) and "offline" not in json.loads(status.stdout)
+    stats = cli("buffer", "stats", "--config", c, "--json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["dead_letters"] == 3
+    dead = cli("buffer", "dead-letters", "--config", c, "--json")
+    assert dead.returncode == 0 and len(json.loads(dead.stdout)) == 3
+    exported = cli("buffer", "export", "--config", c, "-o", str(tmp_path / "x.jsonl"))
+    assert exported.returncode == 0, exported.stderr
+
+    # Commands that only add or remove what the uploader does not hold: safe alongside.
+    requeued = cli("buffer", "requeue", "--config", c, "--all")
+    assert requeued.returncode == 0 and "requeued 3" in requeued.stdout, requeued.stderr
+    wait_until(lambda: len(received(sandbox, OTHER)) == 3, what="the requeued dead letters")
+    carried = tmp_path / "carried.jsonl"
+    carried.write_text("".join(
+        json.dumps({"datasource_id": OTHER, "record": {"timestamp": "2026-11-20T00:00:00.000Z",
+                                                       "seq": 2000 + i}}) + "\n"
+        for i in range(50)
+    ))  # fmt: skip
+    imported = cli("buffer", "import", "--config", c, str(carried))
+    assert imported.returncode == 0 and "queued 50 readings" in imported.stdout, imported.stderr
+    wait_until(lambda: len(received(sandbox, OTHER)) == 53, what="the imported readings")
+    purged = cli("buffer", "purge-dead-letters", "--config", c, "--older-than", "0s")
+    assert purged.returncode == 0, purged.stderr
+
+    # Commands that change what a batch in flight belongs to: refused, naming the agent.
+    sandbox.set_faults(Faults(status=503))  # keep readings pending
+    written = write_lines(pty_sensor, written, 10)
+    wait_until(lambda: len(seqs(db)) >= 10, what="readings waiting")
+    before = (seqs(db), counters(db))
+    for command in (
+        ["move", "--from", DATASOURCE, "--to", OTHER],
+        ["drop", "--datasource", DATASOURCE, "--yes"],
+    ):
+        refused = cli("buffer", *command, "--config", c)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"PID {agent.proc.pid}" in refused.stderr and "needs the agent stopped" in (
+            refused.stderr
+        )
+        assert f"kill {agent.proc.pid}" in refused.stderr  # started by hand, not by systemd
+    assert (seqs(db), counters(db)) == before, "a refused command changes nothing"
+
+    # Stopped, the agent lets them work; and while one works, no agent starts.
+    assert agent.terminate() == 0
+    moved = cli("buffer", "move", "--config", c, "--from", DATASOURCE, "--to", OTHER)
+    assert moved.returncode == 0 and f"moved {len(before[0])}" in moved.stdout, moved.stderr
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def test_export_never_overwrites_by_accident_nor_writes_onto_the_buffer(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    db = tmp_path / "data" / "buffer.db"
+    fill(db, 25)
+    c = str(config)
+    (tmp_path / "to-wal").symlink_to(db.with_name("buffer.db-wal"))
+    (tmp_path / "to-db").symlink_to(db)
+    for target in (
+        db,
+        tmp_path / "to-db",
+        tmp_path / "to-wal",
+        tmp_path / "data" / "buffer.db.lock",
+    ):
+        for force in ([], ["--force"]):
+            refused = cli("buffer", "export", "--config", c, "-o", str(target), *force)
+            assert refused.returncode == 2 and "buffer's own file" in refused.stderr
+    assert seqs(db) == list(range(25)), "the buffer keeps every reading"
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    conn.close()
+
+    kept = tmp_path / "yesterday.jsonl"
+    kept.write_text("yesterday's export\n")
+    refused = cli("buffer", "export", "--config", c, "-o", str(kept))
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert kept.read_text() == "yesterday's export\n"
+    replaced = cli("buffer", "export", "--config", c, "-o", str(kept), "--force")
+    assert replaced.returncode == 0, replaced.stderr
+    lines = kept.read_text().splitlines()
+    assert [json.loads(line)["record"]["seq"] for line in lines] == list(range(25))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
+
+
+# -- import --------------------------------------------------------------------------------
+
+
+def export_file(path: Path, count: int, pad: int = 60) -> Path:
+    with path.open("w") as f:
+        for i in range(count):
+            record = {"timestamp": "2026-11-20T00:00:00.000Z", "seq": i, "pad": "p" * pad}
+            f.write(json.dumps({"datasource_id": DATASOURCE, "record": record}) + "\n")
+    return path
+
+
+def test_import_queues_only_what_fits_and_the_agent_then_drops_none_of_it(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    max_bytes = 1 << 20
+    config = agent_config(tmp_path, sandbox.url, pty_sensor.link, max_bytes=max_bytes)
+    db = tmp_path / "data" / "buffer.db"
+    fill(db, 0)
+    big = export_file(tmp_path / "big.jsonl", 20_000)
+
+    refused = cli("buffer", "import", "--config", str(config), str(big))
+    assert refused.returncode == 1 and "nothing was imported" in refused.stderr, refused.stderr
+    assert "20,000 readings" in refused.stderr and "--when-full" in refused.stderr
+    assert seqs(db) == []
+
+    partial = cli("buffer", "import", "--config", str(config), str(big), "--when-full",
+                  "drop_newest")  # fmt: skip
+    assert partial.returncode == 0, partial.stderr
+    queued = seqs(db)
+    n = len(queued)
+    assert 0 < n < 20_000 and queued == list(range(n))
+    assert f"queued {n} readings" in partial.stdout and f"(lines 1-{n})" in partial.stdout
+    assert f"not queued: {20_000 - n} readings (lines {n + 1}-20000)" in partial.stderr
+    conn = sqlite3.connect(db)
+    assert used_bytes(conn) <= max_bytes - wal_reserve(max_bytes)
+    conn.close()
+
+    # The agent takes the buffer as it is: every queued reading is delivered, none dropped.
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    agents.append(agent)
+    wait_until(lambda: len(received(sandbox)) >= n, timeout=60, what="the imported readings")
+    assert sorted(received(sandbox)) == list(range(n))
+    assert agent.terminate() == 0
+    assert not [k for k in counters(db) if k.startswith("dropped.")]
+
+
+def test_import_reports_malformed_lines_by_number_and_imports_nothing(tmp_path: Path) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    db = tmp_path / "data" / "buffer.db"
+    fill(db, 0)
+    good = json.dumps({"datasource_id": DATASOURCE, "record": {"seq": 1}}).encode()
+    lines = [
+        good,
+        b'{"datasource_id": "67890", "record": {"seq": NaN}}',
+        b'{"datasource_id": "67890", "record": {"seq": "caf\xe9"}}',  # Latin-1, not UTF-8
+        b'{"datasource_id": "67890", "record": {"seq": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+        b"",
+        b'{"datasource_id": "67890", "record": [1, 2]}',
+        b'{"datasource_id": "67890", "record": {"pad": "' + b"x" * (5 << 20) + b'"}}',
+        good,
+    ]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    done = cli("buffer", "import", "--config", str(config), str(bad))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    for number, why in [(2, "NaN"), (3, "not UTF-8"), (4, "nested too deeply"),
+                        (6, "expected"), (7, "longer than")]:  # fmt: skip
+        assert f"bad.jsonl line {number}: " in done.stderr and why in done.stderr, done.stderr
+    assert "line 1:" not in done.stderr and "line 8:" not in done.stderr
+    assert "nothing was imported: 5 line(s)" in done.stderr
+    assert seqs(db) == []
