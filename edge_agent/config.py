@@ -132,6 +132,8 @@ class SourceConfig:
     inflight_window: int = 20
     shared_group: str | None = None
     timestamp_field: str | None = None
+    max_payload_bytes: int = 262_144
+    max_values_per_message: int = 1000
     # Resolved from password_env or password_file by load_config; not a key of the file.
     password: Secret | None = field(default=None, repr=False)
 
@@ -194,6 +196,8 @@ _SOURCE_KEYS_BY_TYPE = {
             "inflight_window",
             "shared_group",
             "timestamp_field",
+            "max_payload_bytes",
+            "max_values_per_message",
             "metric",
             "reopen_backoff_max_s",
         }
@@ -584,6 +588,7 @@ def _check_mqtt(src: SourceConfig, where: str) -> None:
                 )
     _check_range(src.qos, 0, 2, f"{where} qos")
     _check_mqtt_session(src, where)
+    _check_mqtt_limits(src, where)
     _check_mqtt_credentials(src, where)
     if src.metric != "value" and not src.metric.strip():
         raise ConfigError(f"{where} metric: must not be empty")
@@ -662,6 +667,13 @@ def _check_mqtt_session(src: SourceConfig, where: str) -> None:
             )
     if src.client_id is not None and not src.client_id.strip():
         raise ConfigError(f"{where} client_id: must not be empty (leave it out for the default)")
+
+
+def _check_mqtt_limits(src: SourceConfig, where: str) -> None:
+    # A larger payload is dead-lettered, not read: the caps bound the memory one message takes
+    # (268,435,455 bytes is the largest MQTT packet).
+    _check_range(src.max_payload_bytes, 64, 268_435_455, f"{where} max_payload_bytes")
+    _check_range(src.max_values_per_message, 1, 1_000_000, f"{where} max_values_per_message")
 
 
 def _check_mqtt_credentials(src: SourceConfig, where: str) -> None:
