@@ -631,6 +631,7 @@ def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
     src = config.sources[0]
     assert (src.qos, src.mqtt_version, src.keepalive_s) == (1, "3.1.1", 60)
     assert (src.session_expiry_s, src.inflight_window) == (604_800, 20)
+    assert (src.max_payload_bytes, src.max_values_per_message) == (262_144, 1000)
     assert src.password is not None and src.password.reveal() == "hunter2"
     assert "hunter2" not in repr(config)
 
@@ -660,6 +661,8 @@ def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
         ({"port": "/dev/ttyUSB0"}, "only serial sources take this key"),
         ({"password": "x"}, "unknown key 'password'"),
         ({"timestamp_field": "ts", "format": "number"}, "has no fields"),
+        ({"max_payload_bytes": 10}, "max_payload_bytes: expected a value from 64 to"),
+        ({"max_values_per_message": 0}, "max_values_per_message: expected a value from 1 to"),
     ],
 )
 def test_config_errors_say_what_to_fix(
@@ -737,9 +740,13 @@ class RawBroker:
     does with what was not acknowledged) and records the packet ids acknowledged.
     """
 
-    def __init__(self, messages: list[tuple[bytes, bytes, bool]]) -> None:
-        """`messages`: (topic bytes, payload, retain)."""
+    def __init__(
+        self, messages: list[tuple[bytes, bytes, bool]], v5_properties: bytes = b"\x00"
+    ) -> None:
+        """`messages`: (topic bytes, payload, retain); `v5_properties`: the PUBLISH properties
+        sent to an MQTT 5 client (their length first)."""
         self.messages = messages
+        self.v5_properties = v5_properties
         self._server = socket.create_server(("127.0.0.1", 0))
         self._server.settimeout(0.2)
         self.port = int(self._server.getsockname()[1])
@@ -787,7 +794,8 @@ class RawBroker:
                 for mid, (topic, payload, retain) in enumerate(self.messages, 1):
                     flags = 0x02 | (0x08 if dup else 0) | (0x01 if retain else 0)
                     head = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
-                    conn.sendall(_packet(0x30 | flags, head + (b"\x00" if v5 else b"") + payload))
+                    props = self.v5_properties if v5 else b""
+                    conn.sendall(_packet(0x30 | flags, head + props + payload))
             elif kind == 0x40:  # PUBACK
                 with self._lock:
                     self._acked.add(int.from_bytes(body[:2], "big"))
@@ -864,6 +872,27 @@ def test_a_topic_that_is_not_utf8_is_dead_lettered_and_acknowledged(
     assert "not UTF-8" in reason
     assert origin == "mqtt:sensors/\\xff\\xfe/temp\x1b[2J"
     assert counters["dropped.unparseable.plant"] == 1
+
+
+def test_a_packet_paho_cannot_decode_makes_the_link_reconnect_and_say_why(
+    make_agent: Callable[..., Agent], mqtt_log: _Lines
+) -> None:
+    # A Content Type property (3) that is not UTF-8: a malformed packet, which paho answers by
+    # dropping the connection (it cannot know which message it was, so it cannot acknowledge).
+    raw = RawBroker([(b"sensors/a/t", b"1", False)], v5_properties=b"\x05\x03\x00\x02\xff\xfe")
+    try:
+        agent = make_agent(mqtt_source(raw, mqtt_version="5"))
+        said = (
+            "mqtt plant: lost the connection to the broker (Protocol error); the broker sent a "
+            "packet that is not valid MQTT (e.g. a property that is not UTF-8), which comes "
+            "again at every reconnect: check the broker and the publisher"
+        )
+        wait_until(lambda: raw.connections >= 3, 15, "reconnects")
+        assert any(line.startswith(said) for line in mqtt_log.lines)
+        assert source(agent).stats.reconnects >= 2
+        assert not any("link process ended" in line for line in mqtt_log.lines)
+    finally:
+        raw.stop()
 
 
 def peak_rss_mib(pid: int) -> float:

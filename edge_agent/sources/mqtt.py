@@ -514,6 +514,14 @@ class MqttSource(ThreadedSource):
             name = "closed by the broker or the network"
         if name == "Session taken over":
             hint = f"; another client connected as {self.client_id}: give each its own client_id"
+        if name == "Protocol error":
+            # paho drops the connection on a malformed packet: it cannot tell which message
+            # that was, so the broker sends it again at every reconnect.
+            hint = (
+                "; the broker sent a packet that is not valid MQTT (e.g. a property that is "
+                "not UTF-8), which comes again at every reconnect: check the broker and the "
+                "publisher"
+            )
         self._note_down(SourceError(f"lost the connection to the broker ({name}){hint}"))
 
     def _on_subscribe(self, results: list[tuple[str, bool, str, int]]) -> None:
