@@ -4,6 +4,7 @@
     ├── ConfigError            bad configuration: stop at start-up, keep the old one on reload
     ├── SourceError            a sensor or broker failed: the source logs, backs off, reopens
     │   └── ParseError         one line or payload could not be read: count it, go on
+    │       └── OversizeError  a message over a configured cap: dead-letter a prefix, go on
     ├── BufferError            the SQLite buffer cannot take or give readings
     │   ├── BufferFullError    intake refused by the `when_full` policy (counted as dropped)
     │   └── BufferInUseError   another process owns the buffer: refuse, touch nothing (exit 2)
@@ -32,6 +33,10 @@ class SourceError(EdgeAgentError):
 
 class ParseError(SourceError):
     """One line or payload could not be turned into values."""
+
+
+class OversizeError(ParseError):
+    """A message is larger than a cap (max_payload_bytes, max_values_per_message)."""
 
 
 class BufferError(EdgeAgentError):

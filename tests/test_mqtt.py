@@ -8,10 +8,12 @@ sent to the agent and which acknowledgements came back.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -69,7 +71,7 @@ def wait_subscribed(b: Mosquitto, client_id: str, times: int = 1) -> None:
     )
 
 
-def mqtt_source(b: Mosquitto, **extra: Any) -> dict[str, Any]:
+def mqtt_source(b: Mosquitto | RawBroker, **extra: Any) -> dict[str, Any]:
     return {
         "name": "plant",
         "type": "mqtt",
@@ -629,6 +631,7 @@ def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
     src = config.sources[0]
     assert (src.qos, src.mqtt_version, src.keepalive_s) == (1, "3.1.1", 60)
     assert (src.session_expiry_s, src.inflight_window) == (604_800, 20)
+    assert (src.max_payload_bytes, src.max_values_per_message) == (262_144, 1000)
     assert src.password is not None and src.password.reveal() == "hunter2"
     assert "hunter2" not in repr(config)
 
@@ -658,6 +661,8 @@ def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
         ({"port": "/dev/ttyUSB0"}, "only serial sources take this key"),
         ({"password": "x"}, "unknown key 'password'"),
         ({"timestamp_field": "ts", "format": "number"}, "has no fields"),
+        ({"max_payload_bytes": 10}, "max_payload_bytes: expected a value from 64 to"),
+        ({"max_values_per_message": 0}, "max_values_per_message: expected a value from 1 to"),
     ],
 )
 def test_config_errors_say_what_to_fix(
@@ -722,3 +727,238 @@ def test_a_broker_that_is_down_at_start_is_retried(
     )
     mosquitto.start()
     wait_until(lambda: source(agent).stats.connected, 15, "connected once the broker is up")
+
+
+# --- hostile brokers and payloads ----------------------------------------------------------
+
+
+class RawBroker:
+    """Just enough of an MQTT server (3.1.1 and 5) to send what Mosquitto refuses to forward.
+
+    It answers CONNECT and SUBSCRIBE on every connection, then sends `messages` as QoS 1
+    PUBLISHes (packet ids 1, 2, ...; again, marked DUP, on each new connection, as a broker
+    does with what was not acknowledged) and records the packet ids acknowledged.
+    """
+
+    def __init__(
+        self, messages: list[tuple[bytes, bytes, bool]], v5_properties: bytes = b"\x00"
+    ) -> None:
+        """`messages`: (topic bytes, payload, retain); `v5_properties`: the PUBLISH properties
+        sent to an MQTT 5 client (their length first)."""
+        self.messages = messages
+        self.v5_properties = v5_properties
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.port = int(self._server.getsockname()[1])
+        self._lock = threading.Lock()
+        self._acked: set[int] = set()
+        self.connections = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="raw-broker", daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def acked(self) -> set[int]:
+        with self._lock:
+            return set(self._acked)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(5)
+        self._server.close()
+
+    def _serve(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                self.connections += 1
+                with contextlib.suppress(OSError, EOFError):
+                    self._session(conn, dup=self.connections > 1)
+
+    def _session(self, conn: socket.socket, dup: bool) -> None:
+        conn.settimeout(0.2)
+        _, connect = self._read(conn)
+        v5 = connect[6] == 5  # after the protocol name b"\x00\x04MQTT": the level
+        conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
+        while not self._stopped.is_set():
+            kind, body = self._read(conn)
+            if kind == 0x80:  # SUBSCRIBE: grant QoS 1, then publish
+                grant = b"\x00\x01" if v5 else b"\x01"
+                conn.sendall(_packet(0x90, body[:2] + grant))
+                for mid, (topic, payload, retain) in enumerate(self.messages, 1):
+                    flags = 0x02 | (0x08 if dup else 0) | (0x01 if retain else 0)
+                    head = len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big")
+                    props = self.v5_properties if v5 else b""
+                    conn.sendall(_packet(0x30 | flags, head + props + payload))
+            elif kind == 0x40:  # PUBACK
+                with self._lock:
+                    self._acked.add(int.from_bytes(body[:2], "big"))
+            elif kind == 0xC0:  # PINGREQ
+                conn.sendall(b"\xd0\x00")
+            elif kind == 0xE0:  # DISCONNECT
+                return
+
+    def _read(self, conn: socket.socket) -> tuple[int, bytes]:
+        """One packet: its type (high nibble of the first byte) and its body."""
+        first = self._exactly(conn, 1)[0]
+        length, shift = 0, 0
+        while True:
+            byte = self._exactly(conn, 1)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return first & 0xF0, self._exactly(conn, length)
+
+    def _exactly(self, conn: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = conn.recv(n - len(data))
+            except TimeoutError:
+                if self._stopped.is_set():
+                    raise EOFError from None
+                continue
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    length, encoded = len(body), b""
+    while True:
+        byte, length = length % 128, length // 128
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            return bytes([first]) + encoded + body
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+def test_a_topic_that_is_not_utf8_is_dead_lettered_and_acknowledged(
+    tmp_path: Path, sandbox: Sandbox, make_agent: Callable[..., Agent], version: str
+) -> None:
+    raw = RawBroker(
+        [
+            (b"sensors/\xff\xfe/temp\x1b[2J", b"21.5", False),  # not UTF-8, and an ESC
+            (b"sensors/\xc3/temp", b"1", True),  # retained (skipped), not UTF-8 either
+            (b"sensors/press-1/temp", b"22.5", False),
+        ]
+    )
+    try:
+        agent = make_agent(mqtt_source(raw, mqtt_version=version, shape="long"))
+        wait_until(lambda: raw.acked() == {1, 2, 3}, 20, "a PUBACK for every message")
+        wait_until(lambda: sandbox.records(DS), 15, "the good message uploaded")
+        assert raw.connections == 1  # the link never died
+        assert source(agent).stats.parse_errors == 1
+    finally:
+        raw.stop()
+    record = sandbox.records(DS)[0]
+    assert (record["metric"], record["value"], record["device"]) == ("temp", 22.5, "press-1")
+    conn = sqlite3.connect(tmp_path / "data" / "buffer.db")
+    dead = conn.execute("SELECT record, reason, origin FROM dead_letters").fetchall()
+    counters = dict(conn.execute("SELECT name, value FROM counters"))
+    conn.close()
+    assert len(dead) == 1
+    rec, reason, origin = dead[0]
+    assert json.loads(rec)["topic"] == "sensors/\\xff\\xfe/temp\x1b[2J"
+    assert json.loads(rec)["payload"] == "21.5"
+    assert "not UTF-8" in reason
+    assert origin == "mqtt:sensors/\\xff\\xfe/temp\x1b[2J"
+    assert counters["dropped.unparseable.plant"] == 1
+
+
+def test_a_packet_paho_cannot_decode_makes_the_link_reconnect_and_say_why(
+    make_agent: Callable[..., Agent], mqtt_log: _Lines
+) -> None:
+    # A Content Type property (3) that is not UTF-8: a malformed packet, which paho answers by
+    # dropping the connection (it cannot know which message it was, so it cannot acknowledge).
+    raw = RawBroker([(b"sensors/a/t", b"1", False)], v5_properties=b"\x05\x03\x00\x02\xff\xfe")
+    try:
+        agent = make_agent(mqtt_source(raw, mqtt_version="5"))
+        said = (
+            "mqtt plant: lost the connection to the broker (Protocol error); the broker sent a "
+            "packet that is not valid MQTT (e.g. a property that is not UTF-8), which comes "
+            "again at every reconnect: check the broker and the publisher"
+        )
+        wait_until(lambda: raw.connections >= 3, 15, "reconnects")
+        assert any(line.startswith(said) for line in mqtt_log.lines)
+        assert source(agent).stats.reconnects >= 2
+        assert not any("link process ended" in line for line in mqtt_log.lines)
+    finally:
+        raw.stop()
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for process {pid}")
+
+
+def test_huge_and_hostile_payloads_are_dead_lettered_within_bounded_memory(
+    tmp_path: Path, broker: Mosquitto, publisher: Publisher, agents: list[AgentProcess]
+) -> None:
+    """Everything is acknowledged; agent and MQTT link each stay under 80 MiB resident."""
+    config = write_config(
+        tmp_path / "agent.toml",
+        url="http://127.0.0.1:9/restapi/datasource/insert",  # nothing uploads: all stays here
+        data_dir=tmp_path / "data",
+        sources=[mqtt_source(broker, shape="long", mqtt_version="5", inflight_window=1000)],
+    )
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    agents.append(agent)
+    wait_subscribed(broker, client_id())
+    huge = b'{"blob": "' + b"x" * (5 << 20) + b'"}'
+    many_keys = json.dumps({f"k{i}": i for i in range(200_000)}).encode()
+    too_many = json.dumps({f"k{i}": i for i in range(1001)}).encode()  # 12 KB: under the size cap
+    deep = b'{"a":' * 40_000 + b"1" + b"}" * 40_000  # 240 KB: under the size cap
+    wide = json.dumps({"note": "y" * 200_000}).encode()  # 200 KB, one value
+    full = json.dumps({f"k{i}": i for i in range(1000)}).encode()  # exactly the values cap
+    for _ in range(10):
+        publisher.publish("sensors/dev/blob", huge)
+    publisher.publish("sensors/dev/keys", many_keys)
+    publisher.publish("sensors/dev/keys", too_many)
+    publisher.publish("sensors/dev/deep", deep)
+    for i in range(300):  # 60 MB in all: what the window lets in flight is bounded in bytes
+        publisher.publish("sensors/dev/wide", wide)
+        if i % 3 == 0:
+            publisher.publish("sensors/dev/full", full)
+    publisher.wait_acked(120)
+    sent = 13 + 300 + 100
+    wait_until(
+        lambda: broker_log_count(broker, f"Received PUBACK from {client_id()}") >= sent,
+        120,
+        "the agent acknowledged every message",
+    )
+    assert agent.proc is not None
+    [link] = link_processes(agent.proc.pid)
+    agent_mib, link_mib = peak_rss_mib(agent.proc.pid), peak_rss_mib(link)
+    assert agent.terminate() == 0
+    assert agent_mib < 80, f"agent peaked at {agent_mib:.0f} MiB"
+    assert link_mib < 80, f"MQTT link peaked at {link_mib:.0f} MiB"
+    conn = sqlite3.connect(tmp_path / "data" / "buffer.db")
+    dead = conn.execute("SELECT record, reason FROM dead_letters ORDER BY id").fetchall()
+    counters = dict(conn.execute("SELECT name, value FROM counters"))
+    pending = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+    conn.close()
+    assert pending == 100 * 1000 + 300  # every "full" value, every "wide" note
+    reasons = [reason for _, reason in dead]
+    assert len(dead) == 13
+    assert sum("over max_payload_bytes (262,144)" in r for r in reasons) == 11
+    assert sum("1,001 values, more than max_values_per_message (1,000)" in r for r in reasons) == 1
+    assert sum("nested" in r for r in reasons) == 1
+    blob = json.loads(dead[0][0])
+    assert blob["payload_bytes"] == len(huge)
+    assert blob["payload"] == huge[:1024].decode()  # a prefix, not the 5 MB
+    assert counters["dropped.oversize.plant"] == 12
+    assert counters["dropped.unparseable.plant"] == 1
+    log = agent.log_text()
+    assert log.count("oversize message on 'sensors/dev/blob'") == 1  # once per incident

@@ -46,6 +46,8 @@ class MqttConfig(SourceConfig):
     inflight_window: int = 20
     shared_group: str | None = None
     timestamp_field: str | None = None
+    max_payload_bytes: int = 262_144
+    max_values_per_message: int = 1000
     metric: str = "value"
     reopen_backoff_max_s: float = 30.0
     # Resolved from password_env or password_file by load_config; not a key of the file.
@@ -147,6 +149,7 @@ def _check_mqtt(src: MqttConfig, where: str) -> None:
                 )
     check_range(src.qos, 0, 2, f"{where} qos")
     _check_mqtt_session(src, where)
+    _check_mqtt_limits(src, where)
     _check_mqtt_credentials(src, where)
     if src.metric != "value" and not src.metric.strip():
         raise ConfigError(f"{where} metric: must not be empty")
@@ -225,6 +228,13 @@ def _check_mqtt_session(src: MqttConfig, where: str) -> None:
             )
     if src.client_id is not None and not src.client_id.strip():
         raise ConfigError(f"{where} client_id: must not be empty (leave it out for the default)")
+
+
+def _check_mqtt_limits(src: MqttConfig, where: str) -> None:
+    # A larger payload is dead-lettered, not read: the caps bound the memory one message takes
+    # (268,435,455 bytes is the largest MQTT packet).
+    check_range(src.max_payload_bytes, 64, 268_435_455, f"{where} max_payload_bytes")
+    check_range(src.max_values_per_message, 1, 1_000_000, f"{where} max_values_per_message")
 
 
 def _check_mqtt_credentials(src: MqttConfig, where: str) -> None:

@@ -12,9 +12,9 @@ Everything else (parsing, logging, counting, deciding) stays in the agent.
 Messages on the socket pair (multiprocessing.connection, pickled tuples):
 
     agent -> link   ("start", LinkSettings)          first, once
-                    ("ack", [(generation, mid, qos), ...])
+                    ("ack", [(generation, mid, qos, held), ...])
                     ("stop", drain_seconds)          take no more, flush, then disconnect
-    link -> agent   ("messages", [(topic, payload, received, generation, mid, qos), ...])
+    link -> agent   ("messages", [(topic, payload, size, received, generation, mid, qos), ...])
                     ("connected", failed, reason_name, session_present)
                     ("connect_failed",)
                     ("disconnected", reason_name)
@@ -29,9 +29,15 @@ The link dies with the agent (PR_SET_PDEATHSIG, and the socket closing): a messa
 and the agent never committed is not acknowledged, so the broker sends it again. It ignores
 SIGINT and SIGTERM, which a terminal or systemd sends to the whole group: the agent stops it.
 
-At most `window` messages are taken and not yet acknowledged (QoS 0 ones count too); the
-broker gets no more until acknowledgements free room, so TCP slows a broker that ignores the
-window. With MQTT 5 the window is announced as Receive Maximum.
+At most `window` messages, and INFLIGHT_BYTES of their payloads, are taken and not yet
+acknowledged (QoS 0 ones count too); the broker gets no more until acknowledgements free room,
+so TCP slows a broker that ignores the window. With MQTT 5 the window is announced as Receive
+Maximum.
+
+Whatever the broker sends, the link forwards it and does not die of it: a topic that is not
+UTF-8 is forwarded as bytes, and a payload over `max_payload_bytes` as its first KEPT_BYTES and
+its size, so that neither process holds more than one such payload (paho reads each packet
+whole). The agent dead-letters both, and the link acknowledges them like any other message.
 """
 
 from __future__ import annotations
@@ -61,12 +67,20 @@ log = logging.getLogger("edge_agent.mqtt_link")
 
 BATCH = 256  # messages forwarded at a time (fewer when the window is smaller)
 GATHER_S = 0.025  # after a message, how long before a partial batch is forwarded anyway
+FORWARD_BYTES = 1 << 20  # payload bytes that make a batch be forwarded at once
+# Payload bytes taken and not yet acknowledged, at most (one message is always let through):
+# without it, a window of 1000 messages of max_payload_bytes (256 KiB) would be 256 MiB.
+INFLIGHT_BYTES = 8 << 20
+KEPT_BYTES = 1024  # of a payload over max_payload_bytes: what the agent dead-letters
 _PR_SET_PDEATHSIG = 1
 
-# A message as forwarded: topic, payload, receive time (wall clock), and what acknowledges
-# it: connection generation, packet id, QoS.
-Message = tuple[str, bytes, float, int, int, int]
-Taken = tuple[int, int, int]  # generation, mid, qos
+# A message as forwarded: topic (its bytes if they are not UTF-8), payload (its first
+# KEPT_BYTES if it is over max_payload_bytes), the payload's size, receive time (wall clock),
+# and what acknowledges it: connection generation, packet id, QoS.
+Message = tuple[str | bytes, bytes, int, float, int, int, int]
+# What the agent sends back to acknowledge a message: generation, mid, QoS, and the payload
+# bytes forwarded (which the window counts).
+Taken = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,7 @@ class LinkSettings:
     qos: int
     topics: tuple[str, ...]
     reconnect_max_s: int
+    max_payload_bytes: int
 
 
 def new_client(settings: LinkSettings) -> mqtt.Client:
@@ -118,47 +133,66 @@ class _AckWindow:
     id to another message, which a late acknowledgement would then confirm before its commit.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, limit_bytes: int = INFLIGHT_BYTES) -> None:
         self.limit = limit
+        self.limit_bytes = limit_bytes
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self.unacked = 0
+        self.unacked_bytes = 0
         self.generation = 0
         self.closed = False
+        self._waiting = False
+
+    @property
+    def full(self) -> bool:
+        return self.unacked >= self.limit or self.unacked_bytes >= self.limit_bytes
 
     def new_connection(self) -> None:
         with self._cond:
             self.generation += 1
             self.unacked = 0
+            self.unacked_bytes = 0
             self._cond.notify_all()
 
-    def take(self) -> int | None:
-        """Wait for room for one more message; its generation, or None once closed."""
+    def _has_room(self, size: int) -> bool:
+        if self.unacked >= self.limit:
+            return False
+        return not self.unacked or self.unacked_bytes + size <= self.limit_bytes
+
+    def take(self, size: int) -> int | None:
+        """Wait for room for one more message of `size` payload bytes; its generation, or None
+        once closed."""
         with self._lock:  # the common case, on the plain lock: room is free
-            if self.unacked < self.limit and not self.closed:
+            if self._has_room(size) and not self.closed:
                 self.unacked += 1
+                self.unacked_bytes += size
                 return self.generation
         with self._cond:
-            while self.unacked >= self.limit and not self.closed:
+            while not self._has_room(size) and not self.closed:
+                self._waiting = True
                 self._cond.wait()
             if self.closed:
                 return None
             self.unacked += 1
+            self.unacked_bytes += size
             return self.generation
 
     def acknowledge(self, client: mqtt.Client, taken: list[Taken]) -> None:
         with self._cond:
             current = self.generation
-            freed = 0
-            for generation, mid, qos in taken:
+            freed = freed_bytes = 0
+            for generation, mid, qos, size in taken:
                 if generation == current:
                     if qos:
                         client.ack(mid, qos)
                     freed += 1
+                    freed_bytes += size
             if freed:
-                before = self.unacked
                 self.unacked -= freed
-                if before >= self.limit or self.unacked == 0:
+                self.unacked_bytes -= freed_bytes
+                if self._waiting or self.unacked == 0:
+                    self._waiting = False
                     self._cond.notify_all()
 
     def close(self) -> None:
@@ -196,6 +230,7 @@ class Link:
         self._window = _AckWindow(settings.window)
         self._lock = threading.Lock()  # guards _out
         self._out: list[Message] = []
+        self._out_bytes = 0
         self._arrived = threading.Event()
         self._retained_noted = False
         self._subscriptions: dict[int, list[str]] = {}
@@ -272,6 +307,7 @@ class Link:
         with self._send_lock:
             with self._lock:
                 out, self._out = self._out, []
+                self._out_bytes = 0
             if out:
                 self._conn.send(("messages", out))
 
@@ -286,27 +322,33 @@ class Link:
     # -- paho callbacks (paho's network thread) ---------------------------------------------
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        topic = _topic(message)
         if message.retain:
             # Sent because we subscribed, not because a sensor just published: an old value
             # that would get today's timestamp, and is sent again at every reconnect.
             if not self._retained_noted:
                 self._retained_noted = True
-                self._send(("retained", message.topic))
+                self._send(("retained", topic_text(topic)))
             if message.qos > 0:
                 client.ack(message.mid, message.qos)
             return
+        payload = bytes(message.payload)
+        size = len(payload)
+        if size > self._settings.max_payload_bytes:
+            payload = payload[:KEPT_BYTES]  # dead-lettered: the prefix shows what it was
         window = self._window
-        generation = window.take()
+        generation = window.take(len(payload))
         if generation is None:
             return  # stopping: not acknowledged, the broker keeps it for the next session
-        payload = bytes(message.payload)
-        item = (message.topic, payload, time.time(), generation, message.mid, message.qos)
+        item = (topic, payload, size, time.time(), generation, message.mid, message.qos)
         with self._lock:
             self._out.append(item)
+            self._out_bytes += len(payload)
             n = len(self._out)
+            forward = n >= BATCH or self._out_bytes >= FORWARD_BYTES
         if n == 1:
             self._arrived.set()
-        if n >= BATCH or window.unacked >= window.limit:
+        if forward or window.full:
             self._forward()
 
     def _on_connect(
@@ -355,6 +397,20 @@ class Link:
             for topic, reason in zip(topics, reasons, strict=False)
         ]
         self._send(("subscribed", results))
+
+
+def _topic(message: mqtt.MQTTMessage) -> str | bytes:
+    """The message's topic, or its bytes when they are not UTF-8 (MQTT requires UTF-8, but a
+    broker may forward such a topic; paho raises when asked for it as text)."""
+    try:
+        return message.topic
+    except UnicodeDecodeError:
+        return bytes(message._topic)  # paho keeps the raw topic here and has no public name
+
+
+def topic_text(topic: str | bytes) -> str:
+    r"""A topic as text, with any bytes that are not UTF-8 written as \xff."""
+    return topic if isinstance(topic, str) else topic.decode("utf-8", "backslashreplace")
 
 
 def _die_with_parent(parent: int) -> None:

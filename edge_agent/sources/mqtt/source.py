@@ -20,6 +20,13 @@ acknowledgements, so waiting for the commit interval would only idle), and the l
 callback blocks until acknowledgements free room, so TCP slows a broker that does not honour
 the window. With MQTT 5 the window is announced to the broker as Receive Maximum.
 
+Hostile input: a message the agent cannot turn into readings (not parseable, a topic that is
+not UTF-8, a payload over `max_payload_bytes`, more than `max_values_per_message` values) goes
+to dead_letters with the reason, its topic escaped and at most the first KiB of its payload,
+and is acknowledged like any other once that commits. The link forwards only the first KiB of
+an oversize payload, and readings are handed to the buffer in chunks, so memory is bounded by
+the caps, not by what the broker sends.
+
 paho's result and reason codes are translated into `SourceError` messages here, once.
 """
 
@@ -44,13 +51,13 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from edge_agent.clock import utc_stamp
-from edge_agent.errors import ParseError, SourceError
+from edge_agent.errors import OversizeError, ParseError, SourceError
 from edge_agent.logs import RateLimitedLog
 from edge_agent.parsers import PayloadKind, Value, coerce, parse_payload
 from edge_agent.records import Reading, RecordBuilder
 from edge_agent.sources.base import Intake, SourceConfig, ThreadedSource
 from edge_agent.sources.mqtt.config import MqttConfig, broker_address, topic_field_levels
-from edge_agent.sources.mqtt.link import LinkSettings, Message, Taken, new_client
+from edge_agent.sources.mqtt.link import LinkSettings, Message, Taken, new_client, topic_text
 
 log = logging.getLogger("edge_agent.sources.mqtt")
 
@@ -60,6 +67,10 @@ _LINK_SETTLED_S = 60.0  # a link that ran this long before it failed restarts af
 _DRAIN_S = 2.0  # on stop, how long to wait for the last messages to commit and be acknowledged
 _FIRST_BACKOFF_S = 1.0
 _DEAD_LETTER_CHARS = 1024  # of a bad payload kept in dead_letters: enough to see what was wrong
+_LOGGED_TOPIC_CHARS = 200  # a topic can be 64 KiB
+# Readings made from one forwarded batch are handed to the buffer in chunks of about this many:
+# a batch of 256 messages of 1000 values each would otherwise be 256,000 readings at once.
+_PUT_READINGS = 5000
 # Device times outside 2000..2100 come from a clock that never synced, or a wrong unit.
 _EPOCH_MIN = 946_684_800.0
 _EPOCH_MAX = 4_102_444_800.0
@@ -89,13 +100,34 @@ class MessageReader:
         self._format = _PAYLOAD_KINDS[config.format]  # config allows only these for mqtt
         self._metric = config.metric
         self._timestamp_field = config.timestamp_field
+        self._max_payload = config.max_payload_bytes
+        self._max_values = config.max_values_per_message
         self._builder = RecordBuilder(config.datasource_id, config.shape, config.tags, device_id)
         self._stamps = SecondStamps()
 
-    def read(self, topic: str, payload: bytes | bytearray, received: float) -> list[Reading]:
+    def read(
+        self, topic: str | bytes, payload: bytes | bytearray, size: int, received: float
+    ) -> list[Reading]:
+        """Readings from one message whose payload had `size` bytes (`payload` holds only the
+        first of them when that is over max_payload_bytes); raises ParseError, OversizeError."""
+        if isinstance(topic, bytes):
+            raise ParseError(
+                "the topic is not UTF-8, which MQTT requires; fix the publisher (and make the "
+                "broker refuse such topics)"
+            )
+        if size > self._max_payload:
+            raise OversizeError(
+                f"payload of {size:,} bytes is over max_payload_bytes ({self._max_payload:,}); "
+                "raise max_payload_bytes if such messages are expected"
+            )
         fields = self.topic_fields(topic)
         topic_metric = fields.pop("metric", None)
         values = parse_payload(payload, self._format, topic_metric or self._metric)
+        if len(values) > self._max_values:
+            raise OversizeError(
+                f"payload has {len(values):,} values, more than max_values_per_message "
+                f"({self._max_values:,}); raise max_values_per_message if that is expected"
+            )
         stamp = self._stamp(values, received)
         if topic_metric is not None and list(values) == ["value"]:
             values = {topic_metric: values["value"]}
@@ -226,6 +258,7 @@ class MqttSource(ThreadedSource):
         self._qos = min(config.qos, 1)
         self._link_settings = self._make_link_settings()
         self._bad_message_log = RateLimitedLog(log)
+        self._oversize_log = RateLimitedLog(log)
         self._ever_connected = False
         # The link's connection, its epoch (acknowledgements for an earlier link are dropped:
         # its messages come again) and the messages it forwarded that are not yet acknowledged.
@@ -298,6 +331,7 @@ class MqttSource(ThreadedSource):
             qos=self._qos,
             topics=tuple(topics),
             reconnect_max_s=max(1, round(cfg.reopen_backoff_max_s)),
+            max_payload_bytes=cfg.max_payload_bytes,
         )
 
     # -- our thread --------------------------------------------------------------------------
@@ -486,6 +520,14 @@ class MqttSource(ThreadedSource):
             name = "closed by the broker or the network"
         if name == "Session taken over":
             hint = f"; another client connected as {self.client_id}: give each its own client_id"
+        if name == "Protocol error":
+            # paho drops the connection on a malformed packet: it cannot tell which message
+            # that was, so the broker sends it again at every reconnect.
+            hint = (
+                "; the broker sent a packet that is not valid MQTT (e.g. a property that is "
+                "not UTF-8), which comes again at every reconnect: check the broker and the "
+                "publisher"
+            )
         self._note_down(SourceError(f"lost the connection to the broker ({name}){hint}"))
 
     def _on_subscribe(self, results: list[tuple[str, bool, str, int]]) -> None:
@@ -509,35 +551,43 @@ class MqttSource(ThreadedSource):
     # -- messages -----------------------------------------------------------------------------
 
     def _read_batch(self, batch: list[Message], epoch: int) -> None:
-        """Read forwarded messages into readings and hand them on in one put, acknowledged
-        together once committed; each unreadable one goes to dead_letters on its own."""
+        """Read forwarded messages into readings and hand them on in puts of about
+        _PUT_READINGS, each acknowledged once committed; each unreadable message goes to
+        dead_letters on its own."""
         with self._ack_cond:
             self._outstanding += len(batch)
         read = self._reader.read
         readings: list[Reading] = []
         taken: list[Taken] = []
-        for topic, payload, received, generation, mid, qos in batch:
+        for topic, payload, size, received, generation, mid, qos in batch:
+            ack = (generation, mid, qos, len(payload))
             try:
-                readings += read(topic, payload, received)
+                readings += read(topic, payload, size, received)
             except ParseError as exc:
-                self._dead_letter(topic, payload, str(exc), epoch, (generation, mid, qos))
+                self._dead_letter(topic, payload, size, exc, epoch, ack)
                 continue
-            taken.append((generation, mid, qos))
-        stats = self.stats
-        stats.lines += len(batch)
-        stats.readings += len(readings)
-        stats.last_data = batch[-1][2]
+            taken.append(ack)
+            if len(readings) >= _PUT_READINGS:
+                self._put(readings, taken, epoch)
+                readings, taken = [], []
+        self.stats.lines += len(batch)
+        self.stats.last_data = batch[-1][3]
         self.heartbeat = time.monotonic()
+        self._put(readings, taken, epoch)
+        if self._outstanding >= self.config.inflight_window:
+            # The broker sends nothing more until it gets acknowledgements: commit now.
+            self._intake.commit_soon()
+
+    def _put(self, readings: list[Reading], taken: list[Taken], epoch: int) -> None:
+        """Hand readings to the buffer; the messages they came from are acknowledged once
+        they commit."""
+        self.stats.readings += len(readings)
         if not readings:
             if taken:  # nothing to commit for them (parsers never give no readings, but still)
                 self._acknowledge(epoch, taken)
             return
         on_durable = partial(self._acknowledge, epoch, taken)
-        device_time = self.config.timestamp_field is not None
-        put = self._intake.put(readings, on_durable, device_time)
-        if put and self._outstanding >= self.config.inflight_window:
-            # The broker sends nothing more until it gets acknowledgements: commit now.
-            self._intake.commit_soon()
+        self._intake.put(readings, on_durable, self.config.timestamp_field is not None)
 
     def _acknowledge(self, epoch: int, taken: list[Taken]) -> None:
         """Runs in the buffer's writer thread once the readings committed: queue the messages'
@@ -551,21 +601,37 @@ class MqttSource(ThreadedSource):
                 self._ack_cond.notify_all()
 
     def _dead_letter(
-        self, topic: str, payload: bytes, reason: str, epoch: int, taken: Taken
+        self,
+        topic: str | bytes,
+        payload: bytes,
+        size: int,
+        error: ParseError,
+        epoch: int,
+        taken: Taken,
     ) -> None:
+        """Keep a message that gives no readings in dead_letters (the topic escaped, the first
+        KiB of the payload and its size), counted, logged once per incident; it is
+        acknowledged once that commits."""
         self.stats.parse_errors += 1
-        self._intake.count(f"dropped.unparseable.{self.name}")
-        self._bad_message_log(
+        oversize = isinstance(error, OversizeError)
+        kind = "oversize" if oversize else "unparseable"
+        self._intake.count(f"dropped.{kind}.{self.name}")
+        shown = topic_text(topic)
+        rate_limited = self._oversize_log if oversize else self._bad_message_log
+        rate_limited(
             logging.WARNING,
-            f"{self.label}: unparseable message on {topic!r} ({reason}); kept in dead_letters",
+            f"{self.label}: {kind} message on {shown[:_LOGGED_TOPIC_CHARS]!r} ({error}); kept "
+            "in dead_letters",
         )
-        text = bytes(payload).decode("utf-8", "backslashreplace")
-        record = json.dumps({"topic": topic, "payload": text[:_DEAD_LETTER_CHARS]})
+        text = bytes(payload[: _DEAD_LETTER_CHARS * 4]).decode("utf-8", "backslashreplace")
+        record = json.dumps(
+            {"topic": shown, "payload": text[:_DEAD_LETTER_CHARS], "payload_bytes": size}
+        )
         self._intake.put_dead_letter(
             self.config.datasource_id,
             record,
-            reason,
-            f"mqtt:{topic}",
+            str(error),
+            f"mqtt:{shown}",
             partial(self._acknowledge, epoch, [taken]),
         )
 
