@@ -1,0 +1,196 @@
+"""Which requests a poll sends, and how the words that come back become values.
+
+Pure functions, no I/O. `plan` groups the configured registers into as few read requests as
+the protocol allows: one kind per request, at most 125 registers or 2000 bits. Registers are
+grouped only when they touch or overlap; a gap starts a new request. Reading across a gap
+would save requests (Telegraf's `max_insert` optimisation does), but many devices answer a
+read that covers an unmapped address with "illegal data address" for the whole request, so
+one gap in a meter's map would cost every value around it. Telegraf's default does the same.
+
+`Decoder` turns one request's answer into named values: 16-bit registers are big-endian (the
+protocol says so); `word_order` says which register of a 32/64-bit value comes first;
+value = raw * scale + offset (a raw integer stays an integer when scale is 1 and offset 0).
+NaN and infinities are refused: they are reported, not sent (the API takes no NaN).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from edge_agent.records import Value
+from edge_agent.sources.modbus.config import BIT_KINDS, WORDS, DataType, Kind, RegisterConfig
+
+MAX_REGISTERS = 125  # per read of holding or input registers (function codes 3 and 4)
+MAX_BITS = 2000  # per read of coils or discrete inputs (function codes 1 and 2)
+KIND_ORDER: tuple[Kind, ...] = ("holding", "input", "coil", "discrete")
+
+_FORMATS: dict[str, str] = {
+    "int16": ">h",
+    "uint16": ">H",
+    "int32": ">i",
+    "uint32": ">I",
+    "int64": ">q",
+    "uint64": ">Q",
+    "float32": ">f",
+    "float64": ">d",
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One read: `count` registers (or bits) of `kind` from `address`, and what they hold."""
+
+    kind: Kind
+    address: int
+    count: int
+    registers: tuple[RegisterConfig, ...]
+
+    @property
+    def span(self) -> str:
+        """`holding 10-13` for messages."""
+        last = self.address + self.count - 1
+        where = f"{self.address}" if last == self.address else f"{self.address}-{last}"
+        return f"{self.kind} {where}"
+
+
+def limit(kind: Kind) -> int:
+    """The most addresses one read of `kind` may cover."""
+    return MAX_BITS if kind in BIT_KINDS else MAX_REGISTERS
+
+
+def plan(registers: Iterable[RegisterConfig]) -> tuple[Request, ...]:
+    """The fewest requests that read every register whole, grouping touching addresses."""
+    requests: list[Request] = []
+    regs = list(registers)
+    for kind in KIND_ORDER:
+        ordered = sorted((r for r in regs if r.kind == kind), key=lambda r: r.address)
+        requests.extend(_plan_kind(kind, ordered))
+    return tuple(requests)
+
+
+def _plan_kind(kind: Kind, ordered: Sequence[RegisterConfig]) -> list[Request]:
+    cap = limit(kind)
+    requests: list[Request] = []
+    members: list[RegisterConfig] = []
+    start = end = 0  # the current request's [start, end)
+    for reg in ordered:
+        reg_end = reg.address + reg.width
+        if members and reg.address <= end and max(end, reg_end) - start <= cap:
+            members.append(reg)
+            end = max(end, reg_end)
+            continue
+        if members:
+            requests.append(Request(kind, start, end - start, tuple(members)))
+        members, start, end = [reg], reg.address, reg_end
+    if members:
+        requests.append(Request(kind, start, end - start, tuple(members)))
+    return requests
+
+
+def encode(data_type: DataType, word_order: str, value: float | bool) -> list[int]:
+    """The register words that hold `value` (what `Decoder` reads back, unscaled).
+
+    For the test slave and tests; raises struct.error for a value the type cannot hold.
+    """
+    if data_type == "bool":
+        return [1 if value else 0]
+    number = value if data_type.startswith("float") else int(value)
+    raw = struct.pack(_FORMATS[data_type], number)
+    words = [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+    return words[::-1] if word_order == "little" else words
+
+
+_STRUCTS = {name: struct.Struct(fmt) for name, fmt in _FORMATS.items()}
+_F32 = _STRUCTS["float32"]
+
+
+def short_float32(value: float) -> float:
+    """The shortest decimal that is the same float32: 230.4, not 230.39999389648438.
+
+    A float32 holds 6 to 9 significant digits; sending the float64 it widens to would show
+    digits the device never measured.
+    """
+    exact = _F32.pack(value)
+    for digits in (6, 7, 8):
+        short = float(f"{value:.{digits}g}")
+        try:
+            if _F32.pack(short) == exact:
+                return short
+        except OverflowError:  # rounded past the largest float32
+            continue
+    return value
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A value that was read but cannot be sent (NaN or infinite)."""
+
+    name: str
+    raw: float
+
+
+class Decoder:
+    """One request's answer -> named values, with the per-register work done up front."""
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self._bits = request.kind in BIT_KINDS
+        self._words = struct.Struct(f">{request.count}H")
+        # (name, first word/bit within the answer, struct, little, scaled, scale, offset)
+        self._fields = [
+            (
+                r.name,
+                r.address - request.address,
+                None if r.type == "bool" else _STRUCTS[r.type],
+                r.word_order == "little" and WORDS[r.type] > 1,
+                r.type != "bool" and (r.scale != 1.0 or r.offset != 0.0),
+                r.scale,
+                r.offset,
+            )
+            for r in request.registers
+        ]
+
+    def decode(
+        self, data: Sequence[int] | Sequence[bool]
+    ) -> tuple[dict[str, Value], list[Refused]]:
+        """Values by register name, and the values refused; `data` as the device sent it."""
+        if len(data) < self.request.count:
+            raise ValueError(
+                f"{self.request.span}: the answer holds {len(data)} values, "
+                f"expected {self.request.count}"
+            )
+        if self._bits:
+            return {name: bool(data[at]) for name, at, *_ in self._fields}, []
+        raw = self._words.pack(*data[: self.request.count])
+        values: dict[str, Value] = {}
+        refused: list[Refused] = []
+        for name, at, fmt, little, scaled, scale, offset in self._fields:
+            if fmt is None:
+                values[name] = data[at] != 0
+                continue
+            if little:
+                words = [raw[i : i + 2] for i in range(2 * at, 2 * at + fmt.size, 2)]
+                value = fmt.unpack(b"".join(reversed(words)))[0]
+            else:
+                value = fmt.unpack_from(raw, 2 * at)[0]
+            if type(value) is float:
+                if not math.isfinite(value):
+                    refused.append(Refused(name, value))
+                    continue
+                if fmt is _F32:
+                    value = short_float32(value)
+            if scaled:
+                value = value * scale + offset
+                if not math.isfinite(value):
+                    refused.append(Refused(name, value))
+                    continue
+            values[name] = value
+        return values, refused
+
+
+def decoders(registers: Iterable[RegisterConfig]) -> tuple[Decoder, ...]:
+    """A decoder per request of the plan."""
+    return tuple(Decoder(request) for request in plan(registers))
