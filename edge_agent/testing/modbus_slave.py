@@ -21,6 +21,8 @@ Commands on stdin, one per line, each answered with one line on stdout:
     garble N           spoil the next N answers (a wrong CRC on RTU, a bad PDU on TCP)
     exception CODE N   answer the next N requests with exception CODE
     delay SECONDS      answer every request that much later (0: at once)
+    quiet SECONDS      count a request that comes sooner than this after an unanswered one
+                       (stats "overlaps": two masters, or two sources, on the wire at once)
     unplug SECONDS     close the pty (or the listener and connections), back after SECONDS
     reset              TCP: reset every client connection now
     stats              one JSON line: requests per unit, bad frames, faults served
@@ -107,14 +109,29 @@ class Slave:
         self.garble = 0
         self.exception: tuple[int, int] = (0, 0)  # code, answers left
         self.delay = 0.0
-        self.stats: dict[str, Any] = {"requests": {}, "bad_frames": 0, "served_faults": {}}
+        # A master waits for an answer until its timeout before it sends again: a request
+        # within `quiet` seconds of one left unanswered means two requests shared the wire.
+        self.quiet = 0.0
+        self.unanswered_at = -math.inf
+        self.stats: dict[str, Any] = {
+            "requests": {},  # answered, by unit
+            "ignored": {},  # not answered (another unit, or silent), by unit
+            "bad_frames": 0,  # RTU request frames with a wrong CRC
+            "overlaps": 0,
+            "served_faults": {},
+        }
 
     def answer(self, unit: int, pdu: bytes) -> bytes | None:
         """The answer PDU for `unit`, or None for silence."""
         with self.lock:
-            if unit not in self.units or time.monotonic() < self.silent_until:
-                return None
+            now = time.monotonic()
+            if now - self.unanswered_at < self.quiet:
+                self.stats["overlaps"] += 1
             key = str(unit)
+            if unit not in self.units or now < self.silent_until:
+                self.stats["ignored"][key] = self.stats["ignored"].get(key, 0) + 1
+                self.unanswered_at = now
+                return None
             self.stats["requests"][key] = self.stats["requests"].get(key, 0) + 1
             fc = pdu[0]
             code, left = self.exception
@@ -345,6 +362,9 @@ def _command(line: str, slave: Slave, port: RtuPort | TcpPort) -> str:
                 slave.exception = (int(code), int(count))
         case "delay", [seconds]:
             slave.delay = float(seconds)
+        case "quiet", [seconds]:
+            with slave.lock:
+                slave.quiet = float(seconds)
         case "unplug", [seconds]:
             port.unplug(float(seconds))
         case "reset", [] if isinstance(port, TcpPort):

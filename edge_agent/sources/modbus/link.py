@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
+import termios
 import threading
 from typing import Literal
 
@@ -55,6 +56,30 @@ class RequestFailed(SourceError):
         self.code = code
 
 
+class FairLock:
+    """A lock taken in the order it was asked for.
+
+    `threading.Lock` lets the thread that just released it take it again before a waiter
+    wakes: a source that polls back to back could then keep the bus from the others.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the next ticket to hand out
+        self._serving = 0  # the ticket that holds the lock
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 class _RtuClient(ModbusSerialClient):
     """pymodbus's RTU client on a port we open: it never opens one by itself."""
 
@@ -75,7 +100,7 @@ class Link:
     def __init__(self, config: ModbusConfig) -> None:
         self.settings = config.link_settings
         self.framing = config.framing
-        self.lock = threading.Lock()
+        self.lock = FairLock()
         self._config = config
         self._heard = False  # bytes came back during the current request
         self._rtu: _RtuClient | None = None
@@ -117,8 +142,7 @@ class Link:
         if self.is_open:
             return
         if self._rtu is not None:
-            self._rtu.socket = self._open_serial()
-            self._rtu.socket.inter_byte_timeout = self._rtu.inter_byte_timeout
+            self._rtu.socket = self._open_serial(self._rtu.inter_byte_timeout)
         elif self._tcp is not None:
             self._tcp.socket = self._connect_tcp()
 
@@ -128,7 +152,7 @@ class Link:
         if sock is not None:
             sock.close()
 
-    def _open_serial(self) -> serial.Serial:
+    def _open_serial(self, inter_byte_timeout: float) -> serial.Serial:
         cfg = self._config
         port = serial.Serial(
             None,
@@ -141,11 +165,14 @@ class Link:
             exclusive=True,
         )
         port.port = cfg.port
+        # Set before opening: each setting changed on an open port is another tcsetattr,
+        # which a pseudo-terminal refuses once parity is on.
+        port.inter_byte_timeout = inter_byte_timeout or None
         if cfg.rs485:
             port.rs485_mode = serial.rs485.RS485Settings()
         try:
             port.open()
-        except (serial.SerialException, OSError) as exc:
+        except (serial.SerialException, OSError, termios.error) as exc:
             raise SourceError(f"cannot open {cfg.port}: {exc}") from None
         except ValueError as exc:  # pyserial: settings the port's driver refused
             if cfg.rs485:
