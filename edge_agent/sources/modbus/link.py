@@ -72,7 +72,8 @@ class FairLock:
         with self._cond:
             ticket = self._next
             self._next += 1
-            self._cond.wait_for(lambda: self._serving == ticket)
+            if self._serving != ticket:
+                self._cond.wait_for(lambda: self._serving == ticket)
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:

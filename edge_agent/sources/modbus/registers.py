@@ -19,6 +19,7 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edge_agent.records import Value
 from edge_agent.sources.modbus.config import BIT_KINDS, WORDS, DataType, Kind, RegisterConfig
@@ -133,62 +134,98 @@ class Refused:
 
 
 class Decoder:
-    """One request's answer -> named values, with the per-register work done up front."""
+    """One request's answer -> named values, with the per-register work done up front.
+
+    Registers that lie end to end in big word order (the common case) are read with one
+    struct for the whole answer; overlapping ones or little word order, one at a time.
+    """
 
     def __init__(self, request: Request) -> None:
         self.request = request
         self._bits = request.kind in BIT_KINDS
         self._words = struct.Struct(f">{request.count}H")
-        # (name, first word/bit within the answer, struct, little, scaled, scale, offset)
+        regs = request.registers
+        self._names = tuple(r.name for r in regs)
+        self._whole = _whole_struct(request)
+        # (name, first word within the answer, struct, little word order)
         self._fields = [
             (
                 r.name,
                 r.address - request.address,
-                None if r.type == "bool" else _STRUCTS[r.type],
+                _STRUCTS["uint16" if r.type == "bool" else r.type],
                 r.word_order == "little" and WORDS[r.type] > 1,
+            )
+            for r in regs
+        ]
+        # Values that need more than unpacking: (name, is bool, is float32, scaled, scale,
+        # offset); floats are here too, to be checked.
+        self._finish = tuple(
+            (
+                r.name,
+                r.type == "bool",
+                r.type == "float32",
                 r.type != "bool" and (r.scale != 1.0 or r.offset != 0.0),
                 r.scale,
                 r.offset,
             )
-            for r in request.registers
-        ]
+            for r in regs
+            if r.type in ("bool", "float32", "float64") or r.scale != 1.0 or r.offset != 0.0
+        )
 
     def decode(
         self, data: Sequence[int] | Sequence[bool]
     ) -> tuple[dict[str, Value], list[Refused]]:
         """Values by register name, and the values refused; `data` as the device sent it."""
-        if len(data) < self.request.count:
+        count = self.request.count
+        if len(data) < count:
             raise ValueError(
-                f"{self.request.span}: the answer holds {len(data)} values, "
-                f"expected {self.request.count}"
+                f"{self.request.span}: the answer holds {len(data)} values, expected {count}"
             )
         if self._bits:
             return {name: bool(data[at]) for name, at, *_ in self._fields}, []
-        raw = self._words.pack(*data[: self.request.count])
-        values: dict[str, Value] = {}
+        raw = self._words.pack(*data[:count])
+        values: dict[str, Value]
+        if self._whole is not None:
+            values = dict(zip(self._names, self._whole.unpack(raw), strict=True))
+        else:
+            values = {name: _unpack(raw, at, fmt, little) for name, at, fmt, little in self._fields}
         refused: list[Refused] = []
-        for name, at, fmt, little, scaled, scale, offset in self._fields:
-            if fmt is None:
-                values[name] = data[at] != 0
+        for name, is_bool, is_f32, scaled, scale, offset in self._finish:
+            value: Any = values[name]  # a number: an int or a float from struct
+            if is_bool:
+                values[name] = value != 0
                 continue
-            if little:
-                words = [raw[i : i + 2] for i in range(2 * at, 2 * at + fmt.size, 2)]
-                value = fmt.unpack(b"".join(reversed(words)))[0]
-            else:
-                value = fmt.unpack_from(raw, 2 * at)[0]
-            if type(value) is float:
-                if not math.isfinite(value):
-                    refused.append(Refused(name, value))
-                    continue
-                if fmt is _F32:
-                    value = short_float32(value)
+            if is_f32 and math.isfinite(value):
+                value = short_float32(value)
             if scaled:
                 value = value * scale + offset
-                if not math.isfinite(value):
-                    refused.append(Refused(name, value))
-                    continue
+            if type(value) is float and not math.isfinite(value):
+                refused.append(Refused(name, value))
+                del values[name]
+                continue
             values[name] = value
         return values, refused
+
+
+def _whole_struct(request: Request) -> struct.Struct | None:
+    """One struct for every register of the request, if they lie end to end, big first."""
+    codes = []
+    at = request.address
+    for reg in request.registers:
+        if reg.address != at or (reg.word_order == "little" and WORDS[reg.type] > 1):
+            return None
+        codes.append(_FORMATS["uint16" if reg.type == "bool" else reg.type][1:])
+        at += reg.width
+    return struct.Struct(">" + "".join(codes))
+
+
+def _unpack(raw: bytes, at: int, fmt: struct.Struct, little: bool) -> int | float:
+    if not little:
+        value: int | float = fmt.unpack_from(raw, 2 * at)[0]
+        return value
+    words = [raw[i : i + 2] for i in range(2 * at, 2 * at + fmt.size, 2)]
+    value = fmt.unpack(b"".join(reversed(words)))[0]
+    return value
 
 
 def decoders(registers: Iterable[RegisterConfig]) -> tuple[Decoder, ...]:

@@ -222,15 +222,20 @@ class ModbusSource(ThreadedSource):
                 continue
             if stamp is None:
                 stamp = self._clock.wall()
-            self._settle(f"exception {req.span}")
+            if self._incident:
+                self._settle(f"exception {req.span}")
             try:
                 got, bad = decoder.decode(data)
             except ValueError as exc:  # a well-formed answer of the wrong size
                 failed = RequestFailed("garbled", f"short answer: {exc}")
                 raise RequestFailed("garbled", self._explain(failed, decoder)) from None
-            values.update(got)
+            if values:
+                values.update(got)
+            else:
+                values = got  # one request a poll is common: no copy
             refused.extend(bad)
-        self._settle("timeout", "garbled")
+        if self._incident:
+            self._settle("timeout", "garbled")
         if complete:
             self.modbus.polls += 1
         return values, stamp, refused
