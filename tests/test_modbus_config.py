@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from importlib import resources
 from typing import Any
@@ -9,8 +10,13 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import ConfigError
-from edge_agent.sources.modbus.config import ModbusConfig, RegisterConfig, check_shared_links
-from edge_agent.sources.modbus.registers import plan
+from edge_agent.sources.modbus.config import (
+    ModbusConfig,
+    RegisterConfig,
+    check_shared_links,
+)
+from edge_agent.sources.modbus.config import keys as modbus_keys
+from edge_agent.sources.modbus.registers import describe, plan
 
 ISSUE_EXAMPLE = """
 [[sources]]
@@ -79,6 +85,15 @@ def test_the_issues_example_reads_with_its_defaults() -> None:
     assert energy == RegisterConfig("energy_wh", 10, "uint32", "input", "big", 1.0, 0.0)
     assert config.framing == "/dev/ttyUSB0 at 9600 8E1"
     assert len(plan(config.registers)) == 2
+
+
+def test_check_describes_the_wire_the_unit_and_the_requests() -> None:
+    config = build(tomllib.loads(ISSUE_EXAMPLE)["sources"][0])
+    assert describe(config) == (
+        "modbus meter: rtu /dev/ttyUSB0 at 9600 8E1, unit 1, every 1 s (timeout 0.5 s a "
+        "request); 2 registers in 2 requests a poll: holding 0-1 (voltage float32); "
+        "input 10-11 (energy_wh uint32)"
+    )
 
 
 def test_the_sample_config_reads() -> None:
@@ -175,3 +190,17 @@ def test_sources_on_one_port_must_share_its_framing() -> None:
     other = build(rtu(name="c", unit_id=3, parity="E"))
     with pytest.raises(ConfigError, match=r"\(c\): /dev/ttyUSB0 is also used by 'a'"):
         check_shared_links([first, other], "agent.toml")
+
+
+def test_every_key_is_documented_and_every_documented_key_exists() -> None:
+    readme = resources.files("edge_agent.sources.modbus").joinpath("README.md").read_text()
+    accepted = {key for keys in modbus_keys().values() for key in keys}
+    common = {"name", "type", "datasource_id", "shape", "tags"}  # the [[sources]] table's
+    missing = sorted(
+        key
+        for key in accepted
+        if f"| `{key}` |" not in readme and not (key in common and f"`{key}`" in readme)
+    )
+    assert not missing, f"edge_agent/sources/modbus/README.md does not document: {missing}"
+    documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", readme, re.MULTILINE))
+    assert documented <= accepted, documented - accepted

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.records import Value
-from edge_agent.sources.modbus.config import BIT_KINDS, WORDS, DataType, Kind, RegisterConfig
+from edge_agent.sources.modbus.config import (
+    BIT_KINDS,
+    WORDS,
+    DataType,
+    Kind,
+    ModbusConfig,
+    RegisterConfig,
+)
 
 MAX_REGISTERS = 125  # per read of holding or input registers (function codes 3 and 4)
 MAX_BITS = 2000  # per read of coils or discrete inputs (function codes 1 and 2)
@@ -231,3 +238,18 @@ def _unpack(raw: bytes, at: int, fmt: struct.Struct, little: bool) -> int | floa
 def decoders(registers: Iterable[RegisterConfig]) -> tuple[Decoder, ...]:
     """A decoder per request of the plan."""
     return tuple(Decoder(request) for request in plan(registers))
+
+
+def describe(config: ModbusConfig) -> str:
+    """What `edge-agent check` says about a Modbus source: the wire, the unit, the plan."""
+    requests = plan(config.registers)
+    spans = "; ".join(
+        f"{req.span} ({', '.join(f'{r.name} {r.type}' for r in req.registers)})" for req in requests
+    )
+    count = len(config.registers)
+    return (
+        f"modbus {config.name}: {config.transport} {config.framing}, unit {config.unit_id}, "
+        f"every {config.poll_interval_s:g} s (timeout {config.timeout_s:g} s a request); "
+        f"{count} register{'s' if count != 1 else ''} in {len(requests)} "
+        f"request{'s' if len(requests) != 1 else ''} a poll: {spans}"
+    )
