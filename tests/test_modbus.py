@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import SourceError
+from edge_agent.sources.modbus import make_source
 from edge_agent.sources.modbus.config import ModbusConfig
 from edge_agent.sources.modbus.link import LinkPool
 from edge_agent.sources.modbus.source import ModbusSource
@@ -375,7 +376,7 @@ def test_read_once_returns_the_values_or_says_what_failed(
     slave = slaves(**where)
     slave.command("set holding 7 float64 little 12.5")
     table = {"registers": [{"name": "x", "address": 7, "type": "float64", "word_order": "little"}]}
-    source = ModbusSource(config(slave, **table), None, MemoryIntake(), links=LinkPool())
+    source = make_source(config(slave, **table), None, MemoryIntake())  # the registry's way
     assert source.read_once() == {"x": 12.5}
     dead = ModbusSource(config(slave, unit_id=9, **table), None, MemoryIntake(), links=LinkPool())
     with pytest.raises(SourceError, match=r"unit 9, holding 7-10 \(x\): no answer in 0.3 s"):
