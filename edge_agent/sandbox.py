@@ -47,6 +47,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from edge_agent.errors import ConfigError
+from edge_agent.logs import printable
 
 INSERT_PATH = "/restapi/datasource/insert"
 SUCCESS_MESSAGE = "Data successfully inserted"
@@ -775,7 +776,8 @@ class _Handler(BaseHTTPRequestHandler):
         sandbox = self.server.sandbox
         if path.startswith("/_admin/"):
             answer = sandbox._answer_admin(self.command, path, query, body or b"")
-            log.info("sandbox: admin %s %s %s %s", self.command, path, answer.status, answer.note)
+            note = printable(answer.note)
+            log.info("sandbox: admin %s %s %s %s", self.command, path, answer.status, note)
             self._send(answer)
             return
         datasource_id, answer = self._answer_api(path, body)
@@ -785,10 +787,13 @@ class _Handler(BaseHTTPRequestHandler):
             log.info(
                 "sandbox: dropped %s %s stored, connection closed without an answer",
                 datasource_id,
-                answer.note,
+                printable(answer.note),
             )
         else:
-            log.info("sandbox: %s %s %s", answer.status, datasource_id, answer.note)
+            # Printable: the note may quote a record's value (a rule), CR LF and all.
+            log.info(
+                "sandbox: %s %s %s", answer.status, printable(datasource_id), printable(answer.note)
+            )
         self._send(answer)
 
     def _answer_api(self, path: str, body: bytes | None) -> tuple[str, _Answer]:
