@@ -237,7 +237,7 @@ def _unsendable(exc: Exception) -> str:
 
 def _network_message(exc: httpx.HTTPError) -> str:
     """What went wrong on the wire, with a hint when it is a certificate problem."""
-    text = printable(f"{type(exc).__name__}: {exc or 'no detail'}", 300)
+    text = f"{type(exc).__name__}: {exc or 'no detail'}"
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -650,7 +650,7 @@ class Uploader:
             # Also a lost answer (connection closed after the request went out): the batch
             # is sent again, so the server may get it twice (at-least-once).
             self.stats.requests["error"] += 1
-            return Answer(Verdict.TRANSIENT, None, _network_message(exc))
+            return Answer(Verdict.TRANSIENT, None, printable(_network_message(exc), 400))
         except Exception as exc:
             # The boundary: anything else raised while building or sending (a token HTTP
             # cannot carry, a bug) is a failed upload like any other, not a crash loop.
