@@ -32,6 +32,7 @@ import httpx
 
 # Events of httpcore's `trace` extension whose return value is a new network stream.
 _STREAM_EVENTS = frozenset({"connection.connect_tcp.complete", "connection.start_tls.complete"})
+_SENT_EVENT = "http11.send_request_body.complete"
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class Stalled:
     """The deadline passed first: no complete answer within `timeout_s`."""
 
     timeout_s: float
+    sent: bool  # the whole request went out (False: it was still being sent)
     status: int | None  # None when not even the status line and headers came
     received: int  # bytes of the answer's body received before the deadline
 
@@ -61,12 +63,14 @@ class Exchange:
     def __init__(self) -> None:
         self._lock = threading.Lock()  # the timer's thread reads the sockets too
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._sent = False  # of the request in flight
 
     def send(
         self, client: httpx.Client, request: httpx.Request, timeout_s: float, limit: int
     ) -> Reply | Stalled:
         deadline = time.monotonic() + timeout_s
         request.extensions["trace"] = self._trace
+        self._sent = False
         timer = threading.Timer(timeout_s, self._cut)
         timer.daemon = True
         timer.start()
@@ -78,14 +82,14 @@ class Exchange:
                 status = response.status_code
                 for chunk in _chunks(response, body):
                     if time.monotonic() >= deadline:
-                        return Stalled(timeout_s, status, body.received)
+                        return self._stalled(timeout_s, status, body.received)
                     if not body.feed(chunk):
                         break  # past the limit: closing the response drops the rest
             finally:
                 response.close()
         except httpx.HTTPError:
             if time.monotonic() >= deadline:  # our timer cut the connection
-                return Stalled(timeout_s, status, body.received)
+                return self._stalled(timeout_s, status, body.received)
             raise
         finally:
             timer.cancel()
@@ -98,7 +102,14 @@ class Exchange:
             not body.overflowed,
         )
 
+    def _stalled(self, timeout_s: float, status: int | None, received: int) -> Stalled:
+        # An answer started means the request went out, also through a transport that
+        # traces nothing (a mock).
+        return Stalled(timeout_s, self._sent or status is not None, status, received)
+
     def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == _SENT_EVENT:
+            self._sent = True
         if event not in _STREAM_EVENTS:
             return
         stream = info.get("return_value")

@@ -205,7 +205,9 @@ def _foreign(reply: Reply) -> str:
 
 
 def _stall_message(stall: Stalled) -> str:
-    if stall.status is None:
+    if not stall.sent:
+        got = "the request was still being sent (a slow link for this batch size)"
+    elif stall.status is None:
         got = "no answer came"
     else:
         got = f"the answer ({stall.status}) was still coming, {stall.received} bytes of its body"
@@ -375,17 +377,17 @@ class Uploader:
             session.close()
 
     def _unexpected(self, exc: Exception) -> None:
-        """Counted as a failure (health sees it); the traceback once per incident."""
-        first = self.stats.last_error != _UNEXPECTED
+        """Counted as a failure (health sees it); the traceback once per incident (until an
+        upload succeeds) and then every REPEAT_LOG_S while it lasts."""
         self.stats.last_error = _UNEXPECTED
         if self.stats.failing_since is None:
             self.stats.failing_since = time.monotonic()
-        if first or self._due("unexpected", REPEAT_LOG_S):
+        if self._due("unexpected", REPEAT_LOG_S):
             log.error(
                 "uploader: %s (%s); retrying every 5 s",
                 _UNEXPECTED,
                 type(exc).__name__,
-                exc_info=first,
+                exc_info=exc,
             )
 
     def _build_client(self, ep: EndpointConfig) -> httpx.Client:
@@ -690,6 +692,7 @@ class Uploader:
             for logged in [k for k in self._last_logged if k.startswith(f"pause:{key}:")]:
                 del self._last_logged[logged]
         self._failures = 0
+        self._last_logged.pop("unexpected", None)  # the next one is a new incident
         self.stats.records_uploaded += records
         self.stats.last_success = time.time()
         self.stats.failing_since = None
