@@ -103,3 +103,17 @@ class RecentErrors(logging.Handler):
 
     def lines(self) -> list[dict[str, Any]]:
         return list(self._lines)
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """`text` safe for one log line: control and other invisible characters escaped.
+
+    Text from outside (a server's answer, a device) may hold CR, LF or ESC: raw, they forge
+    log lines or recolour a terminal. Each such character becomes its Python escape
+    (`\\r`, `\\n`, `\\x1b`, `\\u2028`). Longer than `limit` characters, it is cut with "…".
+    """
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)

@@ -3,8 +3,9 @@
 This module owns the sandbox: an HTTP server (stdlib `ThreadingHTTPServer`, one thread per
 request) that answers `POST /restapi/datasource/insert` the way the real API does, keeps what it
 accepted in SQLite, and injects faults on demand (status codes, random 503s, latency, a size
-limit, dropped connections after commit, per-field rejections). The demo and the tests upload to
-it, and users rehearse their setup against it.
+limit, dropped connections after commit, per-field rejections) and answers a hostile network
+gives (a captive portal's login page, an answer trickled a byte at a time, a huge body). The
+demo and the tests upload to it, and users rehearse their setup against it.
 
     Sandbox          start/stop lifecycle, tokens, faults, records(), stats()
     Faults           what to inject; validated on construction (ConfigError)
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import json
 import logging
 import math
@@ -45,12 +47,21 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from edge_agent.errors import ConfigError
+from edge_agent.logs import printable
 
 INSERT_PATH = "/restapi/datasource/insert"
 SUCCESS_MESSAGE = "Data successfully inserted"
 DEFAULT_TOKEN = "sandbox-token"
 DEFAULT_DATASOURCE = "67890"
 TIMESTAMP_EXAMPLE = "2025-01-01T12:00:00.123Z"
+# What a hotel Wi-Fi or a SIM whose plan ran out answers to every request, with a 200.
+PORTAL_PAGE = (
+    "<!DOCTYPE html>\n<html><head><title>GuestNet: sign in</title></head>\n"
+    '<body><form method="post" action="/login"><p>Your data plan has run out. Sign in to '
+    'continue.</p><input name="voucher"></form></body></html>\n'
+)
+_MIB = 1024 * 1024
+_PAD_CHUNK = b"x" * 65536
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,12 @@ class Faults:
     drop_after_commit_rate: float = 1.0
     reject_fields: dict[str, str] = field(default_factory=dict)
     seed: int | None = None
+    # Answers of a hostile network: a captive portal answers 200 text/html to every insert
+    # (nothing stored); trickle sends headers, then the body a byte every `trickle_s`;
+    # huge_body_mb pads every insert answer (200 stored, 400 refused...) to that many MB.
+    portal: bool = False
+    trickle_s: float = 0.0
+    huge_body_mb: int = 0
 
     def __post_init__(self) -> None:
         _require_rate("fail_rate", self.fail_rate)
@@ -88,6 +105,10 @@ class Faults:
         if not isinstance(self.drop_after_commit, bool):
             raise ConfigError(f"drop_after_commit: {self.drop_after_commit!r} is not true/false")
         _require_str_mapping("reject_fields", self.reject_fields)
+        if not isinstance(self.portal, bool):
+            raise ConfigError(f"portal: {self.portal!r} is not true/false")
+        _require_seconds("trickle_s", self.trickle_s, high=60.0)
+        _require_int("huge_body_mb", self.huge_body_mb, low=0, high=1024)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "faults") -> Faults:
@@ -120,6 +141,11 @@ def _with_hint(key: str, names: list[str]) -> str:
 def _require_rate(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
         raise ConfigError(f"{name}: {value!r} is not a number from 0 to 1")
+
+
+def _require_seconds(name: str, value: object, *, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+        raise ConfigError(f"{name}: {value!r} is not a number of seconds from 0 to {high:g}")
 
 
 def _require_int(
@@ -398,6 +424,20 @@ class _Answer:
     headers: tuple[tuple[str, str], ...] = ()
     drop: bool = False
     note: str = ""  # the end of the log line
+    html: str | None = None  # a page instead of the JSON body
+    trickle_s: float = 0.0  # seconds between the body's bytes
+    pad_bytes: int = 0  # added to the body
+
+    def payload(self) -> tuple[bytes, bytes, str]:
+        """(head, tail, content type): the body is head, `pad_bytes` of padding, tail."""
+        if self.html is not None:
+            if not self.pad_bytes:
+                return self.html.encode(), b"", "text/html; charset=utf-8"
+            return (self.html + "<!-- ").encode(), b" -->", "text/html; charset=utf-8"
+        text = json.dumps(self.body)
+        if not self.pad_bytes or not isinstance(self.body, dict):
+            return text.encode(), b"", "application/json"
+        return (text[:-1] + ', "padding": "').encode(), b'"}', "application/json"
 
 
 class Sandbox:
@@ -424,6 +464,7 @@ class Sandbox:
         self._by_status: Counter[str] = Counter()
         self._bytes = 0
         self._state = "new"
+        self._stopping = threading.Event()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._store: _Store | None = None
@@ -456,6 +497,7 @@ class Sandbox:
         if self._state == "running":
             assert self._server is not None and self._thread is not None
             assert self._store is not None
+            self._stopping.set()
             self._server.shutdown()
             self._server.server_close()  # also waits for requests in flight
             self._thread.join()
@@ -478,6 +520,11 @@ class Sandbox:
         if self._server is None:
             raise RuntimeError("the sandbox has no port until start()")
         return int(self._server.server_address[1])
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() began: answers being trickled end."""
+        return self._stopping.is_set()
 
     @property
     def url(self) -> str:
@@ -552,6 +599,23 @@ class Sandbox:
         faults, tokens, fail, drop = self._plan()
         if faults.latency_ms:
             time.sleep(faults.latency_ms / 1000)
+        datasource_id, answer = self._insert(
+            faults, tokens, fail, drop, authorization, content_encoding, body
+        )
+        return datasource_id, _shaped(answer, faults)
+
+    def _insert(
+        self,
+        faults: Faults,
+        tokens: frozenset[str],
+        fail: bool,
+        drop: bool,
+        authorization: str | None,
+        content_encoding: str | None,
+        body: bytes,
+    ) -> tuple[str, _Answer]:
+        if faults.portal:  # something between answered: the API never saw the request
+            return "-", _Answer(200, None, html=PORTAL_PAGE, note="captive portal page")
         if faults.status is not None or fail:
             return "-", _injected(faults, fail)
         datasource_id = "-"
@@ -647,6 +711,23 @@ def _injected(faults: Faults, fail: bool) -> _Answer:
     return _message(status, f"injected fault: {status} by sandbox ({why})", headers)
 
 
+def _shaped(answer: _Answer, faults: Faults) -> _Answer:
+    """The answer as the hostile-network faults send it: trickled, padded."""
+    if not (faults.trickle_s or faults.huge_body_mb):
+        return answer
+    notes = [answer.note]
+    if faults.trickle_s:
+        notes.append(f"trickled a byte every {faults.trickle_s:g} s")
+    if faults.huge_body_mb:
+        notes.append(f"padded to {faults.huge_body_mb} MB")
+    return replace(
+        answer,
+        trickle_s=faults.trickle_s,
+        pad_bytes=faults.huge_body_mb * _MIB,
+        note="; ".join(n for n in notes if n),
+    )
+
+
 def _message(status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> _Answer:
     return _Answer(status, {"message": message}, headers, note=message)
 
@@ -695,19 +776,24 @@ class _Handler(BaseHTTPRequestHandler):
         sandbox = self.server.sandbox
         if path.startswith("/_admin/"):
             answer = sandbox._answer_admin(self.command, path, query, body or b"")
-            log.info("sandbox: admin %s %s %s %s", self.command, path, answer.status, answer.note)
+            note = printable(answer.note)
+            log.info("sandbox: admin %s %s %s %s", self.command, path, answer.status, note)
             self._send(answer)
             return
         datasource_id, answer = self._answer_api(path, body)
-        sandbox._count("dropped" if answer.drop else str(answer.status), len(body or b""))
+        outcome = "dropped" if answer.drop else "portal" if answer.html else str(answer.status)
+        sandbox._count(outcome, len(body or b""))
         if answer.drop:
             log.info(
                 "sandbox: dropped %s %s stored, connection closed without an answer",
                 datasource_id,
-                answer.note,
+                printable(answer.note),
             )
         else:
-            log.info("sandbox: %s %s %s", answer.status, datasource_id, answer.note)
+            # Printable: the note may quote a record's value (a rule), CR LF and all.
+            log.info(
+                "sandbox: %s %s %s", answer.status, printable(datasource_id), printable(answer.note)
+            )
         self._send(answer)
 
     def _answer_api(self, path: str, body: bytes | None) -> tuple[str, _Answer]:
@@ -737,19 +823,41 @@ class _Handler(BaseHTTPRequestHandler):
         if answer.drop:
             self.close_connection = True
             return
-        payload = json.dumps(answer.body).encode()
+        head, tail, content_type = answer.payload()
         self.send_response(answer.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(head) + answer.pad_bytes + len(tail)))
         for name, value in answer.headers:
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+        if self.command == "HEAD":
+            return
+        if answer.trickle_s:
+            self._trickle(head, tail, answer)
+            return
+        self.wfile.write(head)
+        for start in range(0, answer.pad_bytes, len(_PAD_CHUNK)):  # never all in memory
+            self.wfile.write(_PAD_CHUNK[: answer.pad_bytes - start])
+        self.wfile.write(tail)
+
+    def _trickle(self, head: bytes, tail: bytes, answer: _Answer) -> None:
+        """One byte, then a pause; a client that hangs up ends it (a write error)."""
+        self.wfile.flush()
+        padding = itertools.repeat(b"x", answer.pad_bytes)
+        for byte in itertools.chain(_one_by_one(head), padding, _one_by_one(tail)):
+            if self.server.sandbox.stopping:
+                return
+            time.sleep(answer.trickle_s)
+            self.wfile.write(byte)
+            self.wfile.flush()
 
     def log_message(self, format: str, *args: Any) -> None:
         # Our own one-line-per-request log replaces http.server's access log.
         log.debug("sandbox: " + format, *args)
+
+
+def _one_by_one(data: bytes) -> Iterator[bytes]:
+    return (data[i : i + 1] for i in range(len(data)))
 
 
 # --------------------------------------------------------------------------- command line
@@ -802,6 +910,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer 400 to batches with a record where NAME is VALUE",
     )
     add("--seed", type=int, help="seed for the random faults")
+    add(
+        "--portal",
+        action="store_true",
+        help="answer every insert like a captive portal: 200 text/html, nothing stored",
+    )
+    add(
+        "--trickle-s",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="send each answer's headers, then its body one byte every S seconds",
+    )
+    add(
+        "--huge-body-mb",
+        type=_int_in(0, 1024),
+        default=0,
+        metavar="MB",
+        help="pad every insert answer's body (200, 400...) to this many MB",
+    )
     add(
         "--faults-file",
         type=Path,
@@ -929,6 +1056,9 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
         drop_after_commit_rate=args.drop_after_commit_rate,
         reject_fields=dict(args.reject_fields or []),
         seed=args.seed,
+        portal=args.portal,
+        trickle_s=args.trickle_s,
+        huge_body_mb=args.huge_body_mb,
     )
 
 
@@ -939,6 +1069,16 @@ def _rate(text: str) -> float:
         value = math.nan  # fails the range check below, with the same message
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 60:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0 to 60")
     return value
 
 

@@ -398,7 +398,8 @@ def _upload_metrics(out: _Exposition, uploader: dict[str, Any]) -> None:
     out.family(
         "upload_requests_total",
         "counter",
-        'Insert requests by HTTP status; status="error" when no answer came.',
+        'Insert requests by HTTP status; status="error" when no answer came or none could be '
+        'sent, "stalled" when the answer was not complete within timeout_s.',
         [({"status": str(s)}, n) for s, n in sorted(requests.items())],
     )
     paused = uploader.get("paused") or {}

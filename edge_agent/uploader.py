@@ -29,6 +29,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -37,7 +39,8 @@ from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.config import EndpointConfig, Secret
 from edge_agent.credentials import redact
 from edge_agent.errors import ConfigError
-from edge_agent.logs import RateLimitedLog
+from edge_agent.exchange import Exchange, Reply, Stalled
+from edge_agent.logs import RateLimitedLog, printable
 
 log = logging.getLogger("edge_agent.uploader")
 
@@ -56,6 +59,12 @@ _IDLE_SLICE_S = 0.25
 # Requests per reading are counted in memory for the dead letters' `attempts`; past this many
 # unsettled readings (a long outage) the counts start again rather than grow without bound.
 _MAX_TRACKED = 100_000
+# The most of an answer's body that is read. The API answers with a short JSON message;
+# a longer body is not its answer, and only its first bytes are ever shown.
+MAX_ANSWER_BYTES = 256 * 1024
+_SHOWN_BYTES = 160
+SUCCESS_MESSAGE = "Data successfully inserted"
+_UNEXPECTED = "unexpected error in the uploader, readings are kept: please report it"
 
 
 class Verdict(enum.Enum):
@@ -66,14 +75,16 @@ class Verdict(enum.Enum):
     WRONG_URL = "wrong url"  # 404: pause everything
     TOO_LARGE = "too large"  # 413: split and lower the byte limit
     NO_GZIP = "no gzip"  # 415 while compressing: send plain JSON from now on
-    TRANSIENT = "transient"  # 408, 429, 5xx, network: back off and retry
+    TRANSIENT = "transient"  # 408, 429, 5xx, network, stalled: back off and retry
+    NOT_THE_API = "not the API"  # a 2xx that is not a JSON object: a portal answered; retry
+    CANNOT_SEND = "cannot send"  # the request could not be built or sent: pause everything
 
 
 @dataclass(frozen=True)
 class Answer:
     verdict: Verdict
-    status: int | None  # None when no HTTP answer came (network error)
-    message: str
+    status: int | None  # None when no HTTP answer came (network error, stall)
+    message: str  # escaped: safe for a log line, the status page and a dead letter
     retry_after: float | None = None
 
 
@@ -121,9 +132,18 @@ def split_bound(records: int, bad: int) -> int:
 
 
 def build_body(batch: Batch) -> bytes:
-    """The request body, built from the stored JSON texts without parsing them again."""
-    head = '{"datasource_id":' + json.dumps(batch.datasource_id) + ',"data":['
-    return (head + ",".join(r.record for r in batch.rows) + "]}").encode()
+    """The request body, built from the stored JSON texts without parsing them again.
+
+    One join of references to the records, then one encode: at most two copies of the
+    batch's bytes at a time besides the records themselves, the text one dropped on return.
+    """
+    parts = ['{"datasource_id":', json.dumps(batch.datasource_id), ',"data":[']
+    for i, row in enumerate(batch.rows):
+        if i:
+            parts.append(",")
+        parts.append(row.record)
+    parts.append("]}")
+    return "".join(parts).encode()
 
 
 def tls_context(ep: EndpointConfig) -> ssl.SSLContext | bool:
@@ -136,15 +156,95 @@ def tls_context(ep: EndpointConfig) -> ssl.SSLContext | bool:
     return ctx
 
 
-def _server_message(response: httpx.Response) -> str:
+def judge(reply: Reply, gzip_sent: bool, now: float) -> Answer:
+    """What an answer does to its batch (the design's table), its message made printable.
+
+    The insert API confirms with a JSON object (`{"message": "Data successfully inserted"}`).
+    A 2xx with anything else came from something between the gateway and the API (a captive
+    portal, a login page, a proxy): the batch was not delivered. The message text itself is
+    not required, as the spec says its behaviour may evolve.
+    """
+    verdict = classify(reply.status, gzip_sent)
+    doc = _json_object(reply)
+    retry_after = parse_retry_after(reply.retry_after, now)
+    if verdict is Verdict.DELIVERED and (doc is None or not _says_json(reply.content_type)):
+        return Answer(Verdict.NOT_THE_API, reply.status, _foreign(reply), retry_after)
+    return Answer(verdict, reply.status, _server_message(reply, doc), retry_after)
+
+
+def _says_json(content_type: str) -> bool:
+    """A JSON media type, or none at all (then the body decides)."""
+    media = content_type.partition(";")[0].strip().lower()
+    return not media or media == "application/json" or media.endswith("+json")
+
+
+def _json_object(reply: Reply) -> dict[str, Any] | None:
+    if not reply.complete:
+        return None
     try:
-        body = response.json()
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return str(body["message"])[:500]
-    text = response.text.strip()
-    return text[:200] if text else response.reason_phrase
+        doc = json.loads(reply.body)
+    except (ValueError, RecursionError):  # deep nesting overflows the parser, not an error
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _server_message(reply: Reply, doc: dict[str, Any] | None) -> str:
+    if doc is not None and isinstance(doc.get("message"), str):
+        return printable(doc["message"].strip(), 500)
+    text = reply.body[:_SHOWN_BYTES].decode("utf-8", "backslashreplace").strip()
+    return printable(text or reply.reason, 200)
+
+
+def _foreign(reply: Reply) -> str:
+    """Why a 2xx is not the API's answer, naming what came instead."""
+    if reply.content_type:
+        kind = f"content type '{printable(reply.content_type, 100)}'"
+    else:
+        kind = "no content type"
+    if not reply.body:
+        shown = "an empty body"
+    else:
+        first = printable(reply.body[:_SHOWN_BYTES].decode("utf-8", "backslashreplace"))
+        cut = "…" if len(reply.body) > _SHOWN_BYTES or not reply.complete else ""
+        over = "" if reply.complete else f", over {MAX_ANSWER_BYTES // 1024} KiB"
+        shown = f"first bytes '{first}{cut}'{over}"
+    return (
+        "answered by something other than the insert API: a captive portal, a login page or "
+        f"a proxy between the gateway and the API? ({kind}, {shown})"
+    )
+
+
+def _stall_message(stall: Stalled) -> str:
+    if not stall.sent:
+        got = "the request was still being sent (a slow link for this batch size)"
+    elif stall.status is None:
+        got = "no answer came"
+    else:
+        got = f"the answer ({stall.status}) was still coming, {stall.received} bytes of its body"
+    return (
+        f"no complete answer within timeout_s = {stall.timeout_s:g} s: {got}; the server or "
+        "something on the way (a proxy, a weak link) stalled"
+    )
+
+
+def _unsendable(exc: Exception) -> str:
+    """Why no request went out, without the exception's text: it may quote a header, and the
+    Authorization header holds the token."""
+    name = type(exc).__name__
+    if isinstance(exc, UnicodeError | httpx.LocalProtocolError):
+        return (
+            f"the request cannot be sent ({name}): a header holds a character HTTP cannot "
+            "carry; the token (token_file or token_env) must be one line of printable ASCII: "
+            "fix it and reload"
+        )
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = "" if tb is None else f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+    return (
+        f"the request cannot be built or sent ({name}{where}): an unexpected error, please "
+        "report it; check the [endpoint] settings and reload"
+    )
 
 
 def _network_message(exc: httpx.HTTPError) -> str:
@@ -225,6 +325,8 @@ class Uploader:
         self._carried: Counter[int] = Counter()  # reading id -> requests that carried it
         self._last_logged: dict[str, float] = {}
         self._dead_letter_log = RateLimitedLog(log, every=60.0)
+        self._exchange = Exchange()
+        self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
         self.stats = UploaderStats()
         self.heartbeat = time.monotonic()
 
@@ -281,10 +383,10 @@ class Uploader:
                 self._apply_reload()
                 try:
                     self._round(session)
-                except Exception:
-                    # A bug or a buffer failure: say so with the traceback, then back off
-                    # rather than die; the readings are still in the buffer.
-                    log.exception("uploader: unexpected error; retrying in 5 s")
+                except Exception as exc:
+                    # A bug or a buffer failure: back off rather than die; the readings are
+                    # still in the buffer. Requests never get here (send_batch answers).
+                    self._unexpected(exc)
                     self._sleep(5.0)
         finally:
             with self._reload_lock:
@@ -293,6 +395,20 @@ class Uploader:
                 if client is not None:
                     client.close()
             session.close()
+
+    def _unexpected(self, exc: Exception) -> None:
+        """Counted as a failure (health sees it); the traceback once per incident (until an
+        upload succeeds) and then every REPEAT_LOG_S while it lasts."""
+        self.stats.last_error = _UNEXPECTED
+        if self.stats.failing_since is None:
+            self.stats.failing_since = time.monotonic()
+        if self._due("unexpected", REPEAT_LOG_S):
+            log.error(
+                "uploader: %s (%s); retrying every 5 s",
+                _UNEXPECTED,
+                type(exc).__name__,
+                exc_info=exc,
+            )
 
     def _build_client(self, ep: EndpointConfig) -> httpx.Client:
         try:
@@ -429,6 +545,9 @@ class Uploader:
         if len(self._carried) > _MAX_TRACKED:
             self._carried.clear()
         split = _Split(len(batch.rows))
+        # Halves share the batch's records (tuples of references, no copy of their text),
+        # and a body exists only for the request in flight: the bytes held stay bounded by
+        # the batch and one body, however deep the bisection goes.
         todo = [batch]
         while todo and not self._stop.is_set():
             part = todo.pop()
@@ -454,6 +573,7 @@ class Uploader:
         """Settle the batch per the design's table; returns parts still to send, or None."""
         v = answer.verdict
         if v is Verdict.DELIVERED:
+            self._note_confirmation(answer.message)
             session.ack(batch)
             self._settled(batch)
             self._succeeded(batch.datasource_id, len(batch.rows))
@@ -465,8 +585,15 @@ class Uploader:
         if v in (Verdict.BAD_RECORDS, Verdict.TOO_LARGE):
             return self._split_or_dead_letter(session, batch, answer, split)
         self._failed(answer)
-        if v is Verdict.TRANSIENT:
+        if v in (Verdict.TRANSIENT, Verdict.NOT_THE_API):
             self._back_off(answer)
+        elif v is Verdict.CANNOT_SEND:
+            self._pause(
+                "*",
+                answer,
+                f"no request can be sent to {self.endpoint.url}: {answer.message}; readings are "
+                f"kept, retrying every {PAUSE_S:.0f} s",
+            )
         elif v is Verdict.FORBIDDEN:
             self._pause(
                 batch.datasource_id,
@@ -524,34 +651,66 @@ class Uploader:
         )
         return []
 
+    def _note_confirmation(self, message: str) -> None:
+        """Say once that the API confirmed in other words; the batch counts as delivered."""
+        if message in self._confirmations or len(self._confirmations) > 20:
+            return
+        self._confirmations.add(message)
+        log.info(
+            "uploader: %s confirmed an upload with '%s' instead of '%s'; any JSON object in a "
+            "2xx answer counts as delivered",
+            self.endpoint.url,
+            message,
+            SUCCESS_MESSAGE,
+        )
+
     def _settled(self, batch: Batch) -> None:
         for rid in batch.ids:
             self._carried.pop(rid, None)
 
     def send_batch(self, client: httpx.Client, batch: Batch) -> Answer:
-        """One request; httpx errors and status codes become an Answer here, and only here."""
-        body = build_body(batch)
-        headers = {
-            "Authorization": f"Bearer {self._token.reveal()}",
-            "Content-Type": "application/json",
-        }
+        """One request; whatever comes of it becomes an Answer here, and only here."""
         gzip_sent = self._gzip
-        if gzip_sent:
-            body = gzip.compress(body, compresslevel=5)
-            headers["Content-Encoding"] = "gzip"
         try:
-            response = client.post(self.endpoint.url, content=body, headers=headers)
+            request = self._request(client, batch, gzip_sent)
+            outcome = self._exchange.send(
+                client, request, self.endpoint.timeout_s, MAX_ANSWER_BYTES
+            )
+        except httpx.LocalProtocolError as exc:  # our request is malformed: a bad header
+            self.stats.requests["error"] += 1
+            return Answer(Verdict.CANNOT_SEND, None, _unsendable(exc))
         except httpx.HTTPError as exc:
             # Also a lost answer (connection closed after the request went out): the batch
             # is sent again, so the server may get it twice (at-least-once).
             self.stats.requests["error"] += 1
-            return Answer(Verdict.TRANSIENT, None, _network_message(exc))
-        self.stats.requests[str(response.status_code)] += 1
-        message = _server_message(response)
-        retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
-        return Answer(
-            classify(response.status_code, gzip_sent), response.status_code, message, retry_after
-        )
+            return Answer(Verdict.TRANSIENT, None, printable(_network_message(exc), 400))
+        except Exception as exc:
+            # The boundary: anything else raised while building or sending (a token HTTP
+            # cannot carry, a bug) is a failed upload like any other, not a crash loop.
+            self.stats.requests["error"] += 1
+            return Answer(Verdict.CANNOT_SEND, None, _unsendable(exc))
+        match outcome:
+            case Stalled():
+                self.stats.requests["stalled"] += 1
+                return Answer(Verdict.TRANSIENT, None, _stall_message(outcome))
+            case Reply():
+                self.stats.requests[str(outcome.status)] += 1
+                return judge(outcome, gzip_sent, time.time())
+
+    def _request(self, client: httpx.Client, batch: Batch, gzip_sent: bool) -> httpx.Request:
+        """The request for a batch; its body is the only copy of the batch's bytes it adds,
+        dropped with the request (halves of a split batch are built when they are sent)."""
+        body = build_body(batch)
+        headers = {
+            "Authorization": f"Bearer {self._token.reveal()}",
+            "Content-Type": "application/json",
+            # The answer is a short message: ask for it plain, so a bomb is less likely.
+            "Accept-Encoding": "identity",
+        }
+        if gzip_sent:
+            body = gzip.compress(body, compresslevel=5)
+            headers["Content-Encoding"] = "gzip"
+        return client.build_request("POST", self.endpoint.url, content=body, headers=headers)
 
     # -- pacing and reporting --------------------------------------------------------------
 
@@ -564,6 +723,7 @@ class Uploader:
             for logged in [k for k in self._last_logged if k.startswith(f"pause:{key}:")]:
                 del self._last_logged[logged]
         self._failures = 0
+        self._last_logged.pop("unexpected", None)  # the next one is a new incident
         self.stats.records_uploaded += records
         self.stats.last_success = time.time()
         self.stats.failing_since = None
@@ -592,8 +752,9 @@ class Uploader:
         self.stats.retries += 1
         delay = self.backoff_delay(self._failures, answer.retry_after)
         what = f"{answer.status} {answer.message}" if answer.status else answer.message
+        # Keyed by verdict: a portal answering after a run of 503s is news worth a line.
         self._log_limited(
-            "transient",
+            f"failed:{answer.verdict.value}",
             logging.WARNING,
             f"uploader: upload to {self.endpoint.url} failed ({what}); readings are kept, "
             f"retrying in {delay:.1f} s (failure {self._failures})",
@@ -616,8 +777,17 @@ class Uploader:
         force: bool = False,
         every: float = REPEAT_LOG_S,
     ) -> None:
+        if force:
+            self._last_logged[key] = time.monotonic()
+        elif not self._due(key, every):
+            return
+        log.log(level, message)
+
+    def _due(self, key: str, every: float) -> bool:
+        """Whether a line under `key` may be logged again (and if so, it counts as logged)."""
         now = time.monotonic()
         last = self._last_logged.get(key)
-        if force or last is None or now - last >= every:
-            self._last_logged[key] = now
-            log.log(level, message)
+        if last is not None and now - last < every:
+            return False
+        self._last_logged[key] = now
+        return True

@@ -16,11 +16,15 @@ About 1% of the readings of each input carry `poison=1`; the sandbox always refu
 Faults, one at a time, at times drawn from `random.Random(seed)`: kill -9 and restart of the
 agent, broker restart, serial unplug and replug, sandbox outage (stopped, later a new one on
 the same port and database), 503 bursts, 429 with Retry-After, connections dropped after the
-sandbox stored the batch, token rotation (the sandbox first, the token file a bit later) and
-a 413 size limit. Some endpoint faults also get a kill -9 halfway through (mid-retry,
-mid-split). Runs shorter than SHORT_MINUTES play every kind once in a fixed order, with a kill
-during the dropped connections and during the 413; longer runs draw shuffled rounds of all
-kinds with random gaps and durations, and kill during 40% of the endpoint faults.
+sandbox stored the batch, token rotation (the sandbox first, the token file a bit later), a
+413 size limit, and the answers of a hostile network: a captive portal answering 200
+text/html (nothing stored), answers trickled a byte every 2 s (stored, then the agent's
+`timeout_s` ends the request and it sends the batch again) and 50 MB answer bodies (stored,
+not the API's answer, sent again). Some endpoint faults also get a kill -9 halfway through
+(mid-retry, mid-split). Runs shorter than SHORT_MINUTES play every kind once in a fixed
+order, with a kill during the dropped connections and during the 413; longer runs draw
+shuffled rounds of all kinds with random gaps and durations, and kill during 40% of the
+endpoint faults.
 
 Serial accounting: a serial device cannot be acknowledged, so lines written while the agent
 is dead or the port is closed, or read but not committed when the agent dies, are lost by
@@ -97,6 +101,9 @@ FAULT_KINDS = (
     "drop_after_commit",
     "token_rotation",
     "limit_413",
+    "captive_portal",
+    "trickle",
+    "huge_answer",
 )
 # Opened-port markers in the agent log: the first open of a process, and a reopen.
 SERIAL_OPENED = (f"serial {SERIAL_NAME}: reading ", "is back; reading again")
@@ -929,6 +936,32 @@ class Soak:
         time.sleep(self._pick(2.0, 1.0, 4.0))
         self._for_a_while(
             "limit_413", f"413 over {limit} bytes", self._pick(6.0, 4.0, 12.0), max_bytes=limit
+        )
+
+    def fault_captive_portal(self) -> None:
+        self._for_a_while(
+            "captive_portal",
+            "every insert answered 200 text/html by a login page, nothing stored",
+            self._pick(5.0, 3.0, 20.0),
+            portal=True,
+        )
+
+    def fault_trickle(self) -> None:
+        # timeout_s is 5 s: each answer outlives it, so every batch is stored, cut, sent again.
+        self._for_a_while(
+            "trickle",
+            "every answer trickled a byte every 2 s",
+            self._pick(8.0, 6.0, 20.0),
+            trickle_s=2.0,
+        )
+
+    def fault_huge_answer(self) -> None:
+        mb = int(self._pick(50, 10, 50))
+        self._for_a_while(
+            "huge_answer",
+            f"every insert answer (200, 400) padded to {mb} MB",
+            self._pick(5.0, 3.0, 12.0),
+            huge_body_mb=mb,
         )
 
     # -- the end ---------------------------------------------------------------------------

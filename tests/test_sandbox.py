@@ -364,6 +364,52 @@ def test_set_faults_copies_the_callers_dict(sandbox: Sandbox, client: httpx.Clie
     assert post(client, sandbox, batch()).status_code == 400
 
 
+def test_a_captive_portal_answers_200_html_and_stores_nothing(
+    sandbox: Sandbox, client: httpx.Client
+) -> None:
+    sandbox.set_faults(Faults(portal=True))
+    response = post(client, sandbox, batch(), headers={})  # not even the token is looked at
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/html")
+    assert response.text.startswith("<!DOCTYPE html>")
+    assert sandbox.records() == []
+    assert sandbox.stats()["by_status"] == {"portal": 1}
+
+
+def test_huge_bodies_pad_200_and_400_answers_to_that_many_mb(
+    sandbox: Sandbox, client: httpx.Client
+) -> None:
+    sandbox.set_faults(Faults(huge_body_mb=3, reject_fields={"value": "99"}))
+    stored = post(client, sandbox, batch(reading(1)))
+    assert stored.status_code == 200
+    assert len(stored.content) >= 3 * 1024 * 1024
+    assert stored.json()["message"] == SUCCESS_MESSAGE  # still a JSON object, just huge
+    refused = post(client, sandbox, batch({**reading(), "value": 99}))
+    assert refused.status_code == 400
+    assert len(refused.content) >= 3 * 1024 * 1024
+    assert refused.json()["message"] == "data[0]: rejected by sandbox rule value=99"
+    assert sandbox.records() == [reading(1)]
+
+
+def test_trickle_sends_the_headers_then_the_body_a_byte_at_a_time(
+    sandbox: Sandbox, client: httpx.Client
+) -> None:
+    sandbox.set_faults(Faults(trickle_s=0.01))
+    with client.stream("POST", sandbox.url, content=json.dumps(batch()), headers=AUTH) as r:
+        assert r.status_code == 200  # the headers came before the body
+        chunks = list(r.iter_raw())
+    assert len(chunks) > 1
+    assert json.loads(b"".join(chunks)) == {"message": SUCCESS_MESSAGE}
+    assert len(sandbox.records()) == 1
+
+
+def test_fault_flags_cover_the_hostile_network_faults() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--portal", "--trickle-s", "2", "--huge-body-mb", "50"])
+    assert (args.portal, args.trickle_s, args.huge_body_mb) == (True, 2.0, 50)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
@@ -374,6 +420,9 @@ def test_set_faults_copies_the_callers_dict(sandbox: Sandbox, client: httpx.Clie
         ({"max_bytes": 0}, "max_bytes"),
         ({"retry_after": "5\r\nX-Evil: 1"}, "retry_after"),
         ({"reject_fields": {"a": 1}}, "reject_fields"),
+        ({"portal": 1}, "portal"),
+        ({"trickle_s": -1}, "trickle_s: -1 is not a number of seconds from 0 to 60"),
+        ({"huge_body_mb": 2048}, "huge_body_mb: 2048 must be from 0 to 1024"),
     ],
 )
 def test_bad_faults_raise_config_error(kwargs: dict[str, Any], expected: str) -> None:

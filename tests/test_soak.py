@@ -2,9 +2,10 @@
 
 `scripts/soak.py` runs `edge-agent run` as a real process against a pty sensor, a private
 Mosquitto and the sandbox, injects each fault kind once (kill -9, broker restart, unplug,
-sandbox outage, 503, 429, dropped answers, token rotation, 413) and accounts for every
-reading. About 2 minutes; EDGE_AGENT_SOAK_MINUTES makes it longer (5 or more: seeded random
-faults instead of one of each).
+sandbox outage, 503, 429, dropped answers, token rotation, 413, captive portal, trickled
+answers, 50 MB answers) and accounts for every reading. About 2.5 minutes;
+EDGE_AGENT_SOAK_MINUTES makes it longer (5 or more: seeded random faults instead of one of
+each).
 """
 
 from __future__ import annotations

@@ -27,14 +27,17 @@ from typing import Any
 import httpx
 import pytest
 
-from edge_agent.agent import Agent
+from edge_agent.agent import Agent, snapshot
 from edge_agent.buffer import BufferSession
 from edge_agent.config import load_config, parse_duration
 from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.status import health
 from edge_agent.uploader import split_bound
-from tests.helpers import DATASOURCE, serial_source, wait_until, write_config
+from tests.conftest import free_port
+from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
+from tests.test_service import agent_config, edge_agent_status, healthz, write_lines
 from tests.test_uploader import LogLines
 
 POISON = {"kind": "poison"}  # the sandbox rule that refuses a record
@@ -493,3 +496,148 @@ def test_chaos_every_valid_record_is_delivered_and_every_poison_record_dead_lett
     assert run.agent.uploader.alive and run.agent.check_health() is None
     assert not run.logs.matching("unexpected error")
     assert poison and sandbox.stats()["requests"] > 50  # the run did meet its faults
+
+
+# --------------------------------------------------------------------------- hostile network
+
+
+def pending_in(db: Path) -> int:
+    session = BufferSession(db)
+    try:
+        return session.pending_count()
+    finally:
+        session.close()
+
+
+def vm_kib(pid: int, key: str) -> int:
+    """VmRSS or VmHWM (the peak) of a process, from /proc, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} in /proc/{pid}/status")
+
+
+def test_a_captive_portal_keeps_the_readings_says_so_and_turns_healthz_unhealthy(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    sandbox.set_faults(Faults(portal=True))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/"
+    config = agent_config(tmp_path, sandbox, pty_sensor)
+    config.write_text(
+        config.read_text() + f'\n[status]\nlisten = "127.0.0.1:{port}"\nunhealthy_after_s = 1.0\n'
+    )
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("serial weather: reading")
+        agent.wait_log("status page on")
+        written = write_lines(pty_sensor, 0, 10)
+        wait_until(lambda: sandbox.stats()["by_status"].get("portal"), what="a portal answer")
+
+        # The log names what answered instead of the API, escaped: no line is forged.
+        agent.wait_log("answered by something other than the insert API")
+        text = agent.log_text()
+        assert "content type 'text/html; charset=utf-8'" in text
+        assert "first bytes '<!DOCTYPE html>\\n<html><head><title>GuestNet" in text
+        assert "\n<html>" not in text and "\n<body>" not in text
+        # Nothing counted as delivered: every reading is still in the buffer.
+        assert sandbox.records() == []
+        assert pending_in(tmp_path / "data" / "buffer.db") == written
+
+        # Lasting past unhealthy_after_s, it makes /healthz 503, saying why.
+        wait_until(lambda: healthz(base).status_code == 503, what="/healthz 503")
+        reasons = healthz(base).json()["reasons"]
+        assert any("something other than the insert API" in r for r in reasons), reasons
+        assert any("text/html" in r for r in reasons), reasons
+        as_json = edge_agent_status(config, "--json")
+        doc = json.loads(as_json.stdout)
+        assert "something other than the insert API" in doc["uploader"]["last_error"]
+        assert "something other than the insert API" in edge_agent_status(config).stdout
+        page = httpx.get(base, timeout=5, trust_env=False).text
+        assert "something other than the insert API" in page
+        assert "&lt;!DOCTYPE html&gt;" in page  # shown as text, not as markup
+
+        # The portal goes away: the readings kept are delivered, health comes back.
+        sandbox.set_faults(Faults())
+        wait_until(lambda: len(sandbox.records()) >= written, timeout=20, what="delivery")
+        assert sorted({int(r["seq"]) for r in sandbox.records()}) == list(range(written))
+        wait_until(lambda: healthz(base).status_code == 200, what="/healthz 200 again")
+        assert agent.terminate() == 0
+    finally:
+        agent.ensure_dead()
+
+
+def test_a_trickled_answer_ends_at_timeout_s_is_counted_and_health_sees_it(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    # Each byte comes well within timeout_s: httpx's per-read timeout alone never fires.
+    sandbox.set_faults(Faults(trickle_s=0.5))
+    run = start_agent(timeout_s=1.5)
+    run.put([record(i) for i in range(10)])
+    uploader = run.agent.uploader
+    wait_until(lambda: uploader.stats.requests["stalled"] >= 2, timeout=30, what="2 stalls")
+    (first, *_) = run.logs.matching("no complete answer within timeout_s = 1.5 s", logging.WARNING)
+    assert "the answer (200) was still coming" in first
+    assert "readings are kept" in first
+
+    def unhealthy() -> list[str]:
+        healthy, reasons = health(snapshot(run.agent, []), unhealthy_after_s=1.0)
+        return [] if healthy else reasons
+
+    reasons = wait_until(unhealthy, what="health to see the stalls")
+    assert any("no complete answer within timeout_s" in r for r in reasons), reasons
+
+    sandbox.set_faults(Faults())
+    wait_until(lambda: run.pending() == 0, timeout=20, what="delivery once answers flow")
+    # Each stalled batch was stored and sent again: duplicates of the same ids, nothing lost.
+    by_id = {r["reading_id"]: r["seq"] for r in stored(sandbox)}
+    assert sorted(by_id.values()) == list(range(10))
+    assert run.agent.uploader.alive
+    assert not run.logs.matching("unexpected error")
+
+
+def test_huge_answers_on_200_and_on_400_during_bisection_keep_memory_bounded(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    # Every answer is 50 MB: the 200s (stored, then answered huge: not the API's answer, so
+    # retried) and the 400s of the bisection down to seq 0, which the sandbox refuses.
+    sandbox.set_faults(Faults(huge_body_mb=50, reject_fields={"seq": "0"}))
+    config = agent_config(tmp_path, sandbox, pty_sensor)
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("serial weather: reading")
+        written = write_lines(pty_sensor, 0, 64)
+        assert agent.proc is not None
+        pid = agent.proc.pid
+
+        def answered(status: str) -> int:
+            return int(sandbox.stats()["by_status"].get(status, 0))
+
+        wait_until(lambda: answered("400") >= 6 and answered("200") >= 3, timeout=60)
+        peak_mb = vm_kib(pid, "VmHWM") / 1024
+        assert peak_mb < 80, f"the agent peaked at {peak_mb:.0f} MB through 50 MB answers"
+        assert "over 256 KiB" in agent.log_text()
+
+        sandbox.set_faults(Faults(reject_fields={"seq": "0"}))
+        wait_until(lambda: pending_in(tmp_path / "data" / "buffer.db") == 0, timeout=30)
+        assert {int(r["seq"]) for r in sandbox.records()} == set(range(1, written))
+        assert vm_kib(pid, "VmHWM") / 1024 < 80
+    finally:
+        agent.ensure_dead()
+
+
+def test_control_characters_in_a_server_message_are_escaped_in_the_log(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    forged = "x\r\n2025-01-01T00:00:00.000Z ERROR agent: forged line\x1b[2J"
+    sandbox.set_faults(Faults(reject_fields={"kind": forged}))
+    run = start_agent()
+    run.put([record(0, forged), record(1)])
+    wait_until(lambda: run.pending() == 0, what="the batch settled")
+    (line,) = run.logs.matching("the server refused a record", logging.WARNING)
+    assert "kind=x\\r\\n2025-01-01T00:00:00.000Z ERROR agent: forged line\\x1b[2J" in line
+    for _, message in run.logs.lines:
+        assert not {"\r", "\n", "\x1b"} & set(message), repr(message)
+    (dead,) = run.dead_letters()
+    assert "\x1b" not in dead["reason"] and "\\x1b[2J" in dead["reason"]
+    assert seqs(stored(sandbox)) == [1]

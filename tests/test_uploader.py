@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import email.utils
 import gzip
+import itertools
 import json
 import logging
 import random
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -33,12 +34,15 @@ from hypothesis import strategies as st
 from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.config import BufferConfig, EndpointConfig, Secret
 from edge_agent.errors import ConfigError
+from edge_agent.exchange import Reply
 from edge_agent.records import Reading
 from edge_agent.uploader import (
+    MAX_ANSWER_BYTES,
     PAUSE_S,
     Uploader,
     Verdict,
     classify,
+    judge,
     parse_retry_after,
     split_bound,
     tls_context,
@@ -613,8 +617,11 @@ class _Recording(ThreadingHTTPServer):
         self.seen: list[str] = []
 
 
+Server = TypeVar("Server", bound=ThreadingHTTPServer)
+
+
 @contextlib.contextmanager
-def serving(server: _Recording) -> Iterator[_Recording]:
+def serving(server: Server) -> Iterator[Server]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     try:
@@ -703,3 +710,186 @@ def test_an_untrusted_certificate_is_retried_with_a_hint_and_ca_file_fixes_it(
         up.reload(endpoint(url=url, ca_file=str(cert)), Secret("t"))
         wait_until(lambda: settled(harness), what="delivery once the CA is trusted")
         assert server.seen == ["/restapi/datasource/insert"]
+
+
+# --------------------------------------------------------------------------- not the API
+
+
+def reply(
+    body: bytes, content_type: str = "application/json", status: int = 200, complete: bool = True
+) -> Reply:
+    return Reply(status, "OK", content_type, None, body, complete)
+
+
+@pytest.mark.parametrize(
+    ("answer", "verdict"),
+    [
+        (reply(b'{"message": "Data successfully inserted"}'), V.DELIVERED),
+        (reply(b'{"ok": true}', "application/json; charset=utf-8", 201), V.DELIVERED),
+        (reply(b'{"message": "x"}', ""), V.DELIVERED),  # no content type: the body decides
+        (reply(b"{}", "application/problem+json"), V.DELIVERED),
+        (reply(b"<!DOCTYPE html><html>sign in</html>", "text/html"), V.NOT_THE_API),
+        (reply(b'{"message": "x"}', "text/html"), V.NOT_THE_API),
+        (reply(b'{"message": "x"}', "text/plain"), V.NOT_THE_API),
+        (reply(b""), V.NOT_THE_API),
+        (reply(b"", "", 204), V.NOT_THE_API),
+        (reply(b"[1, 2]"), V.NOT_THE_API),
+        (reply(b'"ok"'), V.NOT_THE_API),
+        (reply(b"not json"), V.NOT_THE_API),
+        (reply(b"\xff\xfe{}"), V.NOT_THE_API),
+        (reply(b"[" * 100_000), V.NOT_THE_API),  # deeper than the parser's stack
+        (reply(b'{"message": "Data successfully', complete=False), V.NOT_THE_API),
+        (reply(b"<html>", "text/html", 400), V.BAD_RECORDS),  # only 2xx are checked
+        (reply(b"", "", 503), V.TRANSIENT),
+    ],
+)
+def test_a_2xx_is_delivered_only_when_its_body_is_a_json_object(
+    answer: Reply, verdict: Verdict
+) -> None:
+    assert judge(answer, False, 0.0).verdict is verdict
+
+
+def test_what_answered_instead_of_the_api_is_named_and_escaped() -> None:
+    page = b"<html>\r\n<title>Hotel\x1b[2J WiFi</title>" + b" " * 300
+    message = judge(reply(page, "text/html; charset=utf-8"), False, 0.0).message
+    assert "something other than the insert API" in message
+    assert "content type 'text/html; charset=utf-8'" in message
+    assert "first bytes '<html>\\r\\n<title>Hotel\\x1b[2J WiFi</title>" in message
+    assert "…'" in message  # cut after the first bytes
+    assert not {"\r", "\n", "\x1b"} & set(message)
+    huge = judge(reply(b"x" * MAX_ANSWER_BYTES, "", complete=False), False, 0.0).message
+    assert "no content type" in huge and "over 256 KiB" in huge
+    assert "an empty body" in judge(reply(b""), False, 0.0).message
+
+
+def test_server_messages_are_escaped_and_cut() -> None:
+    body = json.dumps({"message": "bad\r\nFAKE LINE\u2028" + "y" * 1000}).encode()
+    message = judge(reply(body, status=400), False, 0.0).message
+    assert message.startswith("bad\\r\\nFAKE LINE\\u2028yyy")
+    assert len(message) <= 520 and message.endswith("…")
+    plain = judge(reply(b"<h1>Bad\x1bGateway</h1>", "text/html", 502), False, 0.0).message
+    assert plain == "<h1>Bad\\x1bGateway</h1>"
+
+
+class PortalFirst(FakeApi):
+    """The insert API behind a captive portal that answers the first `portal` requests."""
+
+    def __init__(self, portal: int) -> None:
+        super().__init__(ok)
+        self.portal = portal
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if self.portal > 0:
+            self.portal -= 1
+            return httpx.Response(
+                200, text="<html>Sign in</html>", headers={"Content-Type": "text/html"}
+            )
+        return super().__call__(request)
+
+
+def test_a_portal_answer_keeps_the_batch_and_retries_with_backoff(harness: Harness) -> None:
+    api = PortalFirst(3)
+    harness.put([record(i) for i in range(5)])
+    up = harness.start(api)
+    wait_until(lambda: settled(harness), what="delivery once the portal is gone")
+    assert api.delivered_seqs() == list(range(5))
+    assert up.stats.requests["200"] == 4 and up.stats.retries == 3
+    assert up.stats.records_uploaded == 5
+    (line,) = harness.logs.matching("something other than the insert API", logging.WARNING)
+    assert "readings are kept, retrying in" in line and "(failure 1)" in line
+    assert harness.logs.matching("uploads succeed again")
+
+
+def test_a_confirmation_in_other_words_is_delivered_and_said_once(harness: Harness) -> None:
+    api = FakeApi(lambda sent: (200, "Rows stored", {}))
+    up = harness.start(api)
+    harness.put([record(1)])
+    wait_until(lambda: settled(harness), what="first batch")
+    harness.put([record(2)])
+    wait_until(lambda: settled(harness), what="second batch")
+    assert up.stats.records_uploaded == 2
+    (line,) = harness.logs.matching("instead of 'Data successfully inserted'", logging.INFO)
+    assert "confirmed an upload with 'Rows stored'" in line
+
+
+# --------------------------------------------------------------------------- cannot send, stalls
+
+
+def test_a_token_http_cannot_carry_pauses_uploads_says_so_once_and_a_fixed_token_resumes(
+    harness: Harness,
+) -> None:
+    token = {"value": "s3crét-token"}
+    harness.put([record(i) for i in range(3)])
+    api = FakeApi(ok)
+    up = harness.start(api, token=token["value"], token_source=lambda: Secret(token["value"]))
+    wait_until(lambda: "*" in up.stats.paused, what="the pause")
+    time.sleep(0.5)  # paused: no retry loop, no line every few seconds
+    (line,) = harness.logs.matching("cannot be sent (UnicodeEncodeError)", logging.ERROR)
+    assert "one line of printable ASCII" in line
+    assert not any("s3cr" in m for _, m in harness.logs.lines)  # never the token
+    assert not harness.logs.matching("unexpected error")
+    assert up.stats.requests["error"] == 1 and up.stats.failing_since is not None
+    assert harness.pending() == 3 and api.sent == []
+    token["value"] = "good"
+    wait_until(lambda: settled(harness), timeout=PAUSE_S / 4, what="delivery with a fixed token")
+    assert up.stats.paused == {} and up.stats.failing_since is None
+
+
+class _Trickling(ThreadingHTTPServer):
+    """Takes the request, then sends its status line and headers a byte every 0.2 s."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _TrickleHeaders)
+        self.done = threading.Event()
+
+
+class _TrickleHeaders(BaseHTTPRequestHandler):
+    server: _Trickling
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        head = itertools.chain(b"HTTP/1.1 200 OK\r\n", itertools.cycle(b"X-Slow: yes\r\n"))
+        for byte in head:
+            if self.server.done.wait(0.2):
+                return
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return  # the client gave up: what the test waits for
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_headers_sent_a_byte_at_a_time_end_at_timeout_s_as_a_stall(
+    harness: Harness, request: pytest.FixtureRequest, scheme: str
+) -> None:
+    server = _Trickling()
+    ca_file = None
+    if scheme == "https":
+        cert, key = request.getfixturevalue("self_signed")
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        ca_file = str(cert)
+    with serving(server):
+        url = f"{scheme}://127.0.0.1:{server.server_address[1]}/restapi/datasource/insert"
+        up = Uploader(
+            endpoint(url=url, timeout_s=1.0, ca_file=ca_file), Secret("t"), harness.buffer
+        )
+        up.start()
+        harness.uploaders.append(up)
+        harness.put([record(1)])
+        stall = "no complete answer within timeout_s = 1 s: no answer came"
+
+        def stalled_twice() -> bool:
+            return up.stats.requests["stalled"] >= 2 and stall in (up.stats.last_error or "")
+
+        wait_until(stalled_twice, timeout=20, what="two stalls")
+        assert up.stats.failing_since is not None and harness.pending() == 1
+        server.done.set()
+    assert harness.logs.matching(stall, logging.WARNING)
