@@ -20,7 +20,7 @@ from edge_agent import __version__, sandbox
 from edge_agent.buffer import BufferSession
 from edge_agent.clock import utc_stamp
 from edge_agent.config import Config, load_config, parse_duration
-from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.errors import BufferAccessError, ConfigError, EdgeAgentError
 from edge_agent.logs import setup_logging
 
 log = logging.getLogger("edge_agent.cli")
@@ -39,6 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except ConfigError as exc:
         print(f"edge-agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BufferAccessError as exc:  # the data directory, not the agent, needs fixing
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 2
     except EdgeAgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)

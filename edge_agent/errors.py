@@ -5,6 +5,9 @@
     ├── SourceError            a sensor or broker failed: the source logs, backs off, reopens
     │   └── ParseError         one line or payload could not be read: count it, go on
     ├── BufferError            the SQLite buffer cannot take or give readings
+    │   ├── BufferAccessError  its files cannot be reached (permissions, read-only mount,
+    │   │                      lock, full disk): never moved aside; exit 2 at start,
+    │   │                      retried while running
     │   └── BufferFullError    intake refused by the `when_full` policy (counted as dropped)
     └── UploadError            a request to the insert API did not deliver its batch
         ├── RetryableUploadError   transient (5xx, 408, 429, network): retry with backoff
@@ -35,6 +38,10 @@ class ParseError(SourceError):
 
 class BufferError(EdgeAgentError):
     """The buffer database failed."""
+
+
+class BufferAccessError(BufferError):
+    """The buffer's files cannot be opened, read or written, but are not damaged."""
 
 
 class BufferFullError(BufferError):
