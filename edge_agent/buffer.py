@@ -47,6 +47,7 @@ from edge_agent.errors import BufferAccessError, BufferError, EdgeAgentError
 from edge_agent.records import RECORD_ENCODER, Reading
 from edge_agent.records import signature as signature  # part of this module's interface
 from edge_agent.store import (
+    BUSY_TIMEOUT_MS,
     access_problem,
     bump,
     connect,
@@ -83,8 +84,11 @@ _ROW_OVERHEAD = 40
 # Freed pages are given back once they are more than this and a quarter of the file: fewer
 # would be taken again by the next commits anyway.
 _SHRINK_MIN_BYTES = 256 * 1024
-# A shrink step runs at most this long before the writer commits again.
+# A shrink runs at most this long before the writer commits again; it runs once no reading
+# was committed for _SHRINK_QUIET_S, or under a steady stream once per _SHRINK_PAUSE_S.
 _SHRINK_SLICE_S = 0.25
+_SHRINK_QUIET_S = 1.0
+_SHRINK_PAUSE_S = 5.0
 
 
 def wal_reserve(max_bytes: int) -> int:
@@ -97,9 +101,10 @@ class DiskBudget:
     """How `max_bytes` is shared between the database file and its WAL (README "Sizing").
 
     The WAL and its index get `wal_reserve`. One transaction may add at most `commit_bytes` of
-    readings (an eighth of the reserve), so the WAL grows by at most about that much between
-    two looks at it. The writer checkpoints passively at half the reserve and truncates the WAL
-    (waiting for readers) once its file passes `wal_limit`, which leaves room for two more
+    readings (an eighth of the reserve); its WAL frames take up to twice that (the pages it
+    fills and those its drops change), and that is all the WAL grows between two looks at it.
+    The writer checkpoints passively at half the reserve and truncates the WAL (waiting for
+    readers) once its file passes `wal_limit`, which leaves room for one and a half such
     commits and the index. The pages in use in the database stay under `database`, which
     leaves half a commit for estimates that come out low: the database file never grows past
     `max_bytes` less the reserve.
@@ -123,7 +128,7 @@ class DiskBudget:
     def wal_limit(self) -> int:
         # The WAL index (-shm) takes 32 KiB per 4096 frames.
         shm = 32 * 1024 * (self.wal_reserve // (4096 * 4096) + 1)
-        return self.wal_reserve - 2 * self.commit_bytes - shm
+        return self.wal_reserve - 3 * self.commit_bytes - shm
 
     @property
     def database(self) -> int:
@@ -261,6 +266,8 @@ class Buffer:
         self._last_checkpoint = time.monotonic()
         self._last_maintenance = 0.0
         self._shrinking = False
+        self._last_shrink = 0.0
+        self._last_rows_at = 0.0  # when the last commit inserted readings
         self._refusing = False  # full under drop_newest or block: refusing until there is room
         # Under "block": what can wait (MQTT) and found no room, oldest first (writer only).
         self._waiting: deque[_Pending] = deque()
@@ -606,6 +613,7 @@ class Buffer:
             self._cond.notify_all()
         self.commits += 1
         if plan.rows or fix:
+            self._last_rows_at = time.monotonic()
             self._data_event.set()
         for p in plan.done:
             if p.on_durable is not None:
@@ -903,34 +911,61 @@ class Buffer:
 
     def _keep_wal_within(self, conn: sqlite3.Connection) -> bool:
         """Truncate the WAL once its file passed `wal_limit` (a passive checkpoint could not
-        restart it: a reader was in it). Waits up to the busy timeout for readers; False if
-        one still holds it, and nothing more may be written then."""
-        if _size(wal_path(self.path)) <= self.budget.wal_limit:
-            return True
-        busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-        self.checkpoints += 1
-        self._last_checkpoint = time.monotonic()
-        return not busy
+        restart it: a reader was in it). Waits up to the busy timeout for readers, and for a
+        session's checkpoint (which makes ours return busy at once); False if the WAL is
+        still over its limit then, and nothing more may be written."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while _size(wal_path(self.path)) > self.budget.wal_limit:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            self.checkpoints += 1
+            self._last_checkpoint = time.monotonic()
+            if not busy:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _give_pages_back(self, conn: sqlite3.Connection) -> None:
-        """Once free pages are more than a quarter of the file (and `_SHRINK_MIN_BYTES`),
-        give them all back, a bounded step at a time (each step moves pages from the end of
-        the file into the holes, through the WAL); the file shrinks at the next checkpoint."""
+        """Once free pages are more than a quarter of the file (and `_SHRINK_MIN_BYTES`) and no
+        readings wait to be committed, give them all back, a bounded step at a time (each step
+        moves pages from the end of the file into the holes, through the WAL); the file
+        shrinks at the next checkpoint."""
+        now = time.monotonic()
+        if self._intake or (
+            now - self._last_rows_at < _SHRINK_QUIET_S and now - self._last_shrink < _SHRINK_PAUSE_S
+        ):
+            # Readings are coming in: they would take the free pages again. Under a steady
+            # stream, one step now and then.
+            return
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         free = free_pages(conn) * page_size
         if not self._shrinking and free < max(_SHRINK_MIN_BYTES, file_bytes(conn) // 4):
             return
         self._shrinking = True
+        self._last_shrink = now
         step = max(16, self.budget.commit_bytes // page_size // 3)
         until = time.monotonic() + _SHRINK_SLICE_S
         while free_pages(conn) and time.monotonic() < until:
-            conn.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
+            # Through executescript: `execute` steps the pragma once, which frees one page.
+            conn.executescript(f"PRAGMA incremental_vacuum({step});")
             self.shrinks += 1
             if not self._keep_wal_within(conn):
                 return
         if not free_pages(conn):
             self._shrinking = False
-            self._checkpoint(conn)  # moves the end of the file: only a checkpoint cuts it
+            self._truncate_wal(conn)
+
+    def _truncate_wal(self, conn: sqlite3.Connection) -> None:
+        """After a shrink: only a checkpoint cuts the end off the database file, and this one
+        empties the WAL too. A reader in the way is not waited for long: the WAL is within its
+        reserve anyway, and the next checkpoint cuts the file."""
+        conn.execute("PRAGMA busy_timeout=100")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            self.checkpoints += 1
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
 
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         self._last_checkpoint = time.monotonic()

@@ -40,7 +40,7 @@ from edge_agent.errors import BufferAccessError, BufferError
 log = logging.getLogger("edge_agent.buffer")
 
 SCHEMA_VERSION = 2
-_BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_MS = 30_000
 # SQLite's primary result codes that mean the file itself is damaged: only these (and a
 # failed quick_check) move a file aside. Extended codes carry the primary one in the low byte.
 _SQLITE_CORRUPT = 11
@@ -61,11 +61,11 @@ def connect(path: Path, sync: str = "full") -> sqlite3.Connection:
     Raises BufferError for a damaged file, BufferAccessError for anything else.
     """
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
     except sqlite3.Error as exc:
         raise open_error(path, exc) from exc
     try:
-        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=" + ("FULL" if sync == "full" else "NORMAL"))
