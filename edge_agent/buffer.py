@@ -218,10 +218,16 @@ class Batch:
 
 @dataclass
 class TimeFix:
-    """Correct held readings: this boot's by `offset`, earlier boots' by estimate, flagged."""
+    """Correct held readings: this boot's by `offset`, earlier boots' by estimate, flagged.
+
+    It takes several commits when many readings are held: the writer keeps it until done."""
 
     offset: float
     flag_field: str
+    # Worked out at the first commit, from every held reading: (boot, offset, flag or None).
+    moves: list[tuple[str, float, str | None]] | None = None
+    rows_per_commit: int = 0
+    counted: Counter[str] = field(default_factory=Counter)  # moved so far, for the log line
 
 
 class Buffer:
@@ -261,6 +267,7 @@ class Buffer:
         self._data_event = threading.Event()
         self._schema_ids = _SchemaIds()
         self._time_fix: TimeFix | None = None
+        self._time_fix_left: TimeFix | None = None  # writer only: held readings left to move
         # Wall minus monotonic while the clock is trusted (the agent says when it is not).
         self._offset: float | None = self._clock.wall() - self._clock.monotonic()
         self._last_checkpoint = time.monotonic()
@@ -597,6 +604,7 @@ class Buffer:
             plan = self._commit(conn, taken, counts, fix)
         except sqlite3.Error as exc:
             # Nothing was committed: requeue so the readings are not lost, and back off.
+            self._time_fix_left = None
             self._schema_ids.forget()
             self._requeue(taken, counts, fix)
             self._report_error(exc)
@@ -604,6 +612,7 @@ class Buffer:
             return True
         self._schema_ids.keep()
         self._recovered()
+        self._continue_time_fix()
         self._refusing = plan.refusing
         self._waiting = deque(plan.waiting)
         with self._cond:
@@ -619,6 +628,17 @@ class Buffer:
             if p.on_durable is not None:
                 p.on_durable()
         return True
+
+    def _continue_time_fix(self) -> None:
+        """Held readings are left to move: in the next commit, soon (unless a newer fix
+        came meanwhile, which starts over from what is left)."""
+        fix, self._time_fix_left = self._time_fix_left, None
+        if fix is None:
+            return
+        with self._cond:
+            if self._time_fix is None:
+                self._time_fix = fix
+            self._urgent = True
 
     def _requeue(self, taken: list[_Pending], counts: Counter[str], fix: TimeFix | None) -> None:
         with self._cond:
@@ -686,8 +706,8 @@ class Buffer:
         (and what waits for room) before anything is inserted, then what fits inserted."""
         now = self._clock.wall()
         with transaction(conn):
-            if fix is not None:
-                self._release_held(conn, fix, now)
+            if fix is not None and not self._release_held(conn, fix, now):
+                self._time_fix_left = fix
             budget = self._budget(conn)
             plan = self._plan(conn, taken, budget)
             before = used_bytes(conn)
@@ -794,13 +814,66 @@ class Buffer:
             ],
         )
 
-    def _release_held(self, conn: sqlite3.Connection, fix: TimeFix, now: float) -> None:
-        """Move held readings to the queue with corrected timestamps, oldest boot first.
+    def _release_held(self, conn: sqlite3.Connection, fix: TimeFix, now: float) -> bool:
+        """Move held readings to the queue with corrected timestamps, oldest boot first, at
+        most half a commit's worth per commit (both copies exist until the commit); True
+        once none is left.
 
         This boot's: monotonic time plus the trusted offset. Earlier boots' offsets are
         lost with them: estimate each as ending just before the next boot began, and flag
-        the records so nobody mistakes the estimate for a measurement.
+        the records so nobody mistakes the estimate for a measurement. The estimates are
+        made once, from every held reading, before the first part moves.
         """
+        if fix.moves is None:
+            fix.moves = self._held_moves(conn, fix, now)
+            fix.rows_per_commit = self._held_rows_per_commit(conn)
+        limit = fix.rows_per_commit
+        counted: Counter[str] = Counter()
+        for boot, offset, flag in fix.moves:
+            if limit <= 0:
+                break
+            # json_set with the flag's path as NULL would drop nothing but also add nothing:
+            # an exact correction sets the timestamp alone.
+            part = "SELECT * FROM held WHERE boot = ?3 ORDER BY id LIMIT ?4"
+            conn.execute(
+                "INSERT INTO readings(datasource_id, schema_id, created, record) "
+                "SELECT datasource_id, schema_id, mono + ?1, "
+                "CASE WHEN ?2 IS NULL THEN json_set(record, '$.timestamp', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch')) "
+                "ELSE json_set(record, '$.timestamp', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, 'estimated') END "
+                f"FROM ({part}) ORDER BY id",
+                (offset, f"$.{flag}" if flag else None, boot, limit),
+            )
+            for ds, n in conn.execute(
+                "SELECT datasource_id, count(*) FROM (SELECT datasource_id FROM held "
+                "WHERE boot = ? ORDER BY id LIMIT ?) GROUP BY 1",
+                (boot, limit),
+            ):
+                counted[f"time_fixed.{'estimated' if flag else 'exact'}.{ds}"] += n
+            moved = conn.execute(
+                "DELETE FROM held WHERE id IN (SELECT id FROM held WHERE boot = ? ORDER BY id "
+                "LIMIT ?)",
+                (boot, limit),
+            ).rowcount
+            limit -= moved
+        bump(conn, counted)
+        fix.counted.update(counted)
+        left = conn.execute("SELECT count(*) FROM held").fetchone()[0]
+        if not left and fix.counted:
+            log.info(
+                "buffer: the clock is trusted now; corrected the timestamps of %d held readings "
+                '(%d from earlier boots estimated and flagged %s = "estimated")',
+                sum(fix.counted.values()),
+                sum(n for k, n in fix.counted.items() if ".estimated." in k),
+                fix.flag_field,
+            )
+        return not left
+
+    def _held_moves(
+        self, conn: sqlite3.Connection, fix: TimeFix, now: float
+    ) -> list[tuple[str, float, str | None]]:
+        """(boot, offset, flag field or None) for each boot with held readings, oldest first."""
         boots = conn.execute(
             "SELECT boot, max(mono), min(mono) FROM held GROUP BY boot ORDER BY max(id) DESC"
         ).fetchall()
@@ -812,34 +885,16 @@ class Buffer:
                 continue
             moves.append((boot, end - max_mono, fix.flag_field))
             end = end - (max_mono - min_mono) - 1.0
-        counted: Counter[str] = Counter()
-        for boot, offset, flag in reversed(moves):
-            # json_set with the flag's path as NULL would drop nothing but also add nothing:
-            # an exact correction sets the timestamp alone.
-            conn.execute(
-                "INSERT INTO readings(datasource_id, schema_id, created, record) "
-                "SELECT datasource_id, schema_id, mono + ?1, "
-                "CASE WHEN ?2 IS NULL THEN json_set(record, '$.timestamp', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch')) "
-                "ELSE json_set(record, '$.timestamp', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, 'estimated') END "
-                "FROM held WHERE boot = ?3 ORDER BY id",
-                (offset, f"$.{flag}" if flag else None, boot),
-            )
-            for ds, n in conn.execute(
-                "SELECT datasource_id, count(*) FROM held WHERE boot = ? GROUP BY 1", (boot,)
-            ):
-                counted[f"time_fixed.{'estimated' if flag else 'exact'}.{ds}"] += n
-            conn.execute("DELETE FROM held WHERE boot = ?", (boot,))
-        bump(conn, counted)
-        if counted:
-            log.info(
-                "buffer: the clock is trusted now; corrected the timestamps of %d held readings "
-                '(%d from earlier boots estimated and flagged %s = "estimated")',
-                sum(counted.values()),
-                sum(n for k, n in counted.items() if ".estimated." in k),
-                fix.flag_field,
-            )
+        return moves[::-1]
+
+    def _held_rows_per_commit(self, conn: sqlite3.Connection) -> int:
+        rows, size = conn.execute(
+            "SELECT count(*), sum(length(CAST(record AS BLOB)) + length(datasource_id)) FROM held"
+        ).fetchone()
+        if not rows:
+            return 0
+        per_row = (size / rows + _ROW_OVERHEAD) * self._ratio
+        return max(1, int(self.budget.commit_bytes / 2 / per_row))
 
     def _drop_oldest(self, conn: sqlite3.Connection, need: float, drops: Counter[str]) -> None:
         """Drop the oldest pending readings that take about `need` bytes (counted)."""

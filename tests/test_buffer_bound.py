@@ -186,6 +186,35 @@ def test_large_readings_stay_within_max_bytes_and_one_too_large_for_a_commit_is_
     assert 0 < kept < 1000
 
 
+def test_readings_held_for_an_untrusted_clock_are_released_within_max_bytes(
+    tmp_path: Path,
+) -> None:
+    # A gateway without a clock for days: the held readings fill the buffer; once the clock
+    # is trusted they move to the queue a part per commit, never two copies of them all.
+    max_bytes = 2_000_000
+    data = tmp_path / "data"
+    buf = Buffer(data / "buffer.db", BufferConfig(max_bytes=max_bytes, commit_interval_ms=5))
+    buf.open()
+    buf.distrust_clock()
+    for start in range(0, 6000, 500):
+        buf.put([long_reading(i).with_mono(100.0 + i) for i in range(start, start + 500)])
+    assert buf.flush()
+    held_bytes = on_disk(data)
+    with Sampler(data, interval=0.05) as sampler:
+        buf.fix_times(1_700_000_000.0, "time_quality")
+        wait_until(lambda: pending(data) == 6000, 30, "the held readings to be released")
+    buf.close()
+    assert sampler.peak <= max_bytes * SLACK, f"{sampler.peak:,} bytes on disk"
+    assert held_bytes > max_bytes // 2  # the release had something to double
+    conn = sqlite3.connect(data / "buffer.db")
+    seqs = [json.loads(r)["seq"] for (r,) in conn.execute("SELECT record FROM readings")]
+    stamps = [json.loads(r)["timestamp"] for (r,) in conn.execute("SELECT record FROM readings")]
+    assert conn.execute("SELECT count(*) FROM held").fetchone()[0] == 0
+    conn.close()
+    assert seqs == list(range(6000))  # in order, every one
+    assert stamps[0] == "2023-11-14T22:15:00.000Z"  # 1_700_000_000 + 100 s: corrected
+
+
 # -- the agent under a serial flood ------------------------------------------------------------
 
 
