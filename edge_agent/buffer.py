@@ -346,7 +346,7 @@ class Buffer:
         """
         rows = list(readings)  # each knows its text and signature
         sizes = [_stored_bytes(r) for r in rows]
-        too_large = self.budget.commit_bytes / self._ratio
+        too_large = self.budget.commit_bytes
         if any(n > too_large for n in sizes):
             rows, sizes = self._drop_too_large(rows, sizes, too_large)
         with self._cond:
@@ -383,7 +383,7 @@ class Buffer:
         return self.budget.commit_bytes / self._ratio
 
     def _drop_too_large(
-        self, rows: list[Reading], sizes: list[int], limit: float
+        self, rows: list[Reading], sizes: list[int], limit: int
     ) -> tuple[list[Reading], list[int]]:
         """Readings larger than one commit may add cannot be kept within max_bytes: they are
         dropped and counted (raise max_bytes to keep them)."""
@@ -416,11 +416,17 @@ class Buffer:
         e.g. "mqtt:<topic>". `on_durable` runs after the commit. Returns False if closing.
         """
         size = len(record_text) + len(reason) + len(origin) + len(datasource_id) + _ROW_OVERHEAD
+        dead: tuple[str, str, str, str] | None = (datasource_id, record_text, reason, origin)
+        if size > self.budget.commit_bytes:
+            drop = Counter({f"dropped.buffer_full.{datasource_id}": 1})
+            self._note_drops(drop, "a dead letter is larger than one commit may add")
+            dead, size = None, 0
         with self._cond:
             if self._stopping:
                 return False
+            if dead is None:
+                self._counts.update(drop)
             self._put_seq += 1
-            dead = (datasource_id, record_text, reason, origin)
             self._queue(_Pending([], on_durable, dead, False, self._put_seq, size))
             return True
 

@@ -174,15 +174,20 @@ def test_large_readings_stay_within_max_bytes_and_one_too_large_for_a_commit_is_
             buf.put([long_reading(i, pad=150_000) for i in range(start, start + 100)])
         too_large = DiskBudget(max_bytes).commit_bytes + 1
         buf.put([long_reading(-1, pad=too_large)], on_durable=acked.set, can_wait=True)
+        dead_acked = threading.Event()
+        text = json.dumps("z" * too_large)  # what a source could not read, kept as text
+        buf.put_dead_letter(DATASOURCE, text, "not JSON", "mqtt:t", on_durable=dead_acked.set)
         assert buf.flush(timeout=120)
     buf.close()
     assert sampler.peak <= max_bytes * SLACK, f"{sampler.peak:,} bytes on disk"
-    assert acked.is_set()  # settled: counted as dropped, so the broker may forget it
+    assert acked.is_set() and dead_acked.is_set()  # settled: counted as dropped
     session = BufferSession(data / "buffer.db")
     kept = session.pending_count()
-    dropped = session.stats().counters[f"dropped.buffer_full.{DATASOURCE}"]
+    stats = session.stats()
+    dropped = stats.counters[f"dropped.buffer_full.{DATASOURCE}"]
     session.close()
-    assert kept + dropped == 1001
+    assert stats.dead_letters == 0
+    assert kept + dropped == 1002
     assert 0 < kept < 1000
 
 
