@@ -21,7 +21,9 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.store import _create_v1, _migrate_1_to_2, set_meta
+from tests.conftest import Mosquitto
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
+from tests.test_mqtt import DS, Publisher, client_id, mqtt_source, wait_subscribed
 
 # Seconds of serial flood: 3 in CI; EDGE_AGENT_SLOW_COUNT=300 makes it a minute, by hand.
 FLOOD_S = max(3.0, int(os.environ.get("EDGE_AGENT_SLOW_COUNT", "0")) / 5)
@@ -278,6 +280,53 @@ def test_an_agent_flooded_through_a_pty_stays_within_max_bytes_then_delivers_and
     # drop_oldest kept the newest readings, every one of them, up to the last line written.
     assert got == set(range(min(got), lines)), "a kept reading is missing"
     assert dropped >= 10_000 and len(got) > 1000
+
+
+# -- the agent under an MQTT burst ------------------------------------------------------------
+
+
+def test_an_mqtt_burst_of_large_messages_with_a_window_of_1000_stays_within_max_bytes(
+    tmp_path: Path, mosquitto: Mosquitto, sandbox: Sandbox
+) -> None:
+    # 300 messages of 150 KB (45 MB) at QoS 1 into an 8 MB buffer, with up to 1000 of them
+    # in flight: a window's worth would be 150 MB in one commit without the bound.
+    max_bytes = 8_000_000
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = Mosquitto(workdir, mosquitto.binary, extra_conf="log_type all\n")
+    broker.start()
+    data = tmp_path / "data"
+    sandbox.set_faults(Faults(status=503))  # nothing leaves: the buffer overflows
+    config = write_config(
+        tmp_path / "agent.toml",
+        url=sandbox.url,
+        data_dir=data,
+        sources=[mqtt_source(broker, mqtt_version="5", inflight_window=1000)],
+        buffer={"max_bytes": max_bytes},
+    )
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    publisher = None
+    try:
+        wait_subscribed(broker, client_id())
+        publisher = Publisher(broker)
+        with Sampler(data) as sampler:
+            for seq in range(300):
+                payload = json.dumps({"seq": seq, "pad": "p" * 150_000})
+                publisher.publish(f"sensors/dev{seq % 3}/burst", payload)
+            publisher.wait_acked(60)
+
+            def settled() -> bool:
+                stats = counters(data / "buffer.db")
+                return pending(data) + stats.get(f"dropped.buffer_full.{DS}", 0) == 300
+
+            wait_until(settled, 60, "every message committed or dropped")
+        assert sampler.peak <= max_bytes * SLACK, f"{sampler.peak:,} bytes on disk"
+        assert 0 < pending(data) < 60  # about 40 fit in 8 MB
+    finally:
+        if publisher is not None:
+            publisher.close()
+        assert agent.terminate() == 0
+        broker.stop()
 
 
 # -- the rebuild for incremental vacuum ---------------------------------------------------------
