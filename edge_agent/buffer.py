@@ -17,9 +17,13 @@ callback fires then (the MQTT source acknowledges the broker there). Readers and
 WAL mode lets them work while the writer commits. The writer also checkpoints the WAL on
 its own schedule and applies `max_age`.
 
-Size: the database file never grows past `max_bytes` less a reserve for the WAL by more than
-one commit, nor while free disk space is under `min_free_bytes`; `when_full` decides which
-readings go, and each one is counted.
+Size (see `DiskBudget`): the database file, its WAL and its index together stay within
+`max_bytes` whatever the input rate. One transaction adds at most `commit_bytes`, so a flood
+becomes a run of bounded commits; `when_full` is applied before a commit could overshoot (it
+decides which readings go, and each one is counted); the WAL is checkpointed passively at half
+its reserve, and truncated (waiting for readers) before it could leave it; freed pages go back
+to the file system after a burst (`auto_vacuum = INCREMENTAL`). While free disk space is under
+`min_free_bytes`, the file does not grow at all.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -39,18 +43,24 @@ from typing import Any
 
 from edge_agent.clock import Clock, SystemClock, boot_id, utc_stamp
 from edge_agent.config import BufferConfig
-from edge_agent.errors import BufferError, EdgeAgentError
+from edge_agent.errors import BufferAccessError, BufferError, EdgeAgentError
 from edge_agent.records import RECORD_ENCODER, Reading
 from edge_agent.records import signature as signature  # part of this module's interface
 from edge_agent.store import (
+    BUSY_TIMEOUT_MS,
+    access_problem,
     bump,
     connect,
+    disk_bytes,
     file_bytes,
+    free_pages,
     get_meta,
+    is_corrupt,
     open_checked,
     set_meta,
     transaction,
     used_bytes,
+    wal_path,
 )
 
 log = logging.getLogger("edge_agent.buffer")
@@ -67,9 +77,69 @@ _RESTAMP = "strftime('%Y-%m-%dT%H:%M:%fZ', ?, 'unixepoch')"
 _ENCODER = RECORD_ENCODER
 
 
+# Bytes SQLite adds to a reading's JSON and data source id (row header, rowid, time, schema,
+# index entry): 31-34 measured. `_stored_bytes` is an estimate that the writer corrects by
+# what its commits really take (`Buffer._ratio`).
+_ROW_OVERHEAD = 40
+# Freed pages are given back once they are more than this and a quarter of the file: fewer
+# would be taken again by the next commits anyway.
+_SHRINK_MIN_BYTES = 256 * 1024
+# A shrink runs at most this long before the writer commits again; it runs once no reading
+# was committed for _SHRINK_QUIET_S, or under a steady stream once per _SHRINK_PAUSE_S.
+_SHRINK_SLICE_S = 0.25
+_SHRINK_QUIET_S = 1.0
+_SHRINK_PAUSE_S = 5.0
+
+
 def wal_reserve(max_bytes: int) -> int:
-    """Part of `max_bytes` kept for the WAL file; the database gets the rest."""
+    """Part of `max_bytes` kept for the WAL file and its index; the database gets the rest."""
     return min(max_bytes // 4, 32 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class DiskBudget:
+    """How `max_bytes` is shared between the database file and its WAL (README "Sizing").
+
+    The WAL and its index get `wal_reserve`. One transaction may add at most `commit_bytes` of
+    readings (an eighth of the reserve); its WAL frames take up to twice that (the pages it
+    fills and those its drops change), and that is all the WAL grows between two looks at it.
+    The writer checkpoints passively at half the reserve and truncates the WAL (waiting for
+    readers) once its file passes `wal_limit`, which leaves room for one and a half such
+    commits and the index. The pages in use in the database stay under `database`, which
+    leaves half a commit for estimates that come out low: the database file never grows past
+    `max_bytes` less the reserve.
+    """
+
+    max_bytes: int
+
+    @property
+    def wal_reserve(self) -> int:
+        return wal_reserve(self.max_bytes)
+
+    @property
+    def commit_bytes(self) -> int:
+        return self.wal_reserve // 8
+
+    @property
+    def wal_checkpoint_at(self) -> int:
+        return self.wal_reserve // 2
+
+    @property
+    def wal_limit(self) -> int:
+        # The WAL index (-shm) takes 32 KiB per 4096 frames.
+        shm = 32 * 1024 * (self.wal_reserve // (4096 * 4096) + 1)
+        return self.wal_reserve - 3 * self.commit_bytes - shm
+
+    @property
+    def database(self) -> int:
+        return self.max_bytes - self.wal_reserve - self.commit_bytes // 2
+
+
+def _stored_bytes(r: Reading) -> int:
+    """About what a reading takes in the database (before the writer's correction)."""
+    text = r.text
+    size = len(text) if text.isascii() else len(text.encode())
+    return size + len(r.datasource_id) + _ROW_OVERHEAD
 
 
 @dataclass
@@ -80,6 +150,41 @@ class _Pending:
     dead_letter: tuple[str, str, str, str] | None = None
     # The source can wait for room (MQTT: the broker keeps the message); others are dropped.
     can_wait: bool = False
+    seq: int = 0  # the put's number: flush() waits for everything up to a number
+    nbytes: int = 0  # estimated stored bytes (`_stored_bytes`)
+
+    def split(self, room: float, at_least_one: bool) -> tuple[_Pending, _Pending]:
+        """Its first rows that fit in `room`, and the rest: the callback goes with the rest,
+        so it runs only once every row is committed."""
+        sizes = [_stored_bytes(r) for r in self.rows]
+        n, total = 0, 0
+        while n < len(sizes) and (total + sizes[n] <= room or (n == 0 and at_least_one)):
+            total += sizes[n]
+            n += 1
+        head = _Pending(self.rows[:n], None, None, self.can_wait, self.seq, total)
+        rest = _Pending(
+            self.rows[n:], self.on_durable, None, self.can_wait, self.seq, self.nbytes - total
+        )
+        return head, rest
+
+
+@dataclass
+class _Plan:
+    """What one commit does with what it took."""
+
+    rows: list[Reading] = field(default_factory=list)  # to insert
+    dead: list[tuple[str, str, str, str]] = field(default_factory=list)  # to insert
+    done: list[_Pending] = field(default_factory=list)  # settled: their callbacks run
+    waiting: list[_Pending] = field(default_factory=list)  # held back for room ("block")
+    drops: Counter[str] = field(default_factory=Counter)
+    refusing: bool = False  # full: refuse until there is room again
+
+    def settle(self, pending: _Pending, kept: _Pending) -> None:
+        """`pending` is settled; `kept` is what of it is inserted (all, or its first rows)."""
+        self.done.append(pending)
+        self.rows += kept.rows
+        if pending.dead_letter is not None and kept is pending:
+            self.dead.append(pending.dead_letter)
 
 
 @dataclass(frozen=True)
@@ -113,10 +218,16 @@ class Batch:
 
 @dataclass
 class TimeFix:
-    """Correct held readings: this boot's by `offset`, earlier boots' by estimate, flagged."""
+    """Correct held readings: this boot's by `offset`, earlier boots' by estimate, flagged.
+
+    It takes several commits when many readings are held: the writer keeps it until done."""
 
     offset: float
     flag_field: str
+    # Worked out at the first commit, from every held reading: (boot, offset, flag or None).
+    moves: list[tuple[str, float, str | None]] | None = None
+    rows_per_commit: int = 0
+    counted: Counter[str] = field(default_factory=Counter)  # moved so far, for the log line
 
 
 class Buffer:
@@ -137,9 +248,15 @@ class Buffer:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._maintenance_interval_s = maintenance_interval_s
         self._boot = boot_id()
+        self.budget = DiskBudget(config.max_bytes)
         self._cond = threading.Condition()
-        self._intake: list[_Pending] = []
-        self._intake_count = 0
+        self._intake: deque[_Pending] = deque()
+        self._intake_count = 0  # rows put and not yet committed (or dropped)
+        self._intake_bytes = 0  # estimated bytes of the rows in `_intake`
+        # What readings really take in the database over what `_stored_bytes` says: learnt
+        # from each commit, up at once and down slowly. Records just over a third or half of
+        # a page leave the rest of it empty: up to 2.
+        self._ratio = 1.3
         self._counts: Counter[str] = Counter()
         self._urgent = False
         self._stopping = False
@@ -150,12 +267,22 @@ class Buffer:
         self._data_event = threading.Event()
         self._schema_ids = _SchemaIds()
         self._time_fix: TimeFix | None = None
+        self._time_fix_left: TimeFix | None = None  # writer only: held readings left to move
         # Wall minus monotonic while the clock is trusted (the agent says when it is not).
         self._offset: float | None = self._clock.wall() - self._clock.monotonic()
         self._last_checkpoint = time.monotonic()
         self._last_maintenance = 0.0
+        self._shrinking = False
+        self._last_shrink = 0.0
+        self._last_rows_at = 0.0  # when the last commit inserted readings
+        self._refusing = False  # full under drop_newest or block: refusing until there is room
+        # Under "block": what can wait (MQTT) and found no room, oldest first (writer only).
+        self._waiting: deque[_Pending] = deque()
         self.commits = 0
         self.checkpoints = 0
+        self.shrinks = 0  # incremental vacuum steps that gave pages back
+        self.write_failures = 0  # failed attempts to write, over every incident
+        self._incident_failures = 0
         self.full = False
         self.moved_aside: Path | None = None
         self.dropped: Counter[str] = Counter()
@@ -170,6 +297,15 @@ class Buffer:
         if self._thread is not None:
             raise RuntimeError("Buffer.open() called twice")
         self.moved_aside = open_checked(self.path, self.config.sync)
+        conn = connect(self.path, self.config.sync)
+        try:
+            with transaction(conn):  # for the sessions, which write too (the uploader's acks)
+                set_meta(conn, "wal_limit", str(self.budget.wal_limit))
+        except sqlite3.Error as exc:
+            problem = access_problem(self.path, exc, "write to the buffer database")
+            raise BufferAccessError(problem) from exc
+        finally:
+            conn.close()
         self._thread = threading.Thread(target=self._run, name="buffer-writer", daemon=True)
         self._thread.start()
 
@@ -209,6 +345,10 @@ class Buffer:
         `on_durable`) instead of dropping them.
         """
         rows = list(readings)  # each knows its text and signature
+        sizes = [_stored_bytes(r) for r in rows]
+        too_large = self.budget.commit_bytes
+        if any(n > too_large for n in sizes):
+            rows, sizes = self._drop_too_large(rows, sizes, too_large)
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while self._intake_count >= MAX_INTAKE and not self._stopping:
@@ -223,12 +363,44 @@ class Buffer:
                 self._cond.wait(remaining)
             if self._stopping:
                 return False
-            self._intake.append(_Pending(rows, on_durable, can_wait=can_wait))
-            self._intake_count += len(rows)
             self._put_seq += 1
-            if len(self._intake) == 1:
-                self._cond.notify_all()
+            self._queue(_Pending(rows, on_durable, None, can_wait, self._put_seq, sum(sizes)))
             return True
+
+    def _queue(self, pending: _Pending) -> None:
+        """Append to the intake; wake the writer for the first pending, or once the intake
+        holds a whole commit (it need not wait for the end of the interval then)."""
+        cap = self._commit_cap()
+        before = self._intake_bytes
+        self._intake.append(pending)
+        self._intake_count += len(pending.rows)
+        self._intake_bytes += pending.nbytes
+        if len(self._intake) == 1 or before < cap <= self._intake_bytes:
+            self._cond.notify_all()
+
+    def _commit_cap(self) -> float:
+        """Estimated bytes one commit may take from the intake."""
+        return self.budget.commit_bytes / self._ratio
+
+    def _drop_too_large(
+        self, rows: list[Reading], sizes: list[int], limit: int
+    ) -> tuple[list[Reading], list[int]]:
+        """Readings larger than one commit may add cannot be kept within max_bytes: they are
+        dropped and counted (raise max_bytes to keep them)."""
+        kept = [(r, n) for r, n in zip(rows, sizes, strict=True) if n <= limit]
+        drops = Counter(
+            f"dropped.buffer_full.{r.datasource_id}"
+            for r, n in zip(rows, sizes, strict=True)
+            if n > limit
+        )
+        with self._cond:
+            self._counts.update(drops)
+            self._note_drops(
+                drops,
+                f"a reading is larger than one commit may add ({self.budget.commit_bytes} bytes: "
+                "max_bytes / 32, or 4 MiB from max_bytes = 128 MiB on)",
+            )
+        return [r for r, _ in kept], [n for _, n in kept]
 
     def put_dead_letter(
         self,
@@ -243,14 +415,19 @@ class Buffer:
         `record_text` is JSON text (it is read back as JSON); `origin` says where it came from,
         e.g. "mqtt:<topic>". `on_durable` runs after the commit. Returns False if closing.
         """
-        pending = _Pending([], on_durable, (datasource_id, record_text, reason, origin))
+        size = len(record_text) + len(reason) + len(origin) + len(datasource_id) + _ROW_OVERHEAD
+        dead: tuple[str, str, str, str] | None = (datasource_id, record_text, reason, origin)
+        if size > self.budget.commit_bytes:
+            drop = Counter({f"dropped.buffer_full.{datasource_id}": 1})
+            self._note_drops(drop, "a dead letter is larger than one commit may add")
+            dead, size = None, 0
         with self._cond:
             if self._stopping:
                 return False
-            self._intake.append(pending)
+            if dead is None:
+                self._counts.update(drop)
             self._put_seq += 1
-            if len(self._intake) == 1:
-                self._cond.notify_all()
+            self._queue(_Pending([], on_durable, dead, False, self._put_seq, size))
             return True
 
     def count(self, name: str, n: int = 1) -> None:
@@ -310,8 +487,9 @@ class Buffer:
     # -- writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
-        """The writer: commit until closed. An unexpected error is logged with its traceback
-        and the writer starts over on a new connection; what was queued stays queued."""
+        """The writer: commit until closed. A database error is reported once per incident
+        and retried with backoff; an unexpected error is logged with its traceback and the
+        writer starts over on a new connection. What was queued stays queued."""
         backoff = 1.0
         while True:
             try:
@@ -328,6 +506,11 @@ class Buffer:
                     self._maintain(conn)
                 self._checkpoint(conn)
                 break
+            except sqlite3.Error as exc:
+                self._report_error(exc)
+                if self._wait_or_stop(backoff):
+                    break
+                backoff = min(backoff * 2, 30.0)
             except Exception:
                 log.exception("buffer: unexpected error in the writer; starting it over")
                 if self._wait_or_stop(backoff):
@@ -338,14 +521,14 @@ class Buffer:
             self._cond.notify_all()
 
     def _configure_wal(self, conn: sqlite3.Connection) -> None:
-        """The writer checkpoints when the WAL holds 3/4 of its reserve (counted in frames by
-        SQLite, not by file size), and on a timer; other connections never do. Rare
-        checkpoints mean fewer fsyncs and fewer SD writes: a page changed by many commits is
-        copied to the database once."""
-        reserve = wal_reserve(self.config.max_bytes)
+        """The writer checkpoints passively when the WAL holds half its reserve (counted in
+        frames by SQLite, not by file size), and on a timer; other connections never do.
+        Rare checkpoints mean fewer fsyncs and fewer SD writes: a page changed by many
+        commits is copied to the database once. `_keep_wal_within` is the hard limit."""
         page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        conn.execute(f"PRAGMA journal_size_limit={reserve}")
-        conn.execute(f"PRAGMA wal_autocheckpoint={max(64, reserve * 3 // 4 // page_size)}")
+        frames = self.budget.wal_checkpoint_at // (page_size + 24)
+        conn.execute(f"PRAGMA journal_size_limit={self.budget.wal_limit}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={max(16, frames)}")
 
     def _wait_or_stop(self, seconds: float) -> bool:
         """Wait before a retry; True if closing with nothing left to write (give up)."""
@@ -353,30 +536,60 @@ class Buffer:
             self._cond.wait(seconds)
             return self._stopping and not self._has_work()
 
-    def _take(self) -> tuple[list[_Pending], Counter[str], TimeFix | None, int] | None:
-        """What to commit next; waits up to the commit interval to gather more.
+    def _take(self) -> tuple[list[_Pending], Counter[str], TimeFix | None] | None:
+        """What to commit next: at most a commit's worth of the intake (`_cut`); waits up to
+        the commit interval to gather more, unless a commit's worth is there already.
 
-        Returns an empty take every few seconds when idle, so housekeeping still runs.
-        None once stopping with nothing left.
+        Returns an empty take every few seconds when idle (a fifth of a second while giving
+        pages back), so housekeeping still runs. None once stopping with nothing left.
         """
         interval = self.config.commit_interval_ms / 1000
+        cap = self._commit_cap()
         with self._cond:
             if not self._has_work():
                 if self._stopping:
                     return None
-                self._cond.wait(min(5.0, self._maintenance_interval_s))
+                self._cond.wait(self._idle_wait())
             if self._has_work():
                 deadline = time.monotonic() + interval
-                while not self._stopping and not self._urgent:
+                while not self._stopping and not self._urgent and self._intake_bytes < cap:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-            taken, self._intake = self._intake, []
+            taken = self._cut(cap)
             counts, self._counts = self._counts, Counter()
             fix, self._time_fix = self._time_fix, None
             self._urgent = False
-            return taken, counts, fix, self._put_seq
+            return taken, counts, fix
+
+    def _idle_wait(self) -> float:
+        if self._waiting:
+            return 0.5  # room comes back only when the uploader deletes: look again soon
+        if self._shrinking:
+            return 0.2
+        return min(5.0, self._maintenance_interval_s)
+
+    def _cut(self, cap: float) -> list[_Pending]:
+        """Take pendings from the front of the intake up to `cap` estimated bytes, splitting
+        the one that does not fit (at least one reading is taken)."""
+        taken: list[_Pending] = []
+        size = 0
+        while self._intake:
+            first = self._intake[0]
+            if size + first.nbytes <= cap or (not taken and len(first.rows) <= 1):
+                taken.append(self._intake.popleft())
+            elif first.rows:
+                head, self._intake[0] = first.split(cap - size, at_least_one=not taken)
+                if head.rows:
+                    taken.append(head)
+                self._intake_bytes -= head.nbytes
+                break
+            else:
+                break
+            size += first.nbytes
+            self._intake_bytes -= first.nbytes
+        return taken
 
     def _has_work(self) -> bool:
         return bool(self._intake or self._counts or self._time_fix)
@@ -385,75 +598,101 @@ class Buffer:
         got = self._take()
         if got is None:
             return False
-        taken, counts, fix, seq = got
-        if not taken and not counts and fix is None:
+        taken, counts, fix = got
+        if not taken and not counts and fix is None and not self._waiting:
             return True
-        waiting = self._hold_back(conn, taken)
-        committing = [p for p in taken if p not in waiting]
-        rows = [row for p in committing for row in p.rows]
-        dead = [p.dead_letter for p in committing if p.dead_letter is not None]
         try:
-            self._commit(conn, rows, counts, dead, fix)
+            if not self._keep_wal_within(conn):
+                raise sqlite3.OperationalError(
+                    "the WAL is at its limit and another process keeps it from being "
+                    "checkpointed (a long `edge-agent buffer export`?)"
+                )
+            plan = self._commit(conn, taken, counts, fix)
         except sqlite3.Error as exc:
             # Nothing was committed: requeue so the readings are not lost, and back off.
+            self._time_fix_left = None
             self._schema_ids.forget()
             self._requeue(taken, counts, fix)
             self._report_error(exc)
-            time.sleep(1.0)
+            self._wait_or_stop(1.0)
             return True
         self._schema_ids.keep()
-        if self._error is not None:
-            log.info("buffer: writing works again; intake resumed")
-        self._error = None
-        self._requeue(waiting, Counter(), None)
+        self._recovered()
+        self._continue_time_fix()
+        self._refusing = plan.refusing
+        self._waiting = deque(plan.waiting)
         with self._cond:
-            self._intake_count -= len(rows)
-            if not waiting:
-                self._committed_seq = seq
+            self._intake_count -= sum(len(p.rows) for p in plan.done)
+            firsts = [q[0].seq for q in (self._waiting, self._intake) if q]
+            self._committed_seq = min(firsts) - 1 if firsts else self._put_seq
             self._cond.notify_all()
         self.commits += 1
-        if rows or fix:
+        if plan.rows or fix:
+            self._last_rows_at = time.monotonic()
             self._data_event.set()
-        for p in committing:
+        for p in plan.done:
             if p.on_durable is not None:
                 p.on_durable()
-        if waiting:
-            # Room comes back only when the uploader deletes: look again in a moment.
-            self._data_event.wait(0.5)
         return True
 
-    def _hold_back(self, conn: sqlite3.Connection, taken: list[_Pending]) -> list[_Pending]:
-        """Under `when_full = "block"`, what waits for room instead of being committed."""
-        if self.config.when_full != "block" or not self._is_full(conn):
-            return []
-        return [p for p in taken if p.can_wait and p.rows]
+    def _continue_time_fix(self) -> None:
+        """Held readings are left to move: in the next commit, soon (unless a newer fix
+        came meanwhile, which starts over from what is left)."""
+        fix, self._time_fix_left = self._time_fix_left, None
+        if fix is None:
+            return
+        with self._cond:
+            if self._time_fix is None:
+                self._time_fix = fix
+            self._urgent = True
 
     def _requeue(self, taken: list[_Pending], counts: Counter[str], fix: TimeFix | None) -> None:
         with self._cond:
-            self._intake[:0] = taken
+            self._intake.extendleft(reversed(taken))
+            self._intake_bytes += sum(p.nbytes for p in taken)
             self._counts.update(counts)
             if fix is not None and self._time_fix is None:
                 self._time_fix = fix
 
     def _report_error(self, exc: sqlite3.Error) -> None:
-        self._report(BufferError(f"cannot write to the buffer {self.path}: {exc}"))
+        if is_corrupt(exc):
+            text = (
+                f"the buffer database {self.path} is damaged ({exc}); restart the agent, "
+                "which moves it aside and starts a new one"
+            )
+        else:
+            text = access_problem(self.path, exc, "write to the buffer database")
+        self._report(BufferError(text))
 
     def _report(self, error: BufferError) -> None:
+        """Count a failed write; log the first of an incident (until writing works again)."""
         first = self._error is None
         self._error = error
+        self.write_failures += 1
+        self._incident_failures += 1
         if first:
             log.error(
                 "buffer: %s; readings wait in memory (serial readings are dropped and counted "
-                "once %d wait) and the write is retried every second; free disk space if the "
-                "disk is full",
+                "once %d wait) and the write is retried every second",
                 self._error,
                 MAX_INTAKE,
             )
 
+    def _recovered(self) -> None:
+        if self._error is None:
+            return
+        log.info(
+            "buffer: writing works again after %d failed attempts; intake resumed",
+            self._incident_failures,
+        )
+        self.count("buffer.write_failures", self._incident_failures)
+        self._error = None
+        self._incident_failures = 0
+
     def _budget(self, conn: sqlite3.Connection) -> int:
-        """Bytes the database file may use now: its share of max_bytes, or no growth at all
-        while free disk space is under the floor."""
-        budget = self.config.max_bytes - wal_reserve(self.config.max_bytes)
+        """Bytes the database's pages in use may take now: its share of max_bytes, or no
+        growth at all while free disk space is under the floor."""
+        budget = self.budget.database
         try:
             st = os.statvfs(self.path.parent)
         except OSError:
@@ -462,38 +701,88 @@ class Buffer:
             budget = min(budget, file_bytes(conn))
         return budget
 
-    def _is_full(self, conn: sqlite3.Connection) -> bool:
-        return used_bytes(conn) >= self._budget(conn)
-
     def _commit(
         self,
         conn: sqlite3.Connection,
-        rows: list[Reading],
+        taken: list[_Pending],
         counts: Counter[str],
-        dead: Sequence[tuple[str, str, str, str]],
         fix: TimeFix | None,
-    ) -> None:
+    ) -> _Plan:
+        """One transaction: held readings released, `when_full` applied to what was taken
+        (and what waits for room) before anything is inserted, then what fits inserted."""
         now = self._clock.wall()
         with transaction(conn):
+            if fix is not None and not self._release_held(conn, fix, now):
+                self._time_fix_left = fix
             budget = self._budget(conn)
-            if self.config.when_full != "drop_oldest" and rows and used_bytes(conn) >= budget:
-                drops = Counter(f"dropped.buffer_full.{r.datasource_id}" for r in rows)
-                counts.update(drops)
-                self._note_drops(drops, f"the buffer is full (when_full = {self.config.when_full})")
-                rows = []
-            self.full = used_bytes(conn) >= budget
-            if fix is not None:
-                self._release_held(conn, fix, now)
-            self._insert(conn, rows, now)
-            if self.config.when_full == "drop_oldest":
-                self._drop_oldest(conn, budget, counts)
-            if dead:
+            plan = self._plan(conn, taken, budget)
+            before = used_bytes(conn)
+            self._insert(conn, plan.rows, now)
+            self._learn(used_bytes(conn) - before, plan.rows)
+            if plan.dead:
                 conn.executemany(
                     "INSERT INTO dead_letters(datasource_id, record, status, reason, failed_at, "
                     "attempts, origin) VALUES (?, ?, NULL, ?, ?, 0, ?)",
-                    [(ds, text, reason, now, origin) for ds, text, reason, origin in dead],
+                    [(ds, text, reason, now, origin) for ds, text, reason, origin in plan.dead],
                 )
-            bump(conn, counts)
+            if self.config.when_full == "drop_oldest" and used_bytes(conn) > budget:
+                # The estimate came out low: make up for it now.
+                self._drop_oldest(conn, used_bytes(conn) - budget + budget // 50, plan.drops)
+            bump(conn, counts + plan.drops)
+        self.full = bool(plan.drops or plan.waiting)
+        self._note_drops(plan.drops, f"the buffer is full (when_full = {self.config.when_full})")
+        return plan
+
+    def _plan(self, conn: sqlite3.Connection, taken: list[_Pending], budget: int) -> _Plan:
+        """Apply `when_full` before inserting: drop the oldest readings to make room, or keep
+        what fits and drop the rest; under "block", what can wait (MQTT) waits for room in
+        order, behind what waited before, while what cannot (serial) is kept or dropped."""
+        ratio = self._ratio
+        plan = _Plan()
+        room: float = budget - used_bytes(conn)
+        need = sum(p.nbytes for p in taken) * ratio
+        if need > room and self.config.when_full == "drop_oldest":
+            self._drop_oldest(conn, need - room + budget // 50, plan.drops)
+            room = budget - used_bytes(conn)
+        elif self._refusing and room < self.budget.commit_bytes:  # drop_newest, block
+            # Once full, refuse until a commit's worth of room is back (the uploader deleted):
+            # no reading slips in between refused ones, and the oldest survive as they were.
+            room = 0
+        # What waited joins only within a commit's worth (what came now was cut to one).
+        allow: float = self.budget.commit_bytes
+        blocking = self.config.when_full == "block"
+        queued = [*self._waiting, *(p for p in taken if p.can_wait and p.rows)] if blocking else []
+        for p in taken:
+            if blocking and p.can_wait and p.rows:
+                continue
+            fits = p if p.nbytes * ratio <= room else p.split(room / ratio, False)[0]
+            plan.drops.update(
+                f"dropped.buffer_full.{r.datasource_id}" for r in p.rows[len(fits.rows) :]
+            )
+            if p.dead_letter is not None and fits is not p:
+                plan.drops[f"dropped.buffer_full.{p.dead_letter[0]}"] += 1
+            plan.settle(p, fits)
+            room -= fits.nbytes * ratio
+            allow -= fits.nbytes * ratio
+        for i, p in enumerate(queued):
+            size = p.nbytes * ratio
+            if size > room or size > allow:
+                plan.waiting = queued[i:]
+                break
+            plan.settle(p, p)
+            room -= size
+            allow -= size
+        plan.refusing = self.config.when_full != "drop_oldest" and bool(plan.drops or plan.waiting)
+        return plan
+
+    def _learn(self, used: int, rows: list[Reading]) -> None:
+        """Correct the estimate of what readings take by what this commit's took (only from
+        commits large enough for pages to average out)."""
+        estimate = sum(_stored_bytes(r) for r in rows)
+        if estimate * self._ratio < 64 * 1024:
+            return
+        seen = used / estimate
+        self._ratio = max(1.0, seen if seen > self._ratio else 0.9 * self._ratio + 0.1 * seen)
 
     def _insert(self, conn: sqlite3.Connection, rows: list[Reading], now: float) -> None:
         ids = self._schema_ids.lookup(conn, {r.signature for r in rows})
@@ -531,13 +820,66 @@ class Buffer:
             ],
         )
 
-    def _release_held(self, conn: sqlite3.Connection, fix: TimeFix, now: float) -> None:
-        """Move held readings to the queue with corrected timestamps, oldest boot first.
+    def _release_held(self, conn: sqlite3.Connection, fix: TimeFix, now: float) -> bool:
+        """Move held readings to the queue with corrected timestamps, oldest boot first, at
+        most half a commit's worth per commit (both copies exist until the commit); True
+        once none is left.
 
         This boot's: monotonic time plus the trusted offset. Earlier boots' offsets are
         lost with them: estimate each as ending just before the next boot began, and flag
-        the records so nobody mistakes the estimate for a measurement.
+        the records so nobody mistakes the estimate for a measurement. The estimates are
+        made once, from every held reading, before the first part moves.
         """
+        if fix.moves is None:
+            fix.moves = self._held_moves(conn, fix, now)
+            fix.rows_per_commit = self._held_rows_per_commit(conn)
+        limit = fix.rows_per_commit
+        counted: Counter[str] = Counter()
+        for boot, offset, flag in fix.moves:
+            if limit <= 0:
+                break
+            # json_set with the flag's path as NULL would drop nothing but also add nothing:
+            # an exact correction sets the timestamp alone.
+            part = "SELECT * FROM held WHERE boot = ?3 ORDER BY id LIMIT ?4"
+            conn.execute(
+                "INSERT INTO readings(datasource_id, schema_id, created, record) "
+                "SELECT datasource_id, schema_id, mono + ?1, "
+                "CASE WHEN ?2 IS NULL THEN json_set(record, '$.timestamp', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch')) "
+                "ELSE json_set(record, '$.timestamp', "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, 'estimated') END "
+                f"FROM ({part}) ORDER BY id",
+                (offset, f"$.{flag}" if flag else None, boot, limit),
+            )
+            for ds, n in conn.execute(
+                "SELECT datasource_id, count(*) FROM (SELECT datasource_id FROM held "
+                "WHERE boot = ? ORDER BY id LIMIT ?) GROUP BY 1",
+                (boot, limit),
+            ):
+                counted[f"time_fixed.{'estimated' if flag else 'exact'}.{ds}"] += n
+            moved = conn.execute(
+                "DELETE FROM held WHERE id IN (SELECT id FROM held WHERE boot = ? ORDER BY id "
+                "LIMIT ?)",
+                (boot, limit),
+            ).rowcount
+            limit -= moved
+        bump(conn, counted)
+        fix.counted.update(counted)
+        left = conn.execute("SELECT count(*) FROM held").fetchone()[0]
+        if not left and fix.counted:
+            log.info(
+                "buffer: the clock is trusted now; corrected the timestamps of %d held readings "
+                '(%d from earlier boots estimated and flagged %s = "estimated")',
+                sum(fix.counted.values()),
+                sum(n for k, n in fix.counted.items() if ".estimated." in k),
+                fix.flag_field,
+            )
+        return not left
+
+    def _held_moves(
+        self, conn: sqlite3.Connection, fix: TimeFix, now: float
+    ) -> list[tuple[str, float, str | None]]:
+        """(boot, offset, flag field or None) for each boot with held readings, oldest first."""
         boots = conn.execute(
             "SELECT boot, max(mono), min(mono) FROM held GROUP BY boot ORDER BY max(id) DESC"
         ).fetchall()
@@ -549,60 +891,44 @@ class Buffer:
                 continue
             moves.append((boot, end - max_mono, fix.flag_field))
             end = end - (max_mono - min_mono) - 1.0
-        counted: Counter[str] = Counter()
-        for boot, offset, flag in reversed(moves):
-            # json_set with the flag's path as NULL would drop nothing but also add nothing:
-            # an exact correction sets the timestamp alone.
-            conn.execute(
-                "INSERT INTO readings(datasource_id, schema_id, created, record) "
-                "SELECT datasource_id, schema_id, mono + ?1, "
-                "CASE WHEN ?2 IS NULL THEN json_set(record, '$.timestamp', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch')) "
-                "ELSE json_set(record, '$.timestamp', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, 'estimated') END "
-                "FROM held WHERE boot = ?3 ORDER BY id",
-                (offset, f"$.{flag}" if flag else None, boot),
-            )
-            for ds, n in conn.execute(
-                "SELECT datasource_id, count(*) FROM held WHERE boot = ? GROUP BY 1", (boot,)
-            ):
-                counted[f"time_fixed.{'estimated' if flag else 'exact'}.{ds}"] += n
-            conn.execute("DELETE FROM held WHERE boot = ?", (boot,))
-        bump(conn, counted)
-        if counted:
-            log.info(
-                "buffer: the clock is trusted now; corrected the timestamps of %d held readings "
-                '(%d from earlier boots estimated and flagged %s = "estimated")',
-                sum(counted.values()),
-                sum(n for k, n in counted.items() if ".estimated." in k),
-                fix.flag_field,
-            )
+        return moves[::-1]
 
-    def _drop_oldest(self, conn: sqlite3.Connection, budget: int, counts: Counter[str]) -> None:
-        excess = used_bytes(conn) - budget
-        if excess <= 0:
-            return
-        rows = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+    def _held_rows_per_commit(self, conn: sqlite3.Connection) -> int:
+        rows, size = conn.execute(
+            "SELECT count(*), sum(length(CAST(record AS BLOB)) + length(datasource_id)) FROM held"
+        ).fetchone()
         if not rows:
-            return
-        # Free a little more than the excess (pages are shared by rows) so that we do not
-        # drop a handful of rows at every commit once full.
-        per_row = max(1.0, used_bytes(conn) / rows)
-        n = min(rows, int((excess + budget // 50) / per_row) + 1)
-        self._drop_first(conn, n, "buffer_full", counts)
-        self._note_drops(counts, "the buffer is full (when_full = drop_oldest)")
+            return 0
+        per_row = (size / rows + _ROW_OVERHEAD) * self._ratio
+        return max(1, int(self.budget.commit_bytes / 2 / per_row))
 
-    def _drop_first(
-        self, conn: sqlite3.Connection, n: int, reason: str, counts: Counter[str]
-    ) -> None:
-        dropped = conn.execute(
-            "SELECT datasource_id, count(*) FROM "
-            "(SELECT datasource_id FROM readings ORDER BY id LIMIT ?) GROUP BY datasource_id",
-            (n,),
-        ).fetchall()
-        conn.execute(
-            "DELETE FROM readings WHERE id IN (SELECT id FROM readings ORDER BY id LIMIT ?)", (n,)
+    def _drop_oldest(self, conn: sqlite3.Connection, need: float, drops: Counter[str]) -> None:
+        """Drop the oldest pending readings that take about `need` bytes (counted)."""
+        ratio = self._ratio
+        freed = 0.0
+        last = None
+        cur = conn.execute(
+            "SELECT id, length(CAST(record AS BLOB)) + length(datasource_id) FROM readings "
+            "ORDER BY id"
         )
+        for rid, size in cur:
+            freed += (size + _ROW_OVERHEAD) * ratio
+            last = rid
+            if freed >= need:
+                break
+        cur.close()
+        if last is not None:
+            self._drop_upto(conn, last, "buffer_full", drops)
+
+    def _drop_upto(
+        self, conn: sqlite3.Connection, last_id: int, reason: str, counts: Counter[str]
+    ) -> None:
+        """Delete the pending readings up to `last_id` (the oldest), counted per data source."""
+        dropped = conn.execute(
+            "SELECT datasource_id, count(*) FROM readings WHERE id <= ? GROUP BY datasource_id",
+            (last_id,),
+        ).fetchall()
+        conn.execute("DELETE FROM readings WHERE id <= ?", (last_id,))
         counts.update({f"dropped.{reason}.{ds}": c for ds, c in dropped})
 
     def _note_drops(self, counts: Counter[str], why: str) -> None:
@@ -610,22 +936,29 @@ class Buffer:
         total = sum(new.values())
         if not total:
             return
-        first = not self.dropped
-        self.dropped.update(new)
-        if first or sum(self.dropped.values()) % 10_000 < total:
+        with self._cond:  # sources (too large readings) and the writer both count drops
+            first = not self.dropped
+            self.dropped.update(new)
+            so_far = sum(self.dropped.values())
+        if first or so_far % 10_000 < total:
             log.warning(
                 "buffer: dropped %d readings because %s (%d so far); raise [buffer] max_bytes "
                 "or max_age, free disk space, or fix the uplink",
                 total,
                 why,
-                sum(self.dropped.values()),
+                so_far,
             )
 
     # -- housekeeping ----------------------------------------------------------------------
 
     def _maintain(self, conn: sqlite3.Connection) -> None:
-        """Checkpoint the WAL on a timer too (so an idle WAL is folded in); apply max_age;
-        remember the wall time."""
+        """Keep the WAL within its reserve, give freed pages back, checkpoint on a timer too
+        (so an idle WAL is folded in); apply max_age; remember the wall time."""
+        try:
+            self._keep_wal_within(conn)
+            self._give_pages_back(conn)
+        except sqlite3.Error as exc:
+            self._report_error(exc)
         now = time.monotonic()
         if now - self._last_checkpoint >= self._checkpoint_interval_s:
             self._checkpoint(conn)
@@ -637,12 +970,70 @@ class Buffer:
         except sqlite3.Error as exc:
             self._report_error(exc)
 
+    def _keep_wal_within(self, conn: sqlite3.Connection) -> bool:
+        """Truncate the WAL once its file passed `wal_limit` (a passive checkpoint could not
+        restart it: a reader was in it). Waits up to the busy timeout for readers, and for a
+        session's checkpoint (which makes ours return busy at once); False if the WAL is
+        still over its limit then, and nothing more may be written."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while _size(wal_path(self.path)) > self.budget.wal_limit:
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            self.checkpoints += 1
+            self._last_checkpoint = time.monotonic()
+            if not busy:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def _give_pages_back(self, conn: sqlite3.Connection) -> None:
+        """Once free pages are more than a quarter of the file (and `_SHRINK_MIN_BYTES`) and no
+        readings wait to be committed, give them all back, a bounded step at a time (each step
+        moves pages from the end of the file into the holes, through the WAL); the file
+        shrinks at the next checkpoint."""
+        now = time.monotonic()
+        if self._intake or (
+            now - self._last_rows_at < _SHRINK_QUIET_S and now - self._last_shrink < _SHRINK_PAUSE_S
+        ):
+            # Readings are coming in: they would take the free pages again. Under a steady
+            # stream, one step now and then.
+            return
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        free = free_pages(conn) * page_size
+        if not self._shrinking and free < max(_SHRINK_MIN_BYTES, file_bytes(conn) // 4):
+            return
+        self._shrinking = True
+        self._last_shrink = now
+        step = max(16, self.budget.commit_bytes // page_size // 3)
+        until = time.monotonic() + _SHRINK_SLICE_S
+        while free_pages(conn) and time.monotonic() < until:
+            # Through executescript: `execute` steps the pragma once, which frees one page.
+            conn.executescript(f"PRAGMA incremental_vacuum({step});")
+            self.shrinks += 1
+            if not self._keep_wal_within(conn):
+                return
+        if not free_pages(conn):
+            self._shrinking = False
+            self._truncate_wal(conn)
+
+    def _truncate_wal(self, conn: sqlite3.Connection) -> None:
+        """After a shrink: only a checkpoint cuts the end off the database file, and this one
+        empties the WAL too. A reader in the way is not waited for long: the WAL is within its
+        reserve anyway, and the next checkpoint cuts the file."""
+        conn.execute("PRAGMA busy_timeout=100")
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            self.checkpoints += 1
+        finally:
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+
     def _checkpoint(self, conn: sqlite3.Connection) -> None:
         self._last_checkpoint = time.monotonic()
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
-            log.warning("buffer: WAL checkpoint failed (%s); it is tried again later", exc)
+            self._report_error(exc)
             return
         self.checkpoints += 1
 
@@ -652,13 +1043,11 @@ class Buffer:
         counts: Counter[str] = Counter()
         with transaction(conn):
             if max_age is not None and self._offset_trusted():
-                old = conn.execute(
-                    "SELECT count(*) FROM readings WHERE id <= "
-                    "(SELECT max(id) FROM readings WHERE created < ?)",
-                    (wall - max_age,),
+                last = conn.execute(
+                    "SELECT max(id) FROM readings WHERE created < ?", (wall - max_age,)
                 ).fetchone()[0]
-                if old:
-                    self._drop_first(conn, old, "max_age", counts)
+                if last is not None:
+                    self._drop_upto(conn, last, "max_age", counts)
                     bump(conn, counts)
             set_meta(conn, "last_wall", repr(wall))
         self._note_drops(counts, f"they are older than max_age = {self.config.max_age}")
@@ -667,6 +1056,13 @@ class Buffer:
         # Ages are measured on the wall clock: never expire anything by a clock that is
         # known to be wrong (it would throw away a month of readings after a bad boot).
         return self._offset is not None
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 _ROWS_PER_INSERT = 128  # rows per multi-row INSERT: ~35 % less CPU than one INSERT per row
@@ -761,9 +1157,20 @@ class BufferSession:
             raise BufferError(f"no buffer database at {path}; has the agent run with this config?")
         self.path = path
         self.conn = connect(path, sync)
+        self._wal_limit: int | None = None
 
     def close(self) -> None:
         self.conn.close()
+
+    def _keep_wal_within(self) -> None:
+        """After a write: truncate the WAL once it passed the limit the agent's writer keeps
+        (its own checkpoints run only when it commits, and a drain deletes for a long time
+        while nothing new arrives). Without a running agent's limit, nothing to keep."""
+        if self._wal_limit is None:
+            limit = get_meta(self.conn, "wal_limit")
+            self._wal_limit = None if limit is None else int(limit)
+        if self._wal_limit is not None and _size(wal_path(self.path)) > self._wal_limit:
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
     def next_batch(
         self, max_records: int, max_bytes: int, exclude: frozenset[str] = frozenset()
@@ -806,6 +1213,7 @@ class BufferSession:
                 self.conn,
                 {"uploaded." + batch.datasource_id: len(batch.rows), **(extra_counts or {})},
             )
+        self._keep_wal_within()
 
     def dead_letter(self, batch: Batch, status: int | None, reason: str, attempts: int) -> None:
         """The server refused these records for good: keep them aside with its reason."""
@@ -824,6 +1232,7 @@ class BufferSession:
                 (json.dumps(batch.ids),),
             )
             bump(self.conn, {"dead_letters." + batch.datasource_id: len(batch.rows)})
+        self._keep_wal_within()
 
     def stats(self) -> BufferStats:
         st = BufferStats()
@@ -838,11 +1247,7 @@ class BufferSession:
         st.dead_letters = self.conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
         st.held = self.conn.execute("SELECT count(*) FROM held").fetchone()[0]
         st.counters = dict(self.conn.execute("SELECT name, value FROM counters ORDER BY name"))
-        st.file_bytes = sum(
-            p.stat().st_size
-            for p in (self.path, self.path.with_name(self.path.name + "-wal"))
-            if p.exists()
-        )
+        st.file_bytes = disk_bytes(self.path)
         return st
 
     def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:

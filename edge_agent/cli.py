@@ -22,7 +22,13 @@ from edge_agent.buffer import BufferSession, Imported
 from edge_agent.clock import utc_stamp
 from edge_agent.config import Config, load_config, parse_duration
 from edge_agent.credentials import exposure_warnings
-from edge_agent.errors import BufferError, BufferInUseError, ConfigError, EdgeAgentError
+from edge_agent.errors import (
+    BufferAccessError,
+    BufferError,
+    BufferInUseError,
+    ConfigError,
+    EdgeAgentError,
+)
 from edge_agent.logs import setup_logging
 
 log = logging.getLogger("edge_agent.cli")
@@ -44,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BufferInUseError as exc:
         print(f"edge-agent: {exc}", file=sys.stderr)
+        return 2
+    except BufferAccessError as exc:  # the data directory, not the agent, needs fixing
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 2
     except EdgeAgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)

@@ -137,6 +137,7 @@ def all_keys() -> dict[str, list[str]]:
     source_keys = file_keys(SourceConfig)
     for declared in source_types().values():
         source_keys += [k for k in file_keys(declared.config) if k not in source_keys]
+        keys.update(declared.config.nested_keys())
     keys["sources"] = source_keys
     return keys
 
@@ -343,6 +344,8 @@ def _build_sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
             raise ConfigError(
                 f"{where}: [[sources]]: the name {name!r} is used twice; names must differ"
             )
+    for declared in source_types().values():
+        declared.config.check_together([s for s in sources if s.type == declared.name], where)
     return tuple(sources)
 
 

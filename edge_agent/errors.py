@@ -6,6 +6,9 @@
     │   └── ParseError         one line or payload could not be read: count it, go on
     │       └── OversizeError  a message over a configured cap: dead-letter a prefix, go on
     ├── BufferError            the SQLite buffer cannot take or give readings
+    │   ├── BufferAccessError  its files cannot be reached (permissions, read-only mount,
+    │   │                      lock, full disk): never moved aside; exit 2 at start,
+    │   │                      retried while running
     │   ├── BufferFullError    intake refused by the `when_full` policy (counted as dropped)
     │   └── BufferInUseError   another process owns the buffer: refuse, touch nothing (exit 2)
     └── UploadError            a request to the insert API did not deliver its batch
@@ -41,6 +44,10 @@ class OversizeError(ParseError):
 
 class BufferError(EdgeAgentError):
     """The buffer database failed."""
+
+
+class BufferAccessError(BufferError):
+    """The buffer's files cannot be opened, read or written, but are not damaged."""
 
 
 class BufferFullError(BufferError):

@@ -22,7 +22,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import BufferError, BufferInUseError
+from edge_agent.errors import BufferAccessError, BufferError, BufferInUseError
+from edge_agent.store import access_problem
 
 LOCK_SUFFIX = ".lock"
 _PROC = Path("/proc")
@@ -65,15 +66,20 @@ def hold(buffer_path: Path, doing: str, *, create: bool = False) -> BufferLock:
 
 
 def _open(path: Path, create: bool) -> int:
+    if not create:
+        return _open_existing(path)
+    # `run`: the agent must write here anyway; say who it runs as and who owns what.
+    buffer_path = path.with_name(path.name.removesuffix(LOCK_SUFFIX))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        problem = access_problem(buffer_path, exc, "open the buffer database")
+        raise BufferAccessError(problem) from None
+
+
+def _open_existing(path: Path) -> int:
     user = _user()
-    if create:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BufferError(
-                f"cannot create the data directory {path.parent}: {exc.strerror} (user {user}); "
-                "create it and make it writable by this user, or set [agent] data_dir"
-            ) from None
     try:
         # Readable by all, so that an operator can see which PID holds it.
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -5,29 +5,49 @@ Schema history (the version is kept in `meta`):
     2   + held: readings stamped while the wall clock was not trusted, kept with their
           monotonic time and boot id until their timestamps can be corrected
 
+File format: a new file is made with `auto_vacuum = INCREMENTAL`, so that the writer can give
+freed pages back to the file system after a burst. That cannot be switched on in an existing
+file: a file made by an older agent is rebuilt once at start (`VACUUM INTO` a file beside it,
+then renamed over it), keeping every row. It is not a schema version: an older agent still
+reads and writes the rebuilt file.
+
 A newer agent migrates an older file in place, in one transaction, keeping every pending
-reading. An older agent refuses a newer file. A file that cannot be opened or fails
-`PRAGMA quick_check` is moved aside under a timestamped name and a new one is made, so a
-corrupted SD card sector never turns into a crash loop.
+reading. An older agent refuses a newer file. A file that SQLite itself reports as damaged
+(SQLITE_CORRUPT, SQLITE_NOTADB, or a failed `PRAGMA quick_check`) is moved aside under a
+timestamped name and a new one is made, so a corrupted SD card sector never turns into a
+crash loop. Any other error (permissions, a read-only mount, a lock, a full disk) is an access
+problem: the file is left alone and the error (`BufferAccessError`) names the path, the
+user and the modes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
+import os
+import pwd
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import sqlite_utils
 
-from edge_agent.errors import BufferError
+from edge_agent.errors import BufferAccessError, BufferError
 
 log = logging.getLogger("edge_agent.buffer")
 
 SCHEMA_VERSION = 2
-_BUSY_TIMEOUT_MS = 30_000
+BUSY_TIMEOUT_MS = 30_000
+# SQLite's primary result codes that mean the file itself is damaged: only these (and a
+# failed quick_check) move a file aside. Extended codes carry the primary one in the low byte.
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+_SQLITE_FULL = 13
+_SQLITE_BUSY_OR_LOCKED = (5, 6)
+_AUTO_VACUUM_INCREMENTAL = 2
 
 
 def connect(path: Path, sync: str = "full") -> sqlite3.Connection:
@@ -35,16 +55,102 @@ def connect(path: Path, sync: str = "full") -> sqlite3.Connection:
 
     Automatic checkpoints are off here: only the buffer's writer connection turns them on,
     with a large threshold, so that fsyncs stay at one per commit plus a few per checkpoint.
+    `auto_vacuum` takes effect only in a file that has no table yet (a new one); it must be
+    set before `journal_mode`, which writes the file's first page.
+
+    Raises BufferError for a damaged file, BufferAccessError for anything else.
     """
     try:
-        conn = sqlite3.connect(path, isolation_level=None, timeout=_BUSY_TIMEOUT_MS / 1000)
-        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise open_error(path, exc) from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=" + ("FULL" if sync == "full" else "NORMAL"))
         conn.execute("PRAGMA wal_autocheckpoint=0")
     except sqlite3.Error as exc:
-        raise BufferError(f"cannot open the buffer database {path}: {exc}") from exc
+        conn.close()
+        raise open_error(path, exc) from exc
     return conn
+
+
+def is_corrupt(exc: BaseException) -> bool:
+    """SQLite says the file is damaged (not: cannot be opened, read or written)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+
+
+def open_error(path: Path, exc: sqlite3.Error) -> BufferError:
+    """The error for a file that could not be opened or used: damaged, or out of reach."""
+    if is_corrupt(exc):
+        return BufferError(f"the buffer database {path} is damaged: {exc}")
+    return BufferAccessError(access_problem(path, exc, "open the buffer database"))
+
+
+def access_problem(path: Path, exc: BaseException, doing: str) -> str:
+    """Why `path` cannot be used, for a person: the error, who the agent runs as, who owns
+    the directory and the files, the modes, a read-only mount, and what to do."""
+    code = getattr(exc, "sqlite_errorcode", 0) or 0
+    directory = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    readonly = _read_only(directory)
+    if code & 0xFF == _SQLITE_FULL:
+        fix = "free disk space"
+    elif code & 0xFF in _SQLITE_BUSY_OR_LOCKED:
+        fix = "another process holds the database locked: stop it (`fuser` shows which)"
+    elif readonly:
+        fix = (
+            "mount it read-write (a file system the kernel made read-only after errors needs "
+            "its SD card checked: see `dmesg`), or set [agent] data_dir to a writable directory"
+        )
+    else:
+        fix = (
+            f"make {path.parent} and the buffer files in it writable by {_user()} (for example "
+            f"`chown -R {_user()} {path.parent}`), or set [agent] data_dir to a writable "
+            "directory"
+        )
+    files = [directory] + [
+        p for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm"))) if p.exists()
+    ]
+    owners = "; ".join(_owner_and_mode(p) for p in files)
+    mounted = " The file system is mounted read-only." if readonly else ""
+    detail = getattr(exc, "strerror", None) or str(exc)
+    return (
+        f"cannot {doing} {path} ({detail}): the agent runs as user "
+        f"{_user()} (uid {os.geteuid()}, gid {os.getegid()}); {owners}.{mounted} "
+        f"The file was left as it is; {fix}"
+    )
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
+def _owner_and_mode(p: Path) -> str:
+    try:
+        st = p.stat()
+    except OSError as exc:
+        return f"{p}: {exc.strerror}"
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"{p} is owned by {user}:{group}, mode {stat.filemode(st.st_mode)}"
+
+
+def _read_only(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -175,16 +281,17 @@ def create_or_migrate(conn: sqlite3.Connection) -> int | None:
 
 
 def open_checked(path: Path, sync: str) -> Path | None:
-    """Create, check and migrate the file; returns where a broken file was moved, if it was.
+    """Create, check, migrate and (once) rebuild the file; returns where a damaged file was
+    moved, if it was.
 
-    A newer schema is not "broken": that error goes to the caller, and the file is kept.
+    A newer schema is not "damaged": that error goes to the caller, and the file is kept. An
+    access problem raises BufferAccessError and touches nothing.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BufferError(
-            f"cannot create the data directory {path.parent}: {exc.strerror}; "
-            "create it and make it writable by the agent, or set [agent] data_dir"
+        raise BufferAccessError(
+            access_problem(path, exc, "create the directory of the buffer database")
         ) from None
     problem = _check(path, sync)
     moved = None
@@ -193,17 +300,21 @@ def open_checked(path: Path, sync: str) -> Path | None:
         problem = _check(path, sync)
         if problem is not None:
             raise BufferError(f"cannot create a new buffer database at {path}: {problem}")
+    rebuild_for_auto_vacuum(path, sync)
     return moved
 
 
 def _check(path: Path, sync: str) -> str | None:
-    """None when the file is usable (after creating or migrating it), else what is wrong."""
+    """None when the file is usable (after creating or migrating it), else what is damaged.
+
+    Only what SQLite reports as damage comes back; any other error raises BufferAccessError.
+    """
     try:
         conn = connect(path, sync)
-    except BufferError as exc:
-        if isinstance(exc.__cause__, sqlite3.DatabaseError) and not _is_access_error(exc):
-            return str(exc.__cause__)
+    except BufferAccessError:
         raise
+    except BufferError as exc:
+        return str(exc.__cause__)
     try:
         result = conn.execute("PRAGMA quick_check").fetchone()[0]
         if result != "ok":
@@ -212,29 +323,26 @@ def _check(path: Path, sync: str) -> str | None:
     except BufferError:
         raise
     except sqlite3.DatabaseError as exc:
-        if _is_access_error(exc):
-            raise BufferError(f"cannot use the buffer database {path}: {exc}") from exc
-        return str(exc)
+        if is_corrupt(exc):
+            return str(exc)
+        raise BufferAccessError(access_problem(path, exc, "use the buffer database")) from exc
     finally:
         conn.close()
     return None
 
 
-def _is_access_error(exc: BaseException) -> bool:
-    """Errors of permissions, a full disk or a busy file: moving the file aside would not help."""
-    text = str(exc.__cause__ or exc).lower()
-    return any(
-        word in text for word in ("readonly", "read-only", "permission", "disk is full", "locked")
-    )
-
-
 def _move_aside(path: Path, problem: str) -> Path:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
-    for suffix in ("", "-wal", "-shm"):
-        src = path.with_name(path.name + suffix)
-        if src.exists():
-            src.replace(target.with_name(target.name + suffix))
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            src = path.with_name(path.name + suffix)
+            if src.exists():
+                src.replace(target.with_name(target.name + suffix))
+    except OSError as exc:
+        raise BufferAccessError(
+            access_problem(path, exc, f"move aside the damaged ({problem}) buffer database")
+        ) from None
     log.error(
         "buffer: the database %s is damaged (%s); moved it to %s and started a new one. "
         "Readings in the moved file are not uploaded; `edge-agent buffer export` on a copy "
@@ -244,3 +352,87 @@ def _move_aside(path: Path, problem: str) -> Path:
         target,
     )
     return target
+
+
+# -- giving space back -----------------------------------------------------------------------
+
+
+def wal_path(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes the database takes on disk: the file, its WAL and its shared-memory index."""
+    total = 0
+    for p in (path, wal_path(path), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            total += p.stat().st_size
+    return total
+
+
+def free_pages(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def rebuild_for_auto_vacuum(path: Path, sync: str) -> bool:
+    """Rebuild a file made without `auto_vacuum = INCREMENTAL` (by an older agent) so that
+    freed pages can be given back; every row is kept. True if it was rebuilt.
+
+    `VACUUM INTO` writes a compact copy beside the file (only the pages in use), which is
+    then renamed over it: the file system briefly holds both. Without room for that the file
+    is kept as it is (it works, it just cannot shrink) and the next start tries again. The
+    connection holds an exclusive lock throughout, so no other process writes in between.
+    """
+    spare = path.with_name(path.name + ".rebuild")
+    spare.unlink(missing_ok=True)  # left by a crash during an earlier rebuild
+    conn = connect(path, sync)
+    try:
+        if conn.execute("PRAGMA auto_vacuum").fetchone()[0] == _AUTO_VACUUM_INCREMENTAL:
+            return False
+        need = used_bytes(conn) + (1 << 20)
+        fs = os.statvfs(path.parent)
+        free = fs.f_bavail * fs.f_frsize
+        if free < need:
+            log.warning(
+                "buffer: the database %s cannot give freed space back until it is rebuilt "
+                "once, which needs %d bytes free beside it (there are %d); it works as it is, "
+                "and the next start tries again",
+                path,
+                need,
+                free,
+            )
+            return False
+        log.info("buffer: rebuilding %s once so that it can give freed space back", path)
+        conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+        with transaction(conn):  # takes the exclusive lock, held until the connection closes
+            pass
+        conn.execute("VACUUM INTO ?", (str(spare),))
+        _fsync(spare)
+        busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        if busy:
+            raise sqlite3.OperationalError("the WAL could not be checkpointed")
+        # Renamed while the lock is held; the old file's WAL is empty, so nothing of it can
+        # be replayed onto the new file.
+        os.replace(spare, path)
+        _fsync(path.parent)
+    except (sqlite3.Error, OSError) as exc:
+        spare.unlink(missing_ok=True)
+        log.warning(
+            "buffer: could not rebuild %s to give freed space back (%s); it works as it is, "
+            "and the next start tries again",
+            path,
+            exc,
+        )
+        return False
+    finally:
+        conn.close()
+    log.info("buffer: rebuilt %s; freed pages are given back from now on", path)
+    return True
+
+
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

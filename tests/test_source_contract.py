@@ -24,6 +24,7 @@ from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder, PtySensor
 from edge_agent.sources.registry import source_types
+from edge_agent.testing.modbus_slave import SlaveProcess
 from tests.conftest import Mosquitto
 from tests.helpers import DATASOURCE, wait_until, write_config
 from tests.test_mqtt import Publisher, client_id, wait_subscribed
@@ -163,15 +164,60 @@ class MqttRig:
         self.broker.stop()
 
 
+class ModbusRig:
+    """The Modbus slave process on a pty (RTU): `seq` is a holding register, `level` a float."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.slave = SlaveProcess(rtu=tmp_path / "serial-by-id-usb-meter").start()
+        self.slave.command("set input 0 float32 big 1.5")
+
+    def table(self) -> dict[str, Any]:
+        return {
+            "type": "modbus",
+            "transport": "rtu",
+            "port": str(self.slave.link),
+            "poll_interval_s": 0.1,
+            "timeout_s": 0.3,
+            "registers": [
+                {"name": "seq", "address": 10, "type": "uint16"},
+                {"name": "level", "address": 0, "kind": "input", "type": "float32"},
+            ],
+        }
+
+    def ready(self, agent: Agent) -> None:
+        wait_until(lambda: agent.sources[NAME].stats.connected, what="port open")
+
+    def good(self, seq: int) -> None:
+        self.slave.command(f"set holding 10 uint16 big {seq}")
+
+    def bad(self) -> None:
+        self.slave.command("set input 0 float32 big nan")  # a value that cannot be sent
+
+    def unplug(self) -> None:
+        self.slave.command("unplug 2")  # the slave's end closes, and comes back after 2 s
+
+    def plug(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.slave.stop()
+
+
 # Each registered type, and the variants of it worth holding to the contract.
-RIGS: dict[str, list[str]] = {"serial": ["serial", "serial-polled"], "mqtt": ["mqtt"]}
+RIGS: dict[str, list[str]] = {
+    "serial": ["serial", "serial-polled"],
+    "mqtt": ["mqtt"],
+    "modbus": ["modbus"],
+}
 
 
 @pytest.fixture(params=[variant for variants in RIGS.values() for variant in variants])
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
-    made: SerialRig | PolledSerialRig | MqttRig
+    made: SerialRig | PolledSerialRig | MqttRig | ModbusRig
     if request.param == "serial":
         made = SerialRig(tmp_path)
+    elif request.param == "modbus":
+        made = ModbusRig(tmp_path)
     elif request.param == "serial-polled":
         made = PolledSerialRig(tmp_path)
     else:

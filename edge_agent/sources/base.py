@@ -59,6 +59,15 @@ class SourceConfig:
     def check(self, where: str, table: Mapping[str, Any]) -> None:
         """The type's own checks; `where` names the file and the table for messages."""
 
+    @classmethod
+    def check_together(cls, configs: Sequence[SourceConfig], file: str) -> None:
+        """Checks across all sources of this type in one file (a shared bus, say)."""
+
+    @classmethod
+    def nested_keys(cls) -> dict[str, list[str]]:
+        """Keys of tables nested in this type's `[[sources]]` (`sources.registers`...)."""
+        return {}
+
     def with_secrets(self, environ: Mapping[str, str], where: str) -> Self:
         """This config with its passwords read (from the environment or their files)."""
         return self

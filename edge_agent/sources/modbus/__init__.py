@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from edge_agent.clock import Clock
-from edge_agent.sources.base import Intake
+from edge_agent.sources.base import Intake, Source, SourceConfig
 from edge_agent.sources.modbus.config import ModbusConfig, RegisterConfig, check_shared_links
+from edge_agent.sources.registry import SourceType
 
 if TYPE_CHECKING:
     from edge_agent.sources.modbus.source import ModbusSource
@@ -26,4 +27,11 @@ def make_source(
     return ModbusSource(config, device_id, intake, clock)
 
 
-__all__ = ["ModbusConfig", "RegisterConfig", "check_shared_links", "make_source"]
+def _make(config: SourceConfig, device_id: str | None, intake: Intake, clock: Clock) -> Source:
+    assert isinstance(config, ModbusConfig)
+    return make_source(config, device_id, intake, clock)
+
+
+SOURCE_TYPE = SourceType("modbus", ModbusConfig, _make)
+
+__all__ = ["SOURCE_TYPE", "ModbusConfig", "RegisterConfig", "check_shared_links", "make_source"]

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Self
 
-from edge_agent.config import _NAME_RE, Shape, _build, _check_range
 from edge_agent.errors import ConfigError
+from edge_agent.sources.base import SourceConfig
+from edge_agent.tables import build, check_range, file_keys
 
 Transport = Literal["rtu", "tcp"]
 Kind = Literal["holding", "input", "coil", "discrete"]
@@ -62,14 +63,9 @@ class RegisterConfig:
         return 1 if self.kind in BIT_KINDS else WORDS[self.type]
 
 
-@dataclass(frozen=True)
-class ModbusConfig:
-    name: str
-    type: Literal["modbus"]
-    datasource_id: str
+@dataclass(frozen=True, kw_only=True)
+class ModbusConfig(SourceConfig):
     transport: Transport
-    shape: Shape = "long"
-    tags: Mapping[str, str] = field(default_factory=dict)
     # rtu
     port: str | None = None
     baudrate: int = 9600
@@ -87,7 +83,7 @@ class ModbusConfig:
     registers: tuple[RegisterConfig, ...] = ()
 
     @classmethod
-    def from_table(cls, table: Mapping[str, Any], file: str, section: str) -> ModbusConfig:
+    def from_table(cls, table: Mapping[str, Any], file: str, section: str) -> Self:
         """Check one `[[sources]]` table of type "modbus"; raises ConfigError naming the key."""
         name = table.get("name")
         if isinstance(name, str) and "(" not in section:
@@ -100,10 +96,31 @@ class ModbusConfig:
             )
         raw_registers = table.get("registers")
         plain = {k: v for k, v in table.items() if k != "registers"}
-        config: ModbusConfig = _build(cls, plain, file, section)
+        config = super().from_table(plain, file, section)
         config = replace(config, registers=_build_registers(raw_registers, file, section))
         config._check(table, label)
         return config
+
+    def check(self, where: str, table: Mapping[str, Any]) -> None:
+        """Checked in `from_table` once the registers are read (see `_check`)."""
+
+    @classmethod
+    def check_together(cls, configs: Sequence[SourceConfig], file: str) -> None:
+        check_shared_links([c for c in configs if isinstance(c, ModbusConfig)], file)
+
+    @classmethod
+    def nested_keys(cls) -> dict[str, list[str]]:
+        return {"sources.registers": file_keys(RegisterConfig)}
+
+    def describe(self) -> str:
+        from edge_agent.sources.modbus.registers import describe
+
+        return describe(self)
+
+    def serial_port(self) -> tuple[str, str] | None:
+        if self.transport != "rtu" or self.port is None:
+            return None
+        return (self.port, "modbus")  # one bus: sources with the same framing share it
 
     @property
     def link_settings(self) -> tuple[Any, ...]:
@@ -123,20 +140,13 @@ class ModbusConfig:
         return f"{self.port} at {self.baudrate} {self.bytesize}{self.parity}{stop}{rs485}"
 
     def _check(self, table: Mapping[str, Any], label: str) -> None:
-        if not _NAME_RE.match(self.name):
-            raise ConfigError(
-                f"{label} name: use letters, digits, '.', '_' or '-' (at most 64), "
-                f"got {self.name!r}"
-            )
-        if not self.datasource_id.strip():
-            raise ConfigError(f"{label} datasource_id: must not be empty")
         if self.transport == "rtu":
             self._check_rtu(table, label)
         else:
             self._check_tcp(table, label)
-        _check_range(self.unit_id, 0, 247, f"{label} unit_id")
-        _check_range(self.poll_interval_s, 0.001, 86_400.0, f"{label} poll_interval_s")
-        _check_range(self.timeout_s, 0.01, 60.0, f"{label} timeout_s")
+        check_range(self.unit_id, 0, 247, f"{label} unit_id")
+        check_range(self.poll_interval_s, 0.001, 86_400.0, f"{label} poll_interval_s")
+        check_range(self.timeout_s, 0.01, 60.0, f"{label} timeout_s")
         self._check_names(label)
 
     def _check_rtu(self, table: Mapping[str, Any], label: str) -> None:
@@ -145,8 +155,8 @@ class ModbusConfig:
                 raise ConfigError(f'{label} {key}: only transport = "tcp" takes this key')
         if not self.port:
             raise ConfigError(f'{label} port: missing; e.g. port = "/dev/ttyUSB0"')
-        _check_range(self.baudrate, 50, 4_000_000, f"{label} baudrate")
-        _check_range(self.bytesize, 5, 8, f"{label} bytesize")
+        check_range(self.baudrate, 50, 4_000_000, f"{label} baudrate")
+        check_range(self.bytesize, 5, 8, f"{label} bytesize")
         if self.stopbits not in (1.0, 1.5, 2.0):
             raise ConfigError(f"{label} stopbits: expected 1, 1.5 or 2, got {self.stopbits:g}")
         if self.unit_id == 0:
@@ -161,7 +171,7 @@ class ModbusConfig:
                 raise ConfigError(f'{label} {key}: only transport = "rtu" takes this key')
         if not self.host or not self.host.strip():
             raise ConfigError(f'{label} host: missing; e.g. host = "192.168.1.20"')
-        _check_range(self.tcp_port, 1, 65_535, f"{label} tcp_port")
+        check_range(self.tcp_port, 1, 65_535, f"{label} tcp_port")
 
     def _check_names(self, label: str) -> None:
         if not self.registers:
@@ -197,7 +207,7 @@ def _build_registers(raw: Any, file: str, section: str) -> tuple[RegisterConfig,
         name = table.get("name")
         if isinstance(name, str):
             where = f"{where} ({name})"
-        register: RegisterConfig = _build(RegisterConfig, table, file, where)
+        register: RegisterConfig = build(RegisterConfig, table, file, where)
         _check_register(register, table, f"{file}: {where}")
         registers.append(register)
     return tuple(registers)
@@ -215,7 +225,7 @@ def _check_register(reg: RegisterConfig, table: Mapping[str, Any], label: str) -
             f'{label} type: a {reg.kind} is one bit; use type = "bool" (or kind = "holding" '
             f'or "input" for a {reg.type})'
         )
-    _check_range(reg.address, 0, 65_536 - reg.width, f"{label} address")
+    check_range(reg.address, 0, 65_536 - reg.width, f"{label} address")
     for key in ("scale", "offset"):
         value = getattr(reg, key)
         if reg.type == "bool" and key in table:
@@ -241,11 +251,3 @@ def check_shared_links(configs: Sequence[ModbusConfig], file: str) -> None:
                 f"{first.name!r} with other settings ({first.framing}, here {config.framing}); "
                 "sources on one bus share baudrate, bytesize, parity, stopbits and rs485"
             )
-
-
-def keys() -> dict[str, list[str]]:
-    """Every key a Modbus source and its registers accept, for `check` and the docs test."""
-    return {
-        "sources (modbus)": [f.name for f in fields(ModbusConfig)],
-        "sources.registers": [f.name for f in fields(RegisterConfig)],
-    }

@@ -23,7 +23,7 @@ from edge_agent.clock import Clock, SystemClock, utc_stamp
 from edge_agent.errors import SourceError
 from edge_agent.logs import RateLimitedLog
 from edge_agent.records import Reading, RecordBuilder, Value
-from edge_agent.sources.base import Intake, ThreadedSource
+from edge_agent.sources.base import Intake, SourceConfig, ThreadedSource
 from edge_agent.sources.modbus.config import ModbusConfig
 from edge_agent.sources.modbus.link import (
     SHARED_LINKS,
@@ -108,8 +108,10 @@ class ModbusSource(ThreadedSource):
     def requests_per_poll(self) -> int:
         return len(self._decoders)
 
-    def update(self, config: ModbusConfig, device_id: str | None) -> bool:
+    def update(self, config: SourceConfig, device_id: str | None) -> bool:
         """Take a reloaded config in place when the wire is the same; False: restart me."""
+        if not isinstance(config, ModbusConfig):
+            return False
         if config.link_settings != self.config.link_settings:
             return False
         builder = RecordBuilder(config.datasource_id, config.shape, config.tags, device_id)
