@@ -323,6 +323,11 @@ class MqttSource(ThreadedSource):
         """The MQTT version spoken to the broker ("5" or "3.1.1"; "auto" resolved)."""
         return self._settings.mqtt_version
 
+    @property
+    def window(self) -> int:
+        """Messages in flight at most with the version spoken (see MqttConfig.window)."""
+        return self._settings.window
+
     def start(self) -> None:
         """Check the TLS files (errors stop start-up), then open a channel in the link."""
         self._refuse_restart()
