@@ -1,6 +1,8 @@
 """The MQTT source: messages from a broker become readings, acknowledged once they are durable.
 
-    MqttSource      lifecycle: the MQTT link process (paho, link.py), watched by our thread
+    MqttSource      lifecycle: a channel (one paho client) in the MQTT link process that all
+                    MQTT sources share (hub.py, link.py), read by our thread; the MQTT
+                    version ("auto": 5, and 3.1.1 for good with a broker that refuses 5)
     MessageReader   topic fields + payload + device time -> readings (no network, no threads)
     SecondStamps    utc_stamp for a stream of receive times, the seconds formatted once
     device_stamp    a device timestamp (ISO 8601, epoch s or ms) -> the agent's UTC stamp
@@ -18,7 +20,8 @@ Flow control: at most `inflight_window` messages are unacknowledged. When the wi
 the source asks the buffer to commit at once (the broker sends nothing more until it gets
 acknowledgements, so waiting for the commit interval would only idle), and the link's paho
 callback blocks until acknowledgements free room, so TCP slows a broker that does not honour
-the window. With MQTT 5 the window is announced to the broker as Receive Maximum.
+the window. With MQTT 5 the window is announced to the broker as Receive Maximum (1000 by
+default); with 3.1.1 the broker's own limit applies (Mosquitto: 20, the default window then).
 
 Hostile input: a message the agent cannot turn into readings (not parseable, a topic that is
 not UTF-8, a payload over `max_payload_bytes`, more than `max_values_per_message` values) goes
