@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Messages per second from a broker into the committed buffer, against a bare subscriber.
 
-    .venv/bin/python scripts/bench_mqtt.py [--messages 200000] [--config 3.1.1:20 --config 5:1000]
+    .venv/bin/python scripts/bench_mqtt.py [--messages 200000] [--config defaults --config 5:1000]
                                            [--rounds 2] [--json out.json] [--no-strace]
 
-For each configuration (MQTT version : window), starts a private Mosquitto on a free port,
+For each configuration ("defaults", or MQTT version : window), starts a private Mosquitto on a
+free port,
 makes a persistent session for each subscriber run, pre-publishes N QoS 1 messages into all
 of them, then times each subscriber draining its session, one at a time, each in a child
 process of its own, alternating bare and agent for --rounds rounds; the table compares the
@@ -19,9 +20,16 @@ machine during one run does not decide the ratio:
 The window is the number of QoS 1 messages in flight to a subscriber: Mosquitto's
 max_inflight_messages (3.1.1), the subscribers' Receive Maximum (5), and the agent's
 inflight_window. The agent commits as soon as its unacknowledged messages fill the window,
-so the window sets how many messages share one fsync. The defaults report the agent's
-default (3.1.1, window 20), and a window of 1000 with 3.1.1 (the broker's
-max_inflight_messages raised) and with MQTT 5 (Receive Maximum 1000).
+so the window sets how many messages share one fsync. The configurations run by default:
+
+- defaults: every MQTT key of the agent at its default (mqtt_version "auto", which speaks
+  MQTT 5 to Mosquitto 2, and its window of 1000 announced as Receive Maximum) on a Mosquitto
+  with its default settings (max_inflight_messages 20, which MQTT 5 clients are not held to);
+  the bare subscriber speaks what the agent negotiated: MQTT 5, Receive Maximum 1000;
+- 3.1.1:20: mqtt_version = "3.1.1" with its default window, Mosquitto's 20 (what "auto"
+  falls back to with a broker that refuses MQTT 5);
+- 3.1.1:1000: 3.1.1 with the broker's max_inflight_messages raised to 1000 and the agent's
+  inflight_window with it.
 
 With a small window the run is a chain of round trips: the broker sends a window's worth,
 then waits for acknowledgements, which the agent may send only after a commit with fsync.
@@ -64,13 +72,16 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from edge_agent.sources.mqtt.config import WINDOW_V5
+
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "bench/line-1/seq"
 CLIENTS = {"bare": "bench-bare", "agent": "bench-agent", "traced": "bench-agent-traced"}
 TRACED_MESSAGES = 50_000  # enough commits to know the fsyncs per commit
 # The agent's default window (Mosquitto's default max_inflight_messages), and a large window
 # with either protocol version.
-DEFAULT_CONFIGS = ("3.1.1:20", "3.1.1:1000", "5:1000")
+DEFAULT_CONFIGS = ("defaults", "3.1.1:20", "3.1.1:1000")
+DEFAULTS = ("auto", 0)  # the "defaults" configuration: no version, no window given
 SESSION_EXPIRY_S = 3600
 READINGS_PER_MESSAGE = 2  # {"seq": N, "temperature": 21.5}, long shape
 
@@ -85,9 +96,13 @@ def main() -> int:
 
 
 def _config(text: str) -> tuple[str, int]:
+    if text == "defaults":
+        return DEFAULTS
     version, _, window = text.partition(":")
     if version not in ("3.1.1", "5") or not window.isdigit() or int(window) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected VERSION:WINDOW, e.g. 5:1000")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected defaults or VERSION:WINDOW, e.g. 5:1000"
+        )
     return version, int(window)
 
 
@@ -98,9 +113,11 @@ def _parser() -> argparse.ArgumentParser:
         "--config",
         action="append",
         type=_config,
-        metavar="VERSION:WINDOW",
-        help="MQTT version (3.1.1 or 5) and window: QoS 1 messages in flight to a subscriber "
-        "(Mosquitto's max_inflight_messages, the Receive Maximum, the agent's inflight_window); "
+        metavar="defaults|VERSION:WINDOW",
+        help="defaults: every MQTT key at its default, on a Mosquitto with its default "
+        "settings; or an MQTT version (3.1.1 or 5) and window: QoS 1 messages in flight to a "
+        "subscriber (Mosquitto's max_inflight_messages, the Receive Maximum, the agent's "
+        "inflight_window); "
         f"repeat for several; default {' '.join('--config ' + c for c in DEFAULT_CONFIGS)}",
     )
     p.add_argument(
@@ -120,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     # The children's own settings (one configuration each).
     p.add_argument("--window", type=int, default=20, help=argparse.SUPPRESS)
     p.add_argument(
-        "--mqtt-version", choices=["3.1.1", "5"], default="3.1.1", help=argparse.SUPPRESS
+        "--mqtt-version", choices=["auto", "3.1.1", "5"], default="3.1.1", help=argparse.SUPPRESS
     )
     p.add_argument("--role", choices=list(CLIENTS), help=argparse.SUPPRESS)
     p.add_argument("--client-id", help=argparse.SUPPRESS)
@@ -169,7 +186,7 @@ def _bench_config(
             _publish(port, args.messages)
             publish_s = time.monotonic() - started
             print(
-                f"MQTT {args.mqtt_version}, window {args.window}: pre-published "
+                f"{_label(args.mqtt_version, args.window)}: pre-published "
                 f"{args.messages} messages into {len(runs)} sessions in {publish_s:.1f} s",
                 file=sys.stderr,
             )
@@ -194,6 +211,18 @@ def _bench_config(
     return bare, agent
 
 
+def _label(version: str, window: int) -> str:
+    if (version, window) == DEFAULTS:
+        return f"defaults (MQTT 5, window {WINDOW_V5}, stock Mosquitto)"
+    return f"MQTT {version}, window {window}"
+
+
+def _spoken(version: str, window: int) -> tuple[str, int]:
+    """The version and window a subscriber uses: the defaults are what the agent negotiates
+    with Mosquitto 2 (MQTT 5, its default window as Receive Maximum)."""
+    return ("5", WINDOW_V5) if (version, window) == DEFAULTS else (version, window)
+
+
 def _client_id(role: str, n: int) -> str:
     return f"{CLIENTS[role]}-{n}"
 
@@ -205,6 +234,7 @@ def _free_port() -> int:
 
 
 def _start_broker(binary: str, workdir: Path, port: int, window: int) -> subprocess.Popen[bytes]:
+    """Mosquitto with max_inflight_messages = `window` (0: its default, 20)."""
     conf = workdir / "mosquitto.conf"
     # No persistence: saving a million queued messages every few seconds would compete with
     # the subscribers for the CPU; sessions live in the broker's memory for this run.
@@ -212,8 +242,8 @@ def _start_broker(binary: str, workdir: Path, port: int, window: int) -> subproc
         ("user root\n" if os.geteuid() == 0 else "") + f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
         "max_queued_messages 0\n"
-        f"max_inflight_messages {window}\n"
-        f"log_dest file {workdir}/mosquitto.log\n"
+        + (f"max_inflight_messages {window}\n" if window else "")
+        + f"log_dest file {workdir}/mosquitto.log\n"
     )
     proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
@@ -250,9 +280,10 @@ def _connect(client: mqtt.Client, port: int, version: str, window: int) -> None:
 
 def _make_session(port: int, client_id: str, args: argparse.Namespace) -> None:
     subscribed = threading.Event()
-    client = _client(client_id, args.mqtt_version)
+    version, window = _spoken(args.mqtt_version, args.window)
+    client = _client(client_id, version)
     client.on_subscribe = lambda *a: subscribed.set()
-    _connect(client, port, args.mqtt_version, args.window)
+    _connect(client, port, version, window)
     client.loop_start()
     client.subscribe(TOPIC, qos=1)
     if not subscribed.wait(10):
@@ -344,18 +375,19 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for run in results:
         bare, agent = run["bare"], run["agent"]
+        window = _spoken(run["mqtt_version"], run["window"])[1]
         details = (
             f"{agent['commits']} commits ({args.messages / max(1, agent['commits']):.0f} "
             f"messages each), {agent['fsync_rate']:,.0f} fsync/s; per window "
-            f"{_per_window_ms(agent, run['window'], args.messages)} ms vs "
-            f"{_per_window_ms(bare, run['window'], args.messages)} ms; CPU per message "
+            f"{_per_window_ms(agent, window, args.messages)} ms vs "
+            f"{_per_window_ms(bare, window, args.messages)} ms; CPU per message "
             f"{agent['cpu_us_per_message']:.0f} µs vs {bare['cpu_us_per_message']:.0f} µs; "
             f"VmHWM agent {agent['vmhwm_kb'] / 1024:.0f} MiB + link "
             f"{agent['link_vmhwm_kb'] / 1024:.0f} MiB, bare {bare['vmhwm_kb'] / 1024:.0f} MiB; "
             f"{agent['seconds']:.1f} s vs {bare['seconds']:.1f} s"
         )
         print(
-            f"| MQTT {run['mqtt_version']}, window {run['window']} | {agent['rate']:,.0f} "
+            f"| {_label(run['mqtt_version'], run['window'])} | {agent['rate']:,.0f} "
             f"| {bare['rate']:,.0f} | {agent['ratio']:.2f} | >= 0.8 | {details} |"
         )
     print()
@@ -364,7 +396,7 @@ def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
         verdict = "meets" if agent["ratio"] >= 0.8 else "misses"
         source = agent.get("fsync_source", "assumed: one per commit (no strace)")
         print(
-            f"MQTT {run['mqtt_version']}, window {run['window']}: ratio {agent['ratio']:.2f} "
+            f"{_label(run['mqtt_version'], run['window'])}: ratio {agent['ratio']:.2f} "
             f"({verdict} the 0.8 target); fsyncs per commit "
             f"{agent.get('fsyncs_per_commit', 1.0):.2f} ({source})"
         )
@@ -415,10 +447,11 @@ def run_bare(args: argparse.Namespace) -> dict[str, Any]:
         if received >= args.messages:
             done.set()
 
-    client = _client(args.client_id, args.mqtt_version, manual_ack=True)
+    version, window = _spoken(args.mqtt_version, args.window)
+    client = _client(args.client_id, version, manual_ack=True)
     client.on_message = on_message
     started = time.monotonic()
-    _connect(client, args.port, args.mqtt_version, args.window)
+    _connect(client, args.port, version, window)
     cpu = time.process_time()
     client.loop_start()
     if not done.wait(600):
@@ -451,6 +484,12 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
     buffer.open()
     clock = SystemClock()
     intake = _CountingIntake(AgentIntake(buffer, None, clock, ClockGuard(clock)), args.messages)
+    # The defaults: no key given but those that name the broker, the topic and the session.
+    chosen: dict[str, Any] = {}
+    if (args.mqtt_version, args.window) != DEFAULTS:
+        chosen = {"mqtt_version": args.mqtt_version, "inflight_window": args.window}
+        if args.mqtt_version == "5":
+            chosen["session_expiry_s"] = SESSION_EXPIRY_S
     config = MqttConfig(
         name="bench",
         type="mqtt",
@@ -458,11 +497,10 @@ def run_agent(args: argparse.Namespace, client_id: str) -> dict[str, Any]:
         broker=f"mqtt://127.0.0.1:{args.port}",
         topics=(TOPIC,),
         client_id=client_id,
-        mqtt_version=args.mqtt_version,
-        inflight_window=args.window,
-        session_expiry_s=SESSION_EXPIRY_S,
+        **chosen,
     )
     source = MqttSource(config, "bench-gw", intake)
+    assert source.window == _spoken(args.mqtt_version, args.window)[1]
     started = time.monotonic()
     cpu = time.process_time()
     source.start()

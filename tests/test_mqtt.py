@@ -40,6 +40,7 @@ from tests.conftest import Mosquitto
 from tests.helpers import AgentProcess, wait_until, write_config
 
 DS = "67891"
+LAB_DS = "67890"
 SOAK_MESSAGES = int(os.environ.get("EDGE_AGENT_SOAK_MESSAGES", "3000"))
 
 
@@ -186,8 +187,8 @@ def mqtt_log() -> Iterator[_Lines]:
     logger.setLevel(level)
 
 
-def seqs(sandbox: Sandbox) -> list[int]:
-    return [int(r["seq"]) for r in sandbox.records(DS)]
+def seqs(sandbox: Sandbox, datasource: str = DS) -> list[int]:
+    return [int(r["seq"]) for r in sandbox.records(datasource)]
 
 
 def source(agent: Agent, name: str = "plant") -> MqttSource:
@@ -254,31 +255,36 @@ def test_kill_9_twice_while_publishing_loses_nothing(
     assert agents[-1].log_text().count("(resumed session") == 2
 
 
-@pytest.mark.parametrize(("version", "window"), [("3.1.1", 20), ("5", 7)])
+@pytest.mark.parametrize(("version", "window"), [("3.1.1", 20), ("5", 7), (None, 1000)])
 def test_messages_are_acknowledged_only_after_their_commit(
     tmp_path: Path,
     broker: Mosquitto,
     sandbox: Sandbox,
     publisher: Publisher,
     agents: list[AgentProcess],
-    version: str,
+    version: str | None,
     window: int,
 ) -> None:
-    # 3.1.1: Mosquitto's own window (max_inflight_messages = 20); 5: our Receive Maximum.
+    # 3.1.1: Mosquitto's own window (max_inflight_messages = 20); 5: our Receive Maximum;
+    # None: the defaults, which speak MQTT 5 with a Receive Maximum of 1000.
+    keys = {} if version is None else {"mqtt_version": version, "inflight_window": window}
     config = write_config(
         tmp_path / "agent.toml",
         url=sandbox.url,
         data_dir=tmp_path / "data",
-        sources=[mqtt_source(broker, mqtt_version=version, inflight_window=window)],
+        sources=[mqtt_source(broker, **keys)],
     )
     log = tmp_path / "agent.log"
     agents.append(AgentProcess(config, log).start())
     cid = client_id()
     wait_subscribed(broker, cid)
+    protocol = "p2" if version == "3.1.1" else "p5"  # Mosquitto names 3.1.1 p2
+    assert broker_log_count(broker, f"as {cid} ({protocol}, c0") == 1
+    total = window + 100
     # Hold the database's write lock: the agent's writer cannot commit anything.
     lock = sqlite3.connect(tmp_path / "data" / "buffer.db", timeout=30)
     lock.execute("BEGIN IMMEDIATE")
-    for seq in range(100):
+    for seq in range(total):
         publisher.publish("sensors/dev1/seq", json.dumps({"seq": seq}))
     publisher.wait_acked()
     sent = f"Sending PUBLISH to {cid} "
@@ -290,9 +296,9 @@ def test_messages_are_acknowledged_only_after_their_commit(
     lock.close()
     # What the dead agent had received was never acknowledged, so the broker sends it again.
     agents.append(AgentProcess(config, log).start())
-    wait_until(lambda: set(seqs(sandbox)) == set(range(100)), 30, "all 100 in the sandbox")
+    wait_until(lambda: set(seqs(sandbox)) == set(range(total)), 30, f"all {total} in the sandbox")
     assert agents[-1].terminate() == 0
-    assert broker_log_count(broker, f"Received PUBACK from {cid} ") >= 100
+    assert broker_log_count(broker, f"Received PUBACK from {cid} ") >= total
 
 
 def test_broker_restart_while_publishing_loses_nothing(
@@ -629,11 +635,24 @@ def _config(tmp_path: Path, env: dict[str, str] | None = None, **src: Any) -> An
 def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
     config = _config(tmp_path, {"MQTT_PW": "hunter2"}, username="u", password_env="MQTT_PW")
     src = config.sources[0]
-    assert (src.qos, src.mqtt_version, src.keepalive_s) == (1, "3.1.1", 60)
-    assert (src.session_expiry_s, src.inflight_window) == (604_800, 20)
+    assert (src.qos, src.mqtt_version, src.keepalive_s) == (1, "auto", 60)
+    assert (src.session_expiry_s, src.inflight_window) == (604_800, None)
     assert (src.max_payload_bytes, src.max_values_per_message) == (262_144, 1000)
     assert src.password is not None and src.password.reveal() == "hunter2"
     assert "hunter2" not in repr(config)
+
+
+def test_defaults_speak_mqtt_5_with_a_window_of_1000_and_3_1_1_keeps_20(tmp_path: Path) -> None:
+    intake: Any = object()
+    default = MqttSource(_config(tmp_path).sources[0], "gw-7", intake)
+    assert (default.mqtt_version, default.window) == ("5", 1000)
+    v311 = MqttSource(_config(tmp_path, mqtt_version="3.1.1").sources[0], "gw-7", intake)
+    assert (v311.mqtt_version, v311.window) == ("3.1.1", 20)
+    chosen = _config(tmp_path, mqtt_version="3.1.1", inflight_window=1000).sources[0]
+    assert MqttSource(chosen, "gw-7", intake).window == 1000
+    # With "auto", the MQTT 5 keys are accepted: they apply whenever 5 is spoken.
+    auto = _config(tmp_path, session_expiry_s=60, shared_group="edge").sources[0]
+    assert (auto.mqtt_version, auto.session_expiry_s, auto.shared_group) == ("auto", 60, "edge")
 
 
 @pytest.mark.parametrize(
@@ -652,8 +671,10 @@ def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
         ({"topic_fields": "sensors/{timestamp}/x"}, "would replace"),
         ({"topic_fields": "s/{a}/{a}"}, "appears twice"),
         ({"topic_fields": "s/{site}", "tags": {"site": "n"}}, "also a tag"),
-        ({"shared_group": "edge"}, 'needs mqtt_version = "5"'),
-        ({"session_expiry_s": 60}, 'needs mqtt_version = "5"'),
+        ({"shared_group": "edge", "mqtt_version": "3.1.1"}, "shared_group: needs MQTT 5: set"),
+        ({"session_expiry_s": 60, "mqtt_version": "3.1.1"}, 'needs mqtt_version = "5" or'),
+        ({"mqtt_version": "4"}, "expected one of 'auto' | '3.1.1' | '5'"),
+        ({"inflight_window": 0}, "inflight_window: expected a value from 1 to"),
         ({"password_env": "X", "username": "u"}, "X is not set"),
         ({"password_file": "/nonexistent/pw", "username": "u"}, "cannot read"),
         ({"password_env": "X"}, "a password needs a username"),
@@ -733,27 +754,36 @@ def test_a_broker_that_is_down_at_start_is_retried(
 
 
 class RawBroker:
-    """Just enough of an MQTT server (3.1.1 and 5) to send what Mosquitto refuses to forward.
+    """Just enough of an MQTT server (3.1.1 and 5) to send what Mosquitto refuses to forward,
+    or to refuse MQTT 5 as a 3.1.1-only broker does (Mosquitto cannot be told to).
 
-    It answers CONNECT and SUBSCRIBE on every connection, then sends `messages` as QoS 1
-    PUBLISHes (packet ids 1, 2, ...; again, marked DUP, on each new connection, as a broker
-    does with what was not acknowledged) and records the packet ids acknowledged.
+    It answers CONNECT and SUBSCRIBE on every connection (each in a thread of its own), then
+    sends `messages` as QoS 1 PUBLISHes (packet ids 1, 2, ...; again, marked DUP, on each new
+    connection, as a broker does with what was not acknowledged) and records the packet ids
+    acknowledged, and each CONNECT's client id and protocol level (4: 3.1.1, 5: MQTT 5).
     """
 
     def __init__(
-        self, messages: list[tuple[bytes, bytes, bool]], v5_properties: bytes = b"\x00"
+        self,
+        messages: list[tuple[bytes, bytes, bool]],
+        v5_properties: bytes = b"\x00",
+        refuse_v5: bytes | None = None,
     ) -> None:
         """`messages`: (topic bytes, payload, retain); `v5_properties`: the PUBLISH properties
-        sent to an MQTT 5 client (their length first)."""
+        sent to an MQTT 5 client (their length first); `refuse_v5`: the CONNACK that answers
+        an MQTT 5 CONNECT, before the connection is closed (None: MQTT 5 is accepted)."""
         self.messages = messages
         self.v5_properties = v5_properties
+        self.refuse_v5 = refuse_v5
         self._server = socket.create_server(("127.0.0.1", 0))
         self._server.settimeout(0.2)
         self.port = int(self._server.getsockname()[1])
         self._lock = threading.Lock()
         self._acked: set[int] = set()
+        self._connects: list[tuple[str, int]] = []
         self.connections = 0
         self._stopped = threading.Event()
+        self._threads: list[threading.Thread] = []
         self._thread = threading.Thread(target=self._serve, name="raw-broker", daemon=True)
         self._thread.start()
 
@@ -765,9 +795,16 @@ class RawBroker:
         with self._lock:
             return set(self._acked)
 
+    def connects(self, client: str | None = None) -> list[int]:
+        """The protocol level of each CONNECT so far (of `client` only, if given)."""
+        with self._lock:
+            return [level for cid, level in self._connects if client in (None, cid)]
+
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
         self._server.close()
 
     def _serve(self) -> None:
@@ -776,15 +813,25 @@ class RawBroker:
                 conn, _ = self._server.accept()
             except TimeoutError:
                 continue
-            with conn:
-                self.connections += 1
-                with contextlib.suppress(OSError, EOFError):
-                    self._session(conn, dup=self.connections > 1)
+            self.connections += 1
+            dup = self.connections > 1
+            thread = threading.Thread(target=self._connection, args=(conn, dup), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _connection(self, conn: socket.socket, dup: bool) -> None:
+        with conn, contextlib.suppress(OSError, EOFError):
+            self._session(conn, dup)
 
     def _session(self, conn: socket.socket, dup: bool) -> None:
         conn.settimeout(0.2)
         _, connect = self._read(conn)
         v5 = connect[6] == 5  # after the protocol name b"\x00\x04MQTT": the level
+        with self._lock:
+            self._connects.append((_connect_client_id(connect), connect[6]))
+        if v5 and self.refuse_v5 is not None:
+            conn.sendall(self.refuse_v5)
+            return  # a server that refuses a CONNECT closes the connection
         conn.sendall(b"\x20\x03\x00\x00\x00" if v5 else b"\x20\x02\x00\x00")
         while not self._stopped.is_set():
             kind, body = self._read(conn)
@@ -829,6 +876,24 @@ class RawBroker:
                 raise EOFError
             data += chunk
         return data
+
+
+def _connect_client_id(connect: bytes) -> str:
+    """The client id of a CONNECT body: after protocol name, level, flags and keepalive (and
+    with MQTT 5 the properties, their length a variable byte integer)."""
+    at = 10
+    if connect[6] == 5:
+        length, shift = 0, 0
+        while True:
+            byte = connect[at]
+            at += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        at += length
+    size = int.from_bytes(connect[at : at + 2], "big")
+    return connect[at + 2 : at + 2 + size].decode()
 
 
 def _packet(first: int, body: bytes) -> bytes:
@@ -962,3 +1027,122 @@ def test_huge_and_hostile_payloads_are_dead_lettered_within_bounded_memory(
     assert counters["dropped.unparseable.plant"] == 1
     log = agent.log_text()
     assert log.count("oversize message on 'sensors/dev/blob'") == 1  # once per incident
+
+
+# --- MQTT 5 by default, 3.1.1 for a broker that refuses it ---------------------------------
+
+# What a broker that does not speak MQTT 5 answers a CONNECT for it with, before it closes the
+# connection: a 3.1.1 CONNACK "unacceptable protocol version" (Mosquitto before 1.6), or an
+# MQTT 5 CONNACK with reason code 0x84 "Unsupported Protocol Version".
+REFUSALS = {"3.1.1-connack-0x01": b"\x20\x02\x00\x01", "5-connack-0x84": b"\x20\x03\x00\x84\x00"}
+ONE_MESSAGE = [(b"sensors/a/seq", b'{"seq": 1}', False)]
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS.values()), ids=list(REFUSALS))
+def test_auto_falls_back_to_3_1_1_for_good_when_the_broker_refuses_5_and_says_so_once(
+    sandbox: Sandbox, make_agent: Callable[..., Agent], mqtt_log: _Lines, refusal: bytes
+) -> None:
+    raw = RawBroker(ONE_MESSAGE, refuse_v5=refusal)
+    try:
+        agent = make_agent(
+            mqtt_source(raw, tags={"line": "1"}), mqtt_source(raw, name="lab", tags={"line": "2"})
+        )
+        wait_until(lambda: len(sandbox.records(DS)) >= 2, 20, "a record from each source")
+        assert sorted(r["line"] for r in sandbox.records(DS)) == ["1", "2"]
+        for name in ("plant", "lab"):
+            levels = raw.connects(client_id(name))
+            assert levels[0] == 5, levels  # asked for MQTT 5 first
+            assert set(levels[levels.index(4) :]) == {4}, levels  # then 3.1.1 for good
+            assert source(agent, name).mqtt_version == "3.1.1"
+        said = [line for line in mqtt_log.lines if "refuses MQTT 5" in line]
+        assert len(said) == 1, said  # once for the broker, not once per source
+        assert f"the broker at 127.0.0.1:{raw.port} refuses MQTT 5 (Unsupported protocol" in said[0]
+        assert "one commit with its fsync per 20 messages" in said[0]
+        agent.stop()
+        # A source started later in this process asks that broker for 3.1.1 straight away.
+        later = make_agent(mqtt_source(raw, name="later"), data="later")
+        wait_until(lambda: source(later, "later").stats.connected, 15, "the later source connected")
+        assert raw.connects(client_id("later")) == [4]
+        assert sum("refuses MQTT 5" in line for line in mqtt_log.lines) == 1
+    finally:
+        raw.stop()
+
+
+def test_explicit_versions_and_shared_groups_never_fall_back(
+    make_agent: Callable[..., Agent], mqtt_log: _Lines
+) -> None:
+    raw = RawBroker(ONE_MESSAGE, refuse_v5=REFUSALS["3.1.1-connack-0x01"])
+    try:
+        agent = make_agent(
+            mqtt_source(raw, name="five", mqtt_version="5"),
+            mqtt_source(raw, name="three", mqtt_version="3.1.1"),
+            mqtt_source(raw, name="shared", shared_group="edge"),  # "auto"
+        )
+        wait_until(
+            lambda: min(len(raw.connects(client_id(n))) for n in ("five", "shared")) >= 2,
+            20,
+            "the MQTT 5 sources to try again",
+        )
+        wait_until(lambda: source(agent, "three").stats.connected, 15, "3.1.1 connected")
+        assert set(raw.connects(client_id("five"))) == {5}
+        assert set(raw.connects(client_id("shared"))) == {5}
+        assert raw.connects(client_id("three")) == [4]
+        assert not source(agent, "five").stats.connected
+        assert not source(agent, "shared").stats.connected
+        assert not any("refuses MQTT 5" in line for line in mqtt_log.lines)
+        refused = "the broker refused the connection: Unsupported protocol version; "
+        five = f"mqtt five: {refused}try the other mqtt_version"
+        shared = f"mqtt shared: {refused}shared_group needs MQTT 5 (shared subscriptions)"
+        assert any(line.startswith(five) for line in mqtt_log.lines), mqtt_log.lines
+        assert any(line.startswith(shared) for line in mqtt_log.lines), mqtt_log.lines
+    finally:
+        raw.stop()
+
+
+# --- one MQTT link process for all MQTT sources --------------------------------------------
+
+
+def test_mqtt_sources_share_one_link_whose_kill_9_loses_nothing_for_any(
+    broker: Mosquitto,
+    sandbox: Sandbox,
+    publisher: Publisher,
+    make_agent: Callable[..., Agent],
+    mqtt_log: _Lines,
+) -> None:
+    lab = mqtt_source(broker, name="lab", topics=["lab/+/+"], topic_fields="lab/{device}/{metric}")
+    lab["datasource_id"] = LAB_DS
+    idle = mqtt_source(broker, name="idle", topics=["idle/#"])
+    del idle["topic_fields"]
+    names = ("plant", "lab", "idle")
+    agent = make_agent(mqtt_source(broker), lab, idle)
+    for name in names:
+        wait_subscribed(broker, client_id(name))
+    [first] = link_processes(os.getpid())
+    assert {source(agent, name).link_pid for name in names} == {first}
+    total = 600
+    for seq in range(total):
+        if seq == total // 3:
+            wait_until(lambda: sandbox.records(DS) and sandbox.records(LAB_DS), 15, "uploads")
+            os.kill(first, signal.SIGKILL)
+        publisher.publish(f"sensors/dev{seq % 3}/seq", json.dumps({"seq": seq}))
+        publisher.publish(f"lab/dev{seq % 3}/seq", json.dumps({"seq": seq}))
+        if seq % 20 == 0:
+            time.sleep(0.01)
+    publisher.wait_acked()
+    wait_until(
+        lambda: set(seqs(sandbox)) == set(seqs(sandbox, LAB_DS)) == set(range(total)),
+        45,
+        "every seq of both sources in the sandbox",
+    )
+    for name in names:  # each source saw the link end, and came back on the new one
+        ended = f"mqtt {name}: the MQTT link process ended unexpectedly (killed by SIGKILL)"
+        assert any(line.startswith(ended) for line in mqtt_log.lines), name
+    [second] = link_processes(os.getpid())
+    assert second != first
+    wait_until(lambda: all(source(agent, n).stats.connected for n in names), 15, "all reconnected")
+    assert {source(agent, name).link_pid for name in names} == {second}
+    for name in names[:2]:
+        source(agent, name).stop()
+    assert link_processes(os.getpid()) == [second], "the link stays while a source needs it"
+    source(agent, "idle").stop()
+    assert link_processes(os.getpid()) == [], "the last source to stop ends the link"

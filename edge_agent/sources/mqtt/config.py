@@ -40,10 +40,11 @@ class MqttConfig(SourceConfig):
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
-    mqtt_version: Literal["3.1.1", "5"] = "3.1.1"
+    mqtt_version: Literal["auto", "3.1.1", "5"] = "auto"
     keepalive_s: int = 60
     session_expiry_s: int = 604_800
-    inflight_window: int = 20
+    # None: WINDOW_V5 with MQTT 5, WINDOW_V311 with 3.1.1 (see `window`).
+    inflight_window: int | None = None
     shared_group: str | None = None
     timestamp_field: str | None = None
     max_payload_bytes: int = 262_144
@@ -76,11 +77,30 @@ class MqttConfig(SourceConfig):
             out += readable_by_others(f"{label} password_file", self.password_file)
         return out
 
+    def window(self, version: str) -> int:
+        """The window used with MQTT `version` ("3.1.1" or "5"): `inflight_window` if set,
+        else WINDOW_V5 with 5 (announced as Receive Maximum) and WINDOW_V311 with 3.1.1,
+        where the broker decides (Mosquitto's max_inflight_messages, 20 by default)."""
+        if self.inflight_window is not None:
+            return self.inflight_window
+        return WINDOW_V5 if version == "5" else WINDOW_V311
+
     def describe(self) -> str:
-        return (
-            f"mqtt {self.broker} topics {', '.join(self.topics)} "
-            f"(QoS {self.qos}, MQTT {self.mqtt_version})"
-        )
+        if self.mqtt_version != "auto":
+            version = f"MQTT {self.mqtt_version}"
+        elif self.shared_group:
+            version = "MQTT 5"  # shared subscriptions are MQTT 5: no falling back
+        else:
+            version = "MQTT 5, or 3.1.1 if the broker refuses 5"
+        topics = ", ".join(self.topics)
+        return f"mqtt {self.broker} topics {topics} (QoS {self.qos}, {version})"
+
+
+# With MQTT 5 the broker honours our Receive Maximum: 1000 messages share one commit and its
+# fsync. With 3.1.1 the broker's own limit applies, and a window above it would make every
+# window wait for the commit interval: 20 is Mosquitto's default max_inflight_messages.
+WINDOW_V5 = 1000
+WINDOW_V311 = 20
 
 
 _MQTT_FORMATS = ("json", "number", "kv")
@@ -210,17 +230,24 @@ def _check_topic_filter(topic: str, where: str) -> None:
 
 def _check_mqtt_session(src: MqttConfig, where: str) -> None:
     check_range(src.keepalive_s, 5, 65_535, f"{where} keepalive_s")
-    check_range(src.inflight_window, 1, 65_535, f"{where} inflight_window")
+    if src.inflight_window is not None:
+        check_range(src.inflight_window, 1, 65_535, f"{where} inflight_window")
     check_range(src.session_expiry_s, 0, 4_294_967_295, f"{where} session_expiry_s")
-    is_v5 = src.mqtt_version == "5"
-    if not is_v5 and src.session_expiry_s != MqttConfig.session_expiry_s:
+    # "auto" speaks 5 whenever the broker does: session_expiry_s applies then, and a
+    # shared_group keeps it on 5 (no fall back to 3.1.1, which has no shared subscriptions).
+    only_v311 = src.mqtt_version == "3.1.1"
+    if only_v311 and src.session_expiry_s != MqttConfig.session_expiry_s:
         raise ConfigError(
-            f'{where} session_expiry_s: needs mqtt_version = "5"; with 3.1.1 the broker decides '
-            "how long it keeps the session (Mosquitto: persistent_client_expiration)"
+            f'{where} session_expiry_s: needs mqtt_version = "5" or "auto"; with 3.1.1 the '
+            "broker decides how long it keeps the session (Mosquitto: "
+            "persistent_client_expiration)"
         )
     if src.shared_group is not None:
-        if not is_v5:
-            raise ConfigError(f'{where} shared_group: needs mqtt_version = "5"')
+        if only_v311:
+            raise ConfigError(
+                f'{where} shared_group: needs MQTT 5: set mqtt_version = "5" or "auto" (the '
+                "default)"
+            )
         if not src.shared_group or any(c in src.shared_group for c in "/+#"):
             raise ConfigError(
                 f"{where} shared_group: a non-empty name without '/', '+' or '#', "

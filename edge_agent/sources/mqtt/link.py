@@ -1,38 +1,48 @@
-"""The MQTT link: a child process that runs the paho client for one MQTT source.
+"""The MQTT link: a child process that runs the paho clients of all the agent's MQTT sources.
 
-    python -m edge_agent.sources.mqtt.link FD     (started by MqttSource, never by hand)
+    python -m edge_agent.sources.mqtt.link FD PID     (started by the agent's LinkHub, hub.py)
 
 paho decodes every packet in Python. In the agent's process it would share one interpreter
 lock with the parsing, the buffer and the uploader, and the bridge would reach about three
 quarters of what paho alone manages (measured with MQTT 5). Here paho has a process to itself:
-it takes messages, forwards them in batches to the agent over a socket pair (FD), and sends
-the PUBACKs the agent asks for, after the readings made from the messages have committed.
-Everything else (parsing, logging, counting, deciding) stays in the agent.
+each source has a channel in it, a paho client with its own broker, client id, session and
+window, which takes messages, forwards them in batches to the agent over one socket pair (FD),
+and sends the PUBACKs the agent asks for, after the readings made from the messages have
+committed. Everything else (parsing, logging, counting, deciding) stays in the agent. One
+process for all sources: each more source costs a paho client and its thread, not the ~25 MiB
+of another interpreter with paho imported.
 
-Messages on the socket pair (multiprocessing.connection, pickled tuples):
+Messages on the socket pair (multiprocessing.connection, pickled tuples), each naming the
+channel (an int the agent chose; it never names two clients in one process's life):
 
-    agent -> link   ("start", LinkSettings)          first, once
-                    ("ack", [(generation, mid, qos, held), ...])
-                    ("stop", drain_seconds)          take no more, flush, then disconnect
-    link -> agent   ("messages", [(topic, payload, size, received, generation, mid, qos), ...])
-                    ("connected", failed, reason_name, session_present)
-                    ("connect_failed",)
-                    ("disconnected", reason_name)
-                    ("subscribed", [(topic, failed, reason_name, reason_value), ...])
-                    ("retained", topic)              the first retained message skipped
-                    ("flushed",)                     after "stop": what was taken has been sent
-                                                     (a straggler may follow; the link exits
-                                                     once all is acknowledged or drain ends)
-                    ("error", text)                  the link cannot go on (it exits)
+    agent -> link   ("open", channel, LinkSettings)  a new client for one source
+                    ("ack", channel, [(generation, mid, qos, held), ...])
+                    ("stop", channel, drain_seconds) take no more, flush, disconnect, then
+                                                     "closed"
+                    ("exit",)                        no channel left: the process ends
+    link -> agent   ("messages", channel, [(topic, payload, size, received, generation, mid,
+                                            qos), ...])
+                    ("connected", channel, failed, reason_name, session_present)
+                    ("connect_failed", channel)
+                    ("disconnected", channel, reason_name)
+                    ("subscribed", channel, [(topic, failed, reason_name, reason_value), ...])
+                    ("retained", channel, topic)     the first retained message skipped
+                    ("flushed", channel)             after "stop": what was taken has been sent
+                                                     (a straggler may follow)
+                    ("closed", channel)              after "stop": once all is acknowledged or
+                                                     the drain time is over; nothing follows
+                    ("error", channel, text)         the client could not be made (TLS files)
 
 The link dies with the agent (PR_SET_PDEATHSIG, and the socket closing): a message it took
 and the agent never committed is not acknowledged, so the broker sends it again. It ignores
 SIGINT and SIGTERM, which a terminal or systemd sends to the whole group: the agent stops it.
+A bug in one client's callback ends the whole process: every source sees the link end, and
+each broker sends again what its session holds unacknowledged.
 
 At most `window` messages, and INFLIGHT_BYTES of their payloads, are taken and not yet
-acknowledged (QoS 0 ones count too); the broker gets no more until acknowledgements free room,
-so TCP slows a broker that ignores the window. With MQTT 5 the window is announced as Receive
-Maximum.
+acknowledged on a channel (QoS 0 ones count too); its broker gets no more until
+acknowledgements free room, so TCP slows a broker that ignores the window. With MQTT 5 the
+window is announced as Receive Maximum.
 
 Whatever the broker sends, the link forwards it and does not die of it: a topic that is not
 UTF-8 is forwarded as bytes, and a payload over `max_payload_bytes` as its first KEPT_BYTES and
@@ -220,12 +230,24 @@ def _fatal(callback: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
-class Link:
-    """One paho client, forwarding to and taking acknowledgements from one connection."""
+class _Wire:
+    """The one socket pair to the agent, shared by every channel: one message at a time."""
 
-    def __init__(self, conn: Connection, settings: LinkSettings) -> None:
-        self._conn = conn
-        self._send_lock = threading.Lock()
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+
+    def send(self, item: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.conn.send(item)
+
+
+class Link:
+    """One paho client (one source's channel), forwarding on the shared wire."""
+
+    def __init__(self, wire: _Wire, channel: int, settings: LinkSettings) -> None:
+        self._wire = wire
+        self.channel = channel
         self._settings = settings
         self._window = _AckWindow(settings.window)
         self._lock = threading.Lock()  # guards _out
@@ -235,6 +257,7 @@ class Link:
         self._retained_noted = False
         self._subscriptions: dict[int, list[str]] = {}
         self._stopped = threading.Event()
+        self._stopping = False
         self.client = new_client(settings)
         c = self.client
         c.on_connect = _fatal(self._on_connect)
@@ -243,7 +266,7 @@ class Link:
         c.on_subscribe = _fatal(self._on_subscribe)
         c.on_message = _fatal(self._on_message)
 
-    def run(self) -> None:
+    def start(self) -> None:
         s = self._settings
         if s.mqtt_version == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -255,61 +278,55 @@ class Link:
         else:
             self.client.connect_async(s.host, s.port, s.keepalive_s)
         self.client.loop_start()
-        threading.Thread(target=self._forward_stragglers, name="stragglers", daemon=True).start()
-        self._take_commands()
+        threading.Thread(
+            target=self._forward_stragglers, name=f"stragglers-{self.channel}", daemon=True
+        ).start()
 
-    def _send(self, item: tuple[Any, ...]) -> None:
-        with self._send_lock:
-            self._conn.send(item)
+    def _send(self, kind: str, *rest: Any) -> None:
+        self._wire.send((kind, self.channel, *rest))
 
     # -- commands from the agent (the main thread) ------------------------------------------
 
-    def _take_commands(self) -> None:
-        while True:
-            try:
-                command = self._conn.recv()
-            except (EOFError, OSError):
-                return  # the agent is gone: what it did not acknowledge comes again
-            if command[0] == "ack":
-                self._window.acknowledge(self.client, command[1])
-            elif command[0] == "stop":
-                self._stop(float(command[1]))
-                return
+    def acknowledge(self, taken: list[Taken]) -> None:
+        self._window.acknowledge(self.client, taken)
 
-    def _stop(self, drain_s: float) -> None:
+    def stop(self, drain_s: float, on_closed: Callable[[], None]) -> None:
+        """Stop in a thread of its own: the main thread goes on serving the other channels
+        (and this one's acknowledgements)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        threading.Thread(
+            target=self._stop, args=(drain_s, on_closed), name=f"stop-{self.channel}", daemon=True
+        ).start()
+
+    def _stop(self, drain_s: float, on_closed: Callable[[], None]) -> None:
         """Take no more, forward what was taken, let the agent acknowledge it, disconnect.
 
-        The agent reads until this process exits, so a message paho's thread took just before
-        the window closed still reaches it (the straggler thread forwards it)."""
+        A message paho's thread took just before the window closed still reaches the agent
+        (the straggler thread forwards it until _stopped)."""
         self._window.close()
         self._forward()
-        self._send(("flushed",))
-        deadline = time.monotonic() + drain_s
-        while self._window.unacked and time.monotonic() < deadline:
-            if self._conn.poll(min(GATHER_S, max(0.0, deadline - time.monotonic()))):
-                try:
-                    command = self._conn.recv()
-                except (EOFError, OSError):
-                    break
-                if command[0] == "ack":
-                    self._window.acknowledge(self.client, command[1])
-            else:
-                self._forward()
+        self._send("flushed")
+        self._window.wait_empty(drain_s)
         self._stopped.set()
+        self._forward()
         self.client.disconnect()
         self.client.loop_stop()
+        on_closed()
+        self._send("closed")
 
     # -- forwarding -------------------------------------------------------------------------
 
     def _forward(self) -> None:
-        # Swap and send under the one send lock, so batches leave in the order they were taken
+        # Swap and send under the wire's lock, so batches leave in the order they were taken
         # (and their PUBACKs, later, in the order of the PUBLISHes).
-        with self._send_lock:
+        with self._wire.lock:
             with self._lock:
                 out, self._out = self._out, []
                 self._out_bytes = 0
             if out:
-                self._conn.send(("messages", out))
+                self._wire.conn.send(("messages", self.channel, out))
 
     def _forward_stragglers(self) -> None:
         while not self._stopped.is_set():
@@ -328,7 +345,7 @@ class Link:
             # that would get today's timestamp, and is sent again at every reconnect.
             if not self._retained_noted:
                 self._retained_noted = True
-                self._send(("retained", topic_text(topic)))
+                self._send("retained", topic_text(topic))
             if message.qos > 0:
                 client.ack(message.mid, message.qos)
             return
@@ -360,7 +377,7 @@ class Link:
         properties: Properties | None,
     ) -> None:
         self._window.new_connection()
-        self._send(("connected", reason.is_failure, reason.getName(), flags.session_present))
+        self._send("connected", reason.is_failure, reason.getName(), flags.session_present)
         if reason.is_failure:
             return
         topics = list(self._settings.topics)
@@ -369,7 +386,7 @@ class Link:
             self._subscriptions[mid] = topics
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._send(("connect_failed",))
+        self._send("connect_failed")
 
     def _on_disconnect(
         self,
@@ -381,7 +398,7 @@ class Link:
     ) -> None:
         self._window.new_connection()
         if not self._stopped.is_set():
-            self._send(("disconnected", reason.getName()))
+            self._send("disconnected", reason.getName())
 
     def _on_subscribe(
         self,
@@ -396,7 +413,44 @@ class Link:
             (topic, reason.is_failure, reason.getName(), int(reason.value))
             for topic, reason in zip(topics, reasons, strict=False)
         ]
-        self._send(("subscribed", results))
+        self._send("subscribed", results)
+
+
+def _forget(links: dict[int, Link], channel: int) -> None:
+    links.pop(channel, None)
+
+
+def serve(conn: Connection) -> None:
+    """Open, acknowledge and stop channels as the agent says, until it says exit or is gone."""
+    wire = _Wire(conn)
+    links: dict[int, Link] = {}
+    while True:
+        try:
+            command = conn.recv()
+        except (EOFError, OSError):
+            return  # the agent is gone: what it did not acknowledge comes again
+        match command:
+            case ("ack", int(channel), list(taken)):
+                link = links.get(channel)
+                if link is not None:
+                    link.acknowledge(taken)
+            case ("open", int(channel), LinkSettings() as settings):
+                try:
+                    link = Link(wire, channel, settings)
+                except (ssl.SSLError, OSError, ValueError) as exc:
+                    text = f"cannot set up TLS ({exc}); check ca_file, client_cert and client_key"
+                    wire.send(("error", channel, text))
+                    continue
+                links[channel] = link
+                link.start()
+            case ("stop", int(channel), float(drain_s)):
+                link = links.get(channel)
+                if link is not None:
+                    link.stop(drain_s, functools.partial(_forget, links, channel))
+            case ("exit",):
+                return
+            case _:
+                raise ValueError(f"unknown command from the agent: {command[0]!r}")
 
 
 def _topic(message: mqtt.MQTTMessage) -> str | bytes:
@@ -430,22 +484,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="edge-agent mqtt link: %(message)s")
-    conn = Connection(socket.socket(fileno=fd).detach())
-    try:
-        command = conn.recv()
-    except (EOFError, OSError):
-        return 0
-    settings = command[1]
-    try:
-        link = Link(conn, settings)
-    except (ssl.SSLError, OSError, ValueError) as exc:
-        conn.send(
-            ("error", f"cannot set up TLS ({exc}); check ca_file, client_cert and client_key")
-        )
-        return 2
-    link.run()
+    serve(Connection(socket.socket(fileno=fd).detach()))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run the module under its own name: the LinkSettings the agent pickles unpickle as that
+    # module's class, which `serve` matches, not as a copy in __main__.
+    from edge_agent.sources.mqtt import link
+
+    sys.exit(link.main(sys.argv[1:]))

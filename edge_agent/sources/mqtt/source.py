@@ -1,6 +1,8 @@
 """The MQTT source: messages from a broker become readings, acknowledged once they are durable.
 
-    MqttSource      lifecycle: the MQTT link process (paho, link.py), watched by our thread
+    MqttSource      lifecycle: a channel (one paho client) in the MQTT link process that all
+                    MQTT sources share (hub.py, link.py), read by our thread; the MQTT
+                    version ("auto": 5, and 3.1.1 for good with a broker that refuses 5)
     MessageReader   topic fields + payload + device time -> readings (no network, no threads)
     SecondStamps    utc_stamp for a stream of receive times, the seconds formatted once
     device_stamp    a device timestamp (ISO 8601, epoch s or ms) -> the agent's UTC stamp
@@ -18,7 +20,8 @@ Flow control: at most `inflight_window` messages are unacknowledged. When the wi
 the source asks the buffer to commit at once (the broker sends nothing more until it gets
 acknowledgements, so waiting for the commit interval would only idle), and the link's paho
 callback blocks until acknowledgements free room, so TCP slows a broker that does not honour
-the window. With MQTT 5 the window is announced to the broker as Receive Maximum.
+the window. With MQTT 5 the window is announced to the broker as Receive Maximum (1000 by
+default); with 3.1.1 the broker's own limit applies (Mosquitto: 20, the default window then).
 
 Hostile input: a message the agent cannot turn into readings (not parseable, a topic that is
 not UTF-8, a payload over `max_payload_bytes`, more than `max_values_per_message` values) goes
@@ -32,22 +35,17 @@ paho's result and reason codes are translated into `SourceError` messages here, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import queue
-import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from edge_agent.clock import utc_stamp
@@ -57,13 +55,13 @@ from edge_agent.parsers import PayloadKind, Value, coerce, parse_payload
 from edge_agent.records import Reading, RecordBuilder
 from edge_agent.sources.base import Intake, SourceConfig, ThreadedSource
 from edge_agent.sources.mqtt.config import MqttConfig, broker_address, topic_field_levels
+from edge_agent.sources.mqtt.hub import HUB, Channel
 from edge_agent.sources.mqtt.link import LinkSettings, Message, Taken, new_client, topic_text
 
 log = logging.getLogger("edge_agent.sources.mqtt")
 
 _SUPERVISE_S = 1.0
-_LINK_MODULE = "edge_agent.sources.mqtt.link"
-_LINK_SETTLED_S = 60.0  # a link that ran this long before it failed restarts after 1 s again
+_LINK_SETTLED_S = 60.0  # a channel that ran this long before it failed reopens after 1 s again
 _DRAIN_S = 2.0  # on stop, how long to wait for the last messages to commit and be acknowledged
 _FIRST_BACKOFF_S = 1.0
 _DEAD_LETTER_CHARS = 1024  # of a bad payload kept in dead_letters: enough to see what was wrong
@@ -233,12 +231,50 @@ def _stamp(millis: int, shown: Value) -> str:
     return utc_stamp((millis + 0.5) / 1000)
 
 
+class _BrokersWithoutV5:
+    """Brokers that refused MQTT 5, by host and port, for the process's life.
+
+    Kept in memory only: a broker upgraded to MQTT 5 is used at full speed from the agent's
+    next start, and the cost of asking is one refused CONNECT per start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._brokers: set[tuple[str, int]] = set()
+
+    def __contains__(self, broker: tuple[str, int]) -> bool:
+        with self._lock:
+            return broker in self._brokers
+
+    def add(self, broker: tuple[str, int]) -> bool:
+        """Remember `broker`; True the first time (the time to say so)."""
+        with self._lock:
+            first = broker not in self._brokers
+            self._brokers.add(broker)
+            return first
+
+
+_REFUSED_V5 = _BrokersWithoutV5()
+_UNSUPPORTED = "Unsupported protocol version"  # paho's name for the refusal, with 3.1.1 or 5
+
+
+@dataclass(frozen=True)
+class _Reopen:
+    """Open the channel again at once, with the MQTT version now chosen (no backoff)."""
+
+
+_REOPEN = _Reopen()
+# What one channel's run or one event from the link leads to: go on (None), open again at
+# once, or what went wrong (the source backs off, then opens a new channel).
+Outcome = str | _Reopen | None
+
+
 class MqttSource(ThreadedSource):
     """Subscribes to the configured topics and hands readings to the intake.
 
-    The paho client runs in the MQTT link, a child process (link.py); our thread starts
-    it, reads the messages and events it forwards, beats the heartbeat, and starts it again
-    with backoff if it dies. Acknowledgements go back from the buffer's writer thread.
+    The paho client runs in the MQTT link, a child process shared by all MQTT sources
+    (link.py, hub.py); our thread opens a channel in it, reads the messages and events it
+    forwards, beats the heartbeat, and opens a new channel with backoff if the link dies.
+    Acknowledgements go back from the buffer's writer thread.
     """
 
     def __init__(
@@ -256,18 +292,16 @@ class MqttSource(ThreadedSource):
         self._host, self._port, self._tls = broker_address(config.broker)
         self.client_id = config.client_id or _default_client_id(device_id, config.name)
         self._qos = min(config.qos, 1)
-        self._link_settings = self._make_link_settings()
+        self._settings = self._make_link_settings(self._version())
         self._bad_message_log = RateLimitedLog(log)
         self._oversize_log = RateLimitedLog(log)
         self._ever_connected = False
-        # The link's connection, its epoch (acknowledgements for an earlier link are dropped:
-        # its messages come again) and the messages it forwarded that are not yet acknowledged.
+        # The current channel in the link (acknowledgements for an earlier one are dropped:
+        # its messages come again) and the messages it forwarded not yet acknowledged.
         self._ack_cond = threading.Condition()
-        self._acks: queue.SimpleQueue[list[Taken] | None] | None = None  # to the current link
-        self._send_lock = threading.Lock()  # one message at a time on the link's socket
-        self._epoch = 0
+        self._channel: Channel | None = None
         self._outstanding = 0
-        self._wake: tuple[socket.socket, socket.socket] | None = None  # stop() wakes our thread
+        self._joined = False
         self.link_pid: int | None = None  # the running link process, for status and benchmarks
 
     def update(self, config: SourceConfig, device_id: str | None) -> bool:
@@ -284,11 +318,21 @@ class MqttSource(ThreadedSource):
         """Messages taken from the broker whose readings are not yet committed."""
         return self._outstanding
 
+    @property
+    def mqtt_version(self) -> str:
+        """The MQTT version spoken to the broker ("5" or "3.1.1"; "auto" resolved)."""
+        return self._settings.mqtt_version
+
+    @property
+    def window(self) -> int:
+        """Messages in flight at most with the version spoken (see MqttConfig.window)."""
+        return self._settings.window
+
     def start(self) -> None:
-        """Check the TLS files (errors stop start-up), then start the link."""
+        """Check the TLS files (errors stop start-up), then open a channel in the link."""
         self._refuse_restart()
         try:
-            new_client(self._link_settings)
+            new_client(self._settings)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise SourceError(
                 f"{self.label}: cannot set up TLS ({exc}); check ca_file, client_cert "
@@ -300,17 +344,28 @@ class MqttSource(ThreadedSource):
                 "the buffer commits, which QoS 1 allows and paho's QoS 2 does not",
                 self.label,
             )
-        self._wake = socket.socketpair()
+        HUB.join()
+        self._joined = True
         super().start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        if self._wake is not None:
-            with contextlib.suppress(OSError):
-                self._wake[1].send(b"x")
+        with self._ack_cond:
+            channel = self._channel
+        if channel is not None:
+            channel.wake()
         super().stop(timeout)
 
-    def _make_link_settings(self) -> LinkSettings:
+    def _version(self) -> str:
+        """The MQTT version to speak now: "auto" is 5 unless this broker refused it."""
+        version = self.config.mqtt_version
+        if version != "auto":
+            return version
+        if self.config.shared_group is None and (self._host, self._port) in _REFUSED_V5:
+            return "3.1.1"
+        return "5"
+
+    def _make_link_settings(self, version: str) -> LinkSettings:
         cfg = self.config
         group = cfg.shared_group
         topics = cfg.topics if group is None else tuple(f"$share/{group}/{t}" for t in cfg.topics)
@@ -324,10 +379,10 @@ class MqttSource(ThreadedSource):
             username=cfg.username,
             password=cfg.password.reveal() if cfg.password is not None else None,
             client_id=self.client_id,
-            mqtt_version=cfg.mqtt_version,
+            mqtt_version=version,
             keepalive_s=cfg.keepalive_s,
             session_expiry_s=cfg.session_expiry_s,
-            window=cfg.inflight_window,
+            window=cfg.window(version),
             qos=self._qos,
             topics=tuple(topics),
             reconnect_max_s=max(1, round(cfg.reopen_backoff_max_s)),
@@ -338,156 +393,125 @@ class MqttSource(ThreadedSource):
 
     def _run(self) -> None:
         try:
-            self._run_links()
+            self._run_channels()
         finally:
-            if self._wake is not None:
-                for end in self._wake:
-                    end.close()
+            if self._joined:
+                self._joined = False
+                HUB.leave()
 
-    def _run_links(self) -> None:
+    def _run_channels(self) -> None:
         backoff = _FIRST_BACKOFF_S
         while not self._stop.is_set():
             started = time.monotonic()
-            failure = self._run_link()
+            outcome = self._run_channel()
             self.stats.connected = False
-            if failure is None or self._stop.is_set():
+            if outcome is None or self._stop.is_set():
                 break
+            if isinstance(outcome, _Reopen):
+                continue
             if time.monotonic() - started > _LINK_SETTLED_S:
                 backoff = _FIRST_BACKOFF_S  # it had been running well: a new incident
-            self._note_down(SourceError(failure))
-            log.info("%s: starting the MQTT link again in %.0f s", self.label, backoff)
+            self._note_down(SourceError(outcome))
+            log.info("%s: opening the MQTT link again in %.0f s", self.label, backoff)
             if self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, self.config.reopen_backoff_max_s)
 
-    def _run_link(self) -> str | None:
-        """Run one link process until stopped (None) or it fails (what went wrong)."""
-        ours, theirs = socket.socketpair()
+    def _run_channel(self) -> Outcome:
+        """Run one channel in the link until stopped (None) or it ends (why)."""
+        self._settings = self._make_link_settings(self._version())
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", _LINK_MODULE, str(theirs.fileno()), str(os.getpid())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-            )
-        except OSError as exc:
-            ours.close()
-            return f"cannot start the MQTT link process ({exc})"
-        finally:
-            theirs.close()
-        conn = Connection(ours.detach())
-        acks: queue.SimpleQueue[list[Taken] | None] = queue.SimpleQueue()
-        sender = threading.Thread(
-            target=self._send_acks, args=(conn, acks), name=f"acks-{self.name}", daemon=True
-        )
-        self.link_pid = proc.pid
+            channel = HUB.open(self._settings)
+        except SourceError as exc:
+            return str(exc)
         with self._ack_cond:
-            self._epoch += 1
-            epoch = self._epoch
-            self._acks = acks
+            self._channel = channel
             self._outstanding = 0
-        sender.start()
+        self.link_pid = channel.pid
         try:
-            with self._send_lock:
-                conn.send(("start", self._link_settings))
-            return self._follow(conn, proc, epoch)
-        except (EOFError, OSError):
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(2.0)  # it closed its end as it died: let it finish dying
-            return f"the MQTT link process ended unexpectedly ({_ended(proc.returncode)})"
+            return self._follow(channel)
         except Exception as exc:
-            # A bug, not bad input. Start the link again: what was not acknowledged comes again.
+            # A bug, not bad input. Open a new channel: what was not acknowledged comes again.
             log.exception("%s: unexpected error reading from the MQTT link", self.label)
             return f"unexpected error: {exc!r}"
         finally:
             with self._ack_cond:
-                self._acks = None  # acknowledgements still to come are for a link now gone
-                self._ack_cond.notify_all()
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            acks.put(None)
-            conn.close()  # a send still under way fails now
-            sender.join(5.0)
+                self._channel = None  # acknowledgements still to come are for a channel gone
+            channel.close()
             self.link_pid = None
 
-    def _send_acks(self, conn: Connection, acks: queue.SimpleQueue[list[Taken] | None]) -> None:
-        """Send acknowledgements to one link, in commit order; its own thread, so the buffer's
-        writer never waits on the link's socket."""
-        while (taken := acks.get()) is not None:
-            try:
-                with self._send_lock:
-                    conn.send(("ack", taken))
-            except OSError:
-                return  # the link is gone: the broker sends those messages again
-
-    def _follow(self, conn: Connection, proc: subprocess.Popen[bytes], epoch: int) -> str | None:
+    def _follow(self, channel: Channel) -> Outcome:
         while True:
             self.heartbeat = time.monotonic()
             if self._stop.is_set():
-                self._close_link(conn, proc, epoch)
+                self._close_channel(channel)
                 return None
-            assert self._wake is not None  # made by start()
-            wake = self._wake[0]
-            ready = wait([conn, wake], _SUPERVISE_S)
-            if wake in ready:
-                wake.recv(64)
-            if conn in ready:
-                failure = self._handle(conn.recv(), epoch)
-                if failure is not None:
-                    return failure
+            try:
+                event = channel.events.get(timeout=_SUPERVISE_S)
+            except queue.Empty:
+                continue
+            outcome = self._handle(event, channel)
+            if outcome is not None:
+                return outcome
 
-    def _close_link(self, conn: Connection, proc: subprocess.Popen[bytes], epoch: int) -> None:
+    def _close_channel(self, channel: Channel) -> None:
         """Let what the link took commit and be acknowledged, so it is not sent to us again.
 
         The link forwards what it took, waits (up to _DRAIN_S) for the acknowledgements, then
-        disconnects and exits: read until then."""
-        with self._send_lock:
-            conn.send(("stop", _DRAIN_S))
+        disconnects the client and says "closed": read until then."""
+        channel.stop(_DRAIN_S)
         deadline = time.monotonic() + _DRAIN_S + 1.0
-        with contextlib.suppress(EOFError, OSError):
-            while (remaining := deadline - time.monotonic()) > 0 and conn.poll(remaining):
-                self._handle(conn.recv(), epoch)
-                self._intake.commit_soon()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(1.0)
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                event = channel.events.get(timeout=remaining)
+            except queue.Empty:
+                return
+            if event[0] in ("closed", "ended"):
+                return
+            self._handle(event, channel)
+            self._intake.commit_soon()
 
-    def _handle(self, event: tuple[Any, ...], epoch: int) -> str | None:
-        """One event from the link; what went wrong if the link cannot go on."""
-        kind = event[0]
-        if kind == "messages":
-            self._read_batch(event[1], epoch)
-        elif kind == "connected":
-            self._on_connect(event[1], event[2], event[3])
-        elif kind == "connect_failed":
-            self._note_down(
-                SourceError(
-                    f"cannot reach the broker at {self._host}:{self._port} (refused, "
-                    "unreachable or TLS handshake failed)"
+    def _handle(self, event: tuple[Any, ...], channel: Channel) -> Outcome:
+        """One event from the link; what to do next if this channel cannot go on."""
+        match event:
+            case ("messages", batch):
+                self._read_batch(batch, channel)
+            case ("connected", failed, name, session_present):
+                return self._on_connect(failed, name, session_present)
+            case ("connect_failed",):
+                self._note_down(
+                    SourceError(
+                        f"cannot reach the broker at {self._host}:{self._port} (refused, "
+                        "unreachable or TLS handshake failed)"
+                    )
                 )
-            )
-        elif kind == "disconnected":
-            self._on_disconnect(event[1])
-        elif kind == "subscribed":
-            self._on_subscribe(event[1])
-        elif kind == "retained":
-            log.info(
-                "%s: skipping retained messages (old values the broker sends on subscribe, "
-                "e.g. on %r); live messages are read as they come",
-                self.label,
-                event[1],
-            )
-        elif kind == "error":
-            return str(event[1])
-        return None  # "flushed": nothing to do
+            case ("disconnected", name):
+                self._on_disconnect(name)
+            case ("subscribed", results):
+                self._on_subscribe(results)
+            case ("retained", topic):
+                log.info(
+                    "%s: skipping retained messages (old values the broker sends on subscribe, "
+                    "e.g. on %r); live messages are read as they come",
+                    self.label,
+                    topic,
+                )
+            case ("error", text):
+                return str(text)
+            case ("ended", reason):
+                return f"the MQTT link process ended unexpectedly ({reason})"
+        return None  # "flushed", "closed", "wake": nothing to do
 
     # -- events from the link -----------------------------------------------------------------
 
-    def _on_connect(self, failed: bool, name: str, session_present: bool) -> None:
+    def _on_connect(self, failed: bool, name: str, session_present: bool) -> _Reopen | None:
         if failed:
-            hint = _CONNECT_HINTS.get(name, "see the broker's log")
+            if name == _UNSUPPORTED and self._may_fall_back():
+                self._fall_back(name)
+                return _REOPEN
+            hint = self._refusal_hint(name)
             self._note_down(SourceError(f"the broker refused the connection: {name}; {hint}"))
-            return
+            return None
         if self._ever_connected:
             self.stats.reconnects += 1
         if self._ever_connected and not session_present:
@@ -507,8 +531,42 @@ class MqttSource(ThreadedSource):
             self._port,
             self.client_id,
             "resumed" if session_present else "new",
-            self.config.mqtt_version,
-            ", ".join(self._link_settings.topics),
+            self._settings.mqtt_version,
+            ", ".join(self._settings.topics),
+        )
+        return None
+
+    def _may_fall_back(self) -> bool:
+        """Whether a refusal of MQTT 5 makes us speak 3.1.1 (only "auto", never with a
+        shared_group: shared subscriptions are MQTT 5)."""
+        auto = self.config.mqtt_version == "auto"
+        return auto and self._settings.mqtt_version == "5" and self.config.shared_group is None
+
+    def _refusal_hint(self, name: str) -> str:
+        if name == _UNSUPPORTED and self.config.mqtt_version == "auto":
+            return (
+                "shared_group needs MQTT 5 (shared subscriptions), so the source does not fall "
+                "back to 3.1.1: remove shared_group, or use a broker that speaks MQTT 5"
+            )
+        return _CONNECT_HINTS.get(name, "see the broker's log")
+
+    def _fall_back(self, name: str) -> None:
+        """Speak 3.1.1 to this broker from now on; say so (once per broker), with the cost."""
+        if not _REFUSED_V5.add((self._host, self._port)):
+            return
+        # "About half": scripts/bench_mqtt.py, agent msg/s with 3.1.1 and a window of 20
+        # against the defaults (README, Performance).
+        log.warning(
+            '%s: the broker at %s:%d refuses MQTT 5 (%s); mqtt_version = "auto" speaks MQTT '
+            "3.1.1 to it from now on. With 3.1.1 the broker's max_inflight_messages "
+            "(Mosquitto: 20) caps the window: one commit with its fsync per %d messages, and "
+            "about half the ingest MQTT 5 reaches. For full speed use a broker that speaks "
+            'MQTT 5; set mqtt_version = "3.1.1" to stop asking for 5',
+            self.label,
+            self._host,
+            self._port,
+            name,
+            self.config.window("3.1.1"),
         )
 
     def _on_disconnect(self, name: str) -> None:
@@ -550,7 +608,7 @@ class MqttSource(ThreadedSource):
 
     # -- messages -----------------------------------------------------------------------------
 
-    def _read_batch(self, batch: list[Message], epoch: int) -> None:
+    def _read_batch(self, batch: list[Message], channel: Channel) -> None:
         """Read forwarded messages into readings and hand them on in puts of about
         _PUT_READINGS, each acknowledged once committed; each unreadable message goes to
         dead_letters on its own."""
@@ -564,41 +622,40 @@ class MqttSource(ThreadedSource):
             try:
                 readings += read(topic, payload, size, received)
             except ParseError as exc:
-                self._dead_letter(topic, payload, size, exc, epoch, ack)
+                self._dead_letter(topic, payload, size, exc, channel, ack)
                 continue
             taken.append(ack)
             if len(readings) >= _PUT_READINGS:
-                self._put(readings, taken, epoch)
+                self._put(readings, taken, channel)
                 readings, taken = [], []
         self.stats.lines += len(batch)
         self.stats.last_data = batch[-1][3]
         self.heartbeat = time.monotonic()
-        self._put(readings, taken, epoch)
-        if self._outstanding >= self.config.inflight_window:
+        self._put(readings, taken, channel)
+        if self._outstanding >= self._settings.window:
             # The broker sends nothing more until it gets acknowledgements: commit now.
             self._intake.commit_soon()
 
-    def _put(self, readings: list[Reading], taken: list[Taken], epoch: int) -> None:
+    def _put(self, readings: list[Reading], taken: list[Taken], channel: Channel) -> None:
         """Hand readings to the buffer; the messages they came from are acknowledged once
         they commit."""
         self.stats.readings += len(readings)
         if not readings:
             if taken:  # nothing to commit for them (parsers never give no readings, but still)
-                self._acknowledge(epoch, taken)
+                self._acknowledge(channel, taken)
             return
-        on_durable = partial(self._acknowledge, epoch, taken)
+        on_durable = partial(self._acknowledge, channel, taken)
         self._intake.put(readings, on_durable, self.config.timestamp_field is not None)
 
-    def _acknowledge(self, epoch: int, taken: list[Taken]) -> None:
+    def _acknowledge(self, channel: Channel, taken: list[Taken]) -> None:
         """Runs in the buffer's writer thread once the readings committed: queue the messages'
-        acknowledgements for the link (unless that link is gone: the broker sends them again)."""
+        acknowledgements for the link (unless that channel is gone: the broker sends them
+        again)."""
         with self._ack_cond:
-            if epoch != self._epoch or self._acks is None:
+            if channel is not self._channel:
                 return
-            self._acks.put(taken)
+            channel.acknowledge(taken)
             self._outstanding -= len(taken)
-            if self._outstanding <= 0:
-                self._ack_cond.notify_all()
 
     def _dead_letter(
         self,
@@ -606,7 +663,7 @@ class MqttSource(ThreadedSource):
         payload: bytes,
         size: int,
         error: ParseError,
-        epoch: int,
+        channel: Channel,
         taken: Taken,
     ) -> None:
         """Keep a message that gives no readings in dead_letters (the topic escaped, the first
@@ -632,7 +689,7 @@ class MqttSource(ThreadedSource):
             record,
             str(error),
             f"mqtt:{shown}",
-            partial(self._acknowledge, epoch, [taken]),
+            partial(self._acknowledge, channel, [taken]),
         )
 
     # -- helpers ----------------------------------------------------------------------------
@@ -649,17 +706,6 @@ class MqttSource(ThreadedSource):
                 self.config.reopen_backoff_max_s,
             )
         self.stats.last_error = reason
-
-
-def _ended(returncode: int | None) -> str:
-    """How a link process ended, for the log."""
-    if returncode is None:
-        return "it stopped answering"
-    if returncode < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-returncode).name}"
-        return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 def _default_client_id(device_id: str | None, name: str) -> str:
