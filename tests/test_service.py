@@ -94,8 +94,10 @@ def received_seqs(sandbox: Sandbox) -> set[int]:
 
 
 def with_status(config: Path, port: int) -> Path:
-    """Add a [status] table (after the [[sources]] array, which TOML allows)."""
-    config.write_text(config.read_text() + f'\n[status]\nlisten = "127.0.0.1:{port}"\n')
+    """Turn the [status] endpoint on at `port` (write_config turns it off)."""
+    text = config.read_text()
+    assert 'listen = "off"' in text
+    config.write_text(text.replace('listen = "off"', f'listen = "127.0.0.1:{port}"'))
     return config
 
 
@@ -129,7 +131,8 @@ def test_systemd_hears_ready_watchdog_reload_and_stopping(
         started = systemd.wait_for("READY=1")
         assert all("WATCHDOG=1" not in m for m in started), "no ping before READY=1"
         assert "agent: started" in agent.log_text(), "READY=1 comes after start-up"
-        assert systemd.wait_for("STATUS=running", 2.0)
+        status = [f for _, m in systemd.collect(1.0) for f in m if f.startswith("STATUS=")]
+        assert status[:1] == ["STATUS=Healthy; 0 readings waiting; no upload yet"], status
 
         pings = [t for t, fields in systemd.collect(4.5) if fields == ["WATCHDOG=1"]]
         assert len(pings) >= 3, f"pings every second expected, got {len(pings)} in 4.5 s"
@@ -148,6 +151,39 @@ def test_systemd_hears_ready_watchdog_reload_and_stopping(
         assert agent.terminate() == 0
     finally:
         systemd.close()
+
+
+def test_systemctl_status_shows_what_waits_and_the_last_upload(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    """The STATUS= line is refreshed from the agent's facts, not a fixed "running"."""
+    systemd = NotifySocket(tmp_path / "notify")
+    try:
+        sandbox.set_faults(Faults(status=503))
+        config = agent_config(tmp_path, sandbox, pty_sensor)
+        agent = AgentProcess(
+            config, tmp_path / "agent.log", env={"NOTIFY_SOCKET": str(systemd.path)}
+        )
+        agents.append(agent.start())
+        systemd.wait_for("READY=1")
+        pty_sensor.start()
+        failing = wait_status(systemd, "Healthy so far: uploads failing for", 30.0)
+        assert "readings waiting, oldest" in failing and "no upload yet" in failing, failing
+        sandbox.set_faults(Faults())
+        done = wait_status(systemd, "last upload", 30.0)
+        assert done.startswith("STATUS=Healthy; "), done
+        assert agent.terminate() == 0
+    finally:
+        systemd.close()
+
+
+def wait_status(systemd: NotifySocket, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        for field in systemd.receive(remaining) or []:
+            if field.startswith("STATUS=") and text in field:
+                return field
+    raise AssertionError(f"no STATUS= line with {text!r} within {timeout} s")
 
 
 class WarningLines(logging.Handler):
@@ -374,7 +410,7 @@ def test_metrics_health_and_the_status_command(
     wait_until(lambda: healthz(base).status_code == 200, what="/healthz 200 again")
     status = edge_agent_status(config)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "health: ok" in status.stdout
+    assert "health: Healthy: 1 source connected" in status.stdout
     assert metric(scrape(base), "edge_agent_source_reconnects_total", source="weather") >= 1
 
     # Stopped with readings waiting: not running (3), but the buffer still shows.
@@ -390,7 +426,7 @@ def test_metrics_health_and_the_status_command(
     status = edge_agent_status(config)
     assert status.returncode == 3, status.stdout + status.stderr
     assert "25 readings waiting" in status.stdout
-    assert f"the agent does not answer on 127.0.0.1:{port}" in status.stdout
+    assert "the agent is not running (no process holds its buffer)" in status.stdout
     doc = json.loads(edge_agent_status(config, "--json").stdout)
     assert doc["buffer"]["pending_total"] == 25
 
