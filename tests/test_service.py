@@ -30,9 +30,10 @@ from edge_agent.config import load_config
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.service import Service
 from edge_agent.simulator import PtySensor, kv_line
+from edge_agent.status import StatusServer
 from tests.conftest import free_port
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_status import _chromium, _run_chromium
+from tests.test_status import _chromium, _run_chromium, make_snapshot
 
 # systemd's WatchdogSec=2: the agent must ping at least every 2 s, and aims for every 1 s.
 WATCHDOG_USEC = 2_000_000
@@ -429,6 +430,41 @@ def test_metrics_health_and_the_status_command(
     assert "the agent is not running (no process holds its buffer)" in status.stdout
     doc = json.loads(edge_agent_status(config, "--json").stdout)
     assert doc["buffer"]["pending_total"] == 25
+
+
+def test_status_tells_an_agent_with_its_endpoint_off_from_one_not_running(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    config = agent_config(tmp_path, sandbox, pty_sensor)  # [status] listen = "off"
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    agents.append(agent)
+    agent.wait_log("agent: started")
+    running = edge_agent_status(config)
+    assert running.returncode == 4, running.stdout + running.stderr
+    assert f"the agent runs (PID {agent.proc.pid}" in running.stdout  # type: ignore[union-attr]
+    assert 'its status endpoint is off ([status] listen = "off")' in running.stdout
+    assert "health: unknown" in running.stdout
+    assert agent.terminate() == 0
+    stopped = edge_agent_status(config)
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    assert "the agent is not running (no process holds its buffer)" in stopped.stdout
+
+
+def test_status_does_not_take_another_agents_answer_for_its_own(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    """Another agent on the (default) port answers: its health is not this one's."""
+    other = make_snapshot()
+    other["agent"]["buffer"] = "/var/lib/another-agent/buffer.db"
+    server = StatusServer("127.0.0.1:0", lambda: other).start()
+    try:
+        config = with_status(agent_config(tmp_path, sandbox, pty_sensor), server.port)
+        proc = edge_agent_status(config)
+    finally:
+        server.stop()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"the agent answering on 127.0.0.1:{server.port} runs " in proc.stdout
+    assert "not this configuration" in proc.stdout
 
 
 def test_the_running_agents_page_in_a_browser(
