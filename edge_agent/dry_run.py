@@ -103,7 +103,9 @@ def _make_sources(config: Config, intake: PrintIntake) -> dict[str, Source]:
         declared = source_type(sc.type)
         if declared is None:  # load_config admits only registered types
             raise ConfigError(f"source {sc.name}: type {sc.type!r} is not available")
-        made[sc.name] = declared.make(sc.for_dry_run(), config.agent.device_id, intake, clock)
+        made[sc.name] = declared.make(
+            sc.for_dry_run(config.agent.device_id), config.agent.device_id, intake, clock
+        )
     return made
 
 

@@ -76,7 +76,7 @@ class SourceConfig:
         what it reads, for `run --once`); False when the device or broker pushes."""
         return False
 
-    def for_dry_run(self) -> Self:
+    def for_dry_run(self, device_id: str | None) -> Self:
         """This config as `run --once` uses it beside a running agent: nothing the agent
         holds (a broker session, a client id) may be taken over or changed."""
         return self

@@ -62,10 +62,10 @@ class MqttConfig(SourceConfig):
             return self
         return dataclasses.replace(self, password=resolve_password(self, environ, where))
 
-    def for_dry_run(self) -> Self:
+    def for_dry_run(self, device_id: str | None) -> Self:
         # A client id of its own, or the broker would push the running agent off (same id)
         # and hand the dry run that agent's session; with MQTT 5 the session ends with it.
-        base = self.client_id or f"edge-agent-{socket.gethostname()}-{self.name}"
+        base = self.client_id or f"edge-agent-{device_id or socket.gethostname()}-{self.name}"
         return dataclasses.replace(self, client_id=f"{base}-once", session_expiry_s=0)
 
     def exposure_warnings(self) -> list[str]:
