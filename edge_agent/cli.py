@@ -335,20 +335,22 @@ def _print_status(doc: dict[str, Any], as_json: bool) -> None:
 
 
 def _offline_status(config: Config, reasons: list[str]) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "offline": True,
+        "agent": {"config": str(config.path), "device_id": config.agent.device_id},
+        "health": {"healthy": False, "reasons": reasons},
+    }
     try:
         session = BufferSession(config.buffer_path)
     except EdgeAgentError as exc:
-        return {"offline": True, "health": {"healthy": False, "reasons": [*reasons, str(exc)]}}
+        doc["health"]["reasons"] = [*reasons, str(exc)]
+        return doc
     try:
         st = session.stats()
     finally:
         session.close()
-    return {
-        "offline": True,
-        "agent": {"config": str(config.path), "device_id": config.agent.device_id},
-        "health": {"healthy": False, "reasons": reasons},
-        "buffer": st.as_dict(config.buffer.max_bytes, time.time()),
-    }
+    doc["buffer"] = st.as_dict(config.buffer.max_bytes, time.time())
+    return doc
 
 
 # -- check -------------------------------------------------------------------------------
