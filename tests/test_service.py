@@ -8,6 +8,7 @@ writer without test-aware code in the agent.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -448,6 +449,30 @@ def test_status_tells_an_agent_with_its_endpoint_off_from_one_not_running(
     stopped = edge_agent_status(config)
     assert stopped.returncode == 3, stopped.stdout + stopped.stderr
     assert "the agent is not running (no process holds its buffer)" in stopped.stdout
+
+
+def test_the_default_status_port_taken_leaves_the_agent_running_without_its_page(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    """127.0.0.1:9108 is one port for every agent on a host: taken, it costs only the page."""
+    holder = socket.socket()
+    with contextlib.suppress(OSError):  # already taken by someone else: as good
+        holder.bind(("127.0.0.1", 9108))
+        holder.listen()
+    try:
+        config = agent_config(tmp_path, sandbox, pty_sensor)
+        text = config.read_text()
+        config.write_text(text.replace('listen = "off"', "unhealthy_after_s = 300.0"))
+        agent = AgentProcess(config, tmp_path / "agent.log").start()
+        agents.append(agent)
+        agent.wait_log("running without the status page")
+        agent.wait_log("agent: started")
+        assert "status page: cannot listen on 127.0.0.1:9108" in agent.log_text()
+        pty_sensor.start()
+        wait_until(lambda: sandbox.stats()["records"] >= 5, what="readings uploaded anyway")
+        assert agent.terminate() == 0
+    finally:
+        holder.close()
 
 
 def test_status_does_not_take_another_agents_answer_for_its_own(
