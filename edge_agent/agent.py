@@ -286,6 +286,9 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
             "version": __version__,
             "device_id": agent.config.agent.device_id,
             "config": str(agent.config.path),
+            # Which buffer this agent owns: `edge-agent status` checks that the agent answering
+            # on the status address is the one of its config, not another on the same port.
+            "buffer": str(agent.config.buffer_path.resolve()),
             "uptime_s": 0.0 if agent.started_at is None else now_mono - agent.started_at,
         },
         "sources": [

@@ -1,13 +1,15 @@
-"""The `edge-agent` command: run, check, demo, sandbox, buffer ...
+"""The `edge-agent` command: run, check, demo, sandbox, status, buffer ...
 
-Exit status: 0 fine, 1 a runtime failure, 2 a configuration or usage error (with one line
-that says what to fix).
+Exit status (EXIT_CODES, printed by --help): 0 fine, 1 a runtime failure, 2 a configuration
+or usage error (with one line that says what to fix); `status` adds 3 (the agent is not
+running) and 4 (it runs, but its status cannot be read).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ from typing import Any
 from edge_agent import __version__, lock, sandbox
 from edge_agent.buffer import BufferSession, Imported
 from edge_agent.clock import utc_stamp
-from edge_agent.config import Config, load_config, parse_duration
+from edge_agent.config import Config, load_config, parse_duration, resolve_token
 from edge_agent.credentials import exposure_warnings
 from edge_agent.errors import (
     BufferAccessError,
@@ -32,6 +34,14 @@ from edge_agent.errors import (
 from edge_agent.logs import setup_logging
 
 log = logging.getLogger("edge_agent.cli")
+
+EXIT_CODES = """exit status:
+  0  success (status: the agent is healthy)
+  1  a runtime failure (status: the agent is unhealthy; run --once: a source gave nothing)
+  2  a configuration or usage error, or the buffer is in use by another agent
+  3  status: the agent is not running (only the buffer's figures are shown)
+  4  status: the agent runs, but its status endpoint is off or does not answer
+  130  interrupted (Ctrl-C)"""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -66,48 +76,77 @@ def _parser() -> argparse.ArgumentParser:
         prog="edge-agent",
         description="Reads sensors (serial, MQTT), buffers readings in SQLite and uploads "
         "them to the Madevo Data Ingestion API.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"edge-agent {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"edge-agent {__version__}",
+        help="print the version and exit",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the agent in the foreground")
+    run = _command(sub, "run", "run the agent in the foreground")
     _config_arg(run)
-    run.add_argument("--log-format", choices=["text", "json"], default="text")
-    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format", choices=["text", "json"], default="text",
+        help="text (default): one line per event; json: one JSON object per line",
+    )  # fmt: skip
+    run.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"],
+        help="overrides [agent] log_level",
+    )  # fmt: skip
+    run.add_argument(
+        "--once", action="store_true",
+        help="dry run: read the sources for --seconds (a polled source: one poll), print "
+        "the records as JSON lines, send nothing, touch no buffer; works beside the running "
+        "service, but a serial port it holds is busy",
+    )  # fmt: skip
+    run.add_argument(
+        "--seconds", type=_seconds, default=5.0, metavar="N",
+        help="with --once: how long to read (default 5)",
+    )  # fmt: skip
     run.set_defaults(func=cmd_run)
 
-    check = sub.add_parser("check", help="validate a config file and say what it would do")
+    check = _command(sub, "check", "validate a config file and say what it would do")
     _config_arg(check)
+    check.add_argument(
+        "--no-secrets", action="store_true",
+        help="a missing or unreadable token or password is a warning, not an error "
+        "(exit 0): for a config checked before its secrets are installed",
+    )  # fmt: skip
     check.set_defaults(func=cmd_check)
 
     from edge_agent import demo  # here: demo imports the simulator, which only it needs
 
-    dem = sub.add_parser("demo", help="30-second demo: simulated sensor -> agent -> sandbox")
+    dem = _command(sub, "demo", "30-second demo: simulated sensor -> agent -> sandbox")
     demo.add_arguments(dem)
     dem.set_defaults(func=demo.run)
 
-    sbx = sub.add_parser("sandbox", help="a local insert API endpoint for tests and rehearsals")
+    sbx = _command(sub, "sandbox", "a local insert API endpoint for tests and rehearsals")
     sandbox.add_arguments(sbx)
     sbx.set_defaults(func=sandbox.run)
 
-    status = sub.add_parser("status", help="is the agent healthy? (exit 1 when not)")
+    status = _command(
+        sub, "status", "is the agent healthy? (exit 0 healthy, 1 unhealthy, 3 not running, "
+        "4 status endpoint off or not answering)",
+    )  # fmt: skip
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="the status document as JSON")
     status.set_defaults(func=cmd_status)
 
-    buf = sub.add_parser("buffer", help="inspect the buffer (works while the agent runs)")
+    buf = _command(sub, "buffer", "inspect and manage the buffer (see each subcommand)")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, metavar="SUBCOMMAND")
-    stats = bsub.add_parser("stats", help="pending readings, drops, dead letters")
+    stats = _command(bsub, "stats", "pending readings, drops, dead letters")
     _config_arg(stats)
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     stats.set_defaults(func=cmd_buffer_stats)
-    dead = bsub.add_parser("dead-letters", help="records the server refused, with its reasons")
+    dead = _command(bsub, "dead-letters", "records the server refused, with its reasons")
     _config_arg(dead)
-    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--limit", type=int, default=50, help="show at most this many (default 50)")
     dead.add_argument("--json", action="store_true", help="a JSON array, for scripts")
     dead.set_defaults(func=cmd_dead_letters)
-    requeue = bsub.add_parser(
-        "requeue", help="send dead letters again, once what the server refused is fixed"
+    requeue = _command(
+        bsub, "requeue", "send dead letters again, once what the server refused is fixed"
     )
     _config_arg(requeue)
     requeue.add_argument("--all", action="store_true", help="every dead letter")
@@ -119,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
         help="dead letter ids (see dead-letters)",
     )
     requeue.set_defaults(func=cmd_requeue)
-    purge = bsub.add_parser("purge-dead-letters", help="delete old dead letters for good")
+    purge = _command(bsub, "purge-dead-letters", "delete old dead letters for good")
     _config_arg(purge)
     purge.add_argument(
         "--older-than",
@@ -129,26 +168,33 @@ def _parser() -> argparse.ArgumentParser:
         help="those that failed at least this long ago: 30s, 15m, 12h, 7d",
     )
     purge.set_defaults(func=cmd_purge_dead_letters)
-    move = bsub.add_parser("move", help="send a data source's pending readings to another")
+    move = _command(bsub, "move", "send a data source's pending readings to another")
     _config_arg(move)
-    move.add_argument("--from", dest="source", required=True, metavar="ID")
-    move.add_argument("--to", dest="target", required=True, metavar="ID")
+    move.add_argument(
+        "--from", dest="source", required=True, metavar="ID", help="the wrong data source id"
+    )
+    move.add_argument("--to", dest="target", required=True, metavar="ID", help="the right one")
     move.set_defaults(func=cmd_move)
-    drop = bsub.add_parser("drop", help="delete a data source's pending readings (counted)")
+    drop = _command(bsub, "drop", "delete a data source's pending readings (counted)")
     _config_arg(drop)
-    drop.add_argument("--datasource", required=True, metavar="ID")
+    drop.add_argument(
+        "--datasource", required=True, metavar="ID", help="whose pending readings to delete"
+    )
     drop.add_argument("--yes", action="store_true", help="really delete them")
     drop.set_defaults(func=cmd_drop)
-    export = bsub.add_parser("export", help="write pending readings as JSON lines")
+    export = _command(bsub, "export", "write pending readings as JSON lines")
     _config_arg(export)
-    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument(
+        "--format", choices=["jsonl"], default="jsonl",
+        help='JSON lines {"datasource_id": ..., "record": {...}} (the only format)',
+    )  # fmt: skip
     export.add_argument("--output", "-o", type=Path, help="file to write (default: stdout)")
     export.add_argument("--force", action="store_true", help="replace the output file if it exists")
     export.add_argument(
         "--db", type=Path, help="read this buffer file instead (e.g. one moved aside)"
     )
     export.set_defaults(func=cmd_export)
-    imp = bsub.add_parser("import", help="queue readings from an exported JSON lines file")
+    imp = _command(bsub, "import", "queue readings from an exported JSON lines file")
     _config_arg(imp)
     imp.add_argument("file", type=Path, help="a file written by `buffer export`")
     imp.add_argument(
@@ -160,6 +206,28 @@ def _parser() -> argparse.ArgumentParser:
     )
     imp.set_defaults(func=cmd_import)
     return parser
+
+
+def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help ends with the exit codes."""
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text[0].upper() + help_text[1:] + ".",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds from 0.1 to 3600, e.g. 10")
+    return value
 
 
 def _dead_letter_id(text: str) -> int:
@@ -185,6 +253,8 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.once:
+        return cmd_run_once(args)
     from edge_agent.service import Service  # here: `check` and `buffer` need none of it
 
     config = load_config(args.config)
@@ -203,79 +273,157 @@ def cmd_run(args: argparse.Namespace) -> int:
         owner.release()
 
 
+def cmd_run_once(args: argparse.Namespace) -> int:
+    """The dry run: no upload token, no buffer, no lock (see dry_run.py)."""
+    from edge_agent.dry_run import run_once
+
+    config = load_config(args.config, secrets=False)
+    setup_logging(args.log_level or config.agent.log_level, args.log_format)
+    where = str(config.path)
+    sources = tuple(s.with_secrets(os.environ, where) for s in config.sources)
+    return run_once(dataclasses.replace(config, sources=sources), args.seconds)
+
+
 # -- status ------------------------------------------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """From the running agent's status endpoint, else from the buffer database alone.
 
-    Exit status: 0 healthy, 1 unhealthy, 3 the agent is not running (or has no endpoint).
+    Exit status: 0 healthy, 1 unhealthy, 3 the agent is not running, 4 it runs but its
+    status cannot be read (the endpoint is off, or does not answer).
     """
-    from edge_agent.status import fetch_status, render_status_text
+    from edge_agent.status import fetch_status
 
     config = _inspection_config(args.config)
-    doc = fetch_status(config.status.listen) if config.status.listen else None
-    running = doc is not None
-    if doc is None:
-        doc = _offline_status(config)
-    if args.json:
+    address = config.status.address
+    doc = fetch_status(address) if address else None
+    if doc is not None and not _same_buffer(doc, config):
+        other = doc.get("agent", {}).get("config", "another configuration")
+        doc, why = None, f"the agent answering on {address} runs {other}, not this configuration"
+    else:
+        why = None
+    if doc is not None:
+        _print_status(doc, args.json)
+        return 0 if doc.get("health", {}).get("healthy") else 1
+    holder = lock.running_holder(config.buffer_path)
+    if holder is None:
+        reason = "the agent is not running (no process holds its buffer)"
+        code = 3
+    elif address is None:
+        reason = (
+            f"the agent runs (PID {holder.pid}), but its status endpoint is off ([status] "
+            'listen = "off"): only the buffer can be read; set listen to see its health'
+        )
+        code = 4
+    else:
+        reason = (
+            f"the agent runs (PID {holder.pid}), but nothing answers on {address}: it may "
+            "be starting, or run with an older configuration (restart it to apply [status])"
+        )
+        code = 4
+    offline = _offline_status(config, [r for r in (why, reason) if r])
+    _print_status(offline, args.json)
+    return code
+
+
+def _same_buffer(doc: dict[str, Any], config: Config) -> bool:
+    """Whether the agent that answered owns this configuration's buffer (another agent may
+    listen on the default port). An agent too old to say is taken at its word."""
+    theirs = doc.get("agent", {}).get("buffer")
+    return theirs is None or Path(theirs) == config.buffer_path.resolve()
+
+
+def _print_status(doc: dict[str, Any], as_json: bool) -> None:
+    from edge_agent.status import render_status_text
+
+    if as_json:
         print(json.dumps(doc, indent=2))
     else:
-        print(render_status_text(doc))
-    if not running:
-        return 3
-    return 0 if doc.get("health", {}).get("healthy") else 1
+        sys.stdout.write(render_status_text(doc))
 
 
-def _offline_status(config: Config) -> dict[str, Any]:
-    why = (
-        f"the agent does not answer on {config.status.listen}"
-        if config.status.listen
-        else "no [status] listen address is configured, so only the buffer can be read"
-    )
+def _offline_status(config: Config, reasons: list[str]) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "offline": True,
+        "agent": {"config": str(config.path), "device_id": config.agent.device_id},
+        "health": {"healthy": False, "reasons": reasons},
+    }
     try:
         session = BufferSession(config.buffer_path)
     except EdgeAgentError as exc:
-        return {"offline": True, "health": {"healthy": False, "reasons": [why, str(exc)]}}
+        doc["health"]["reasons"] = [*reasons, str(exc)]
+        return doc
     try:
         st = session.stats()
     finally:
         session.close()
-    return {
-        "offline": True,
-        "agent": {"config": str(config.path), "device_id": config.agent.device_id},
-        "health": {"healthy": False, "reasons": [why]},
-        "buffer": st.as_dict(config.buffer.max_bytes, time.time()),
-    }
+    doc["buffer"] = st.as_dict(config.buffer.max_bytes, time.time())
+    return doc
 
 
 # -- check -------------------------------------------------------------------------------
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
-    print(describe(config))
-    return 0
+    """Validate everything, then the secrets one by one, so that a missing token does not
+    hide a mistake elsewhere. Exit 2 if the agent would not start; with --no-secrets, a
+    secret that cannot be read is a warning (exit 0)."""
+    config = load_config(args.config, secrets=False)
+    problems = _secret_problems(config)
+    print(describe(config, token_ok=not problems))
+    if args.no_secrets:
+        for problem in problems:
+            print(f"warning: secret not available: {problem}")
+        return 0
+    if problems:
+        print(
+            f"the agent would not start: {len(problems)} secret(s) missing or unreadable (on "
+            "stderr); everything else is valid. `check --no-secrets` checks without them"
+        )
+    for problem in problems:
+        print(f"edge-agent: configuration error: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
-def describe(config: Config) -> str:
+def _secret_problems(config: Config) -> list[str]:
+    """What keeps the token or a source's password from being read, one line each (never
+    the secret itself)."""
+    where = str(config.path)
+    problems = []
+    try:
+        resolve_token(config.endpoint, os.environ, where)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    for source in config.sources:
+        try:
+            source.with_secrets(os.environ, where)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def describe(config: Config, token_ok: bool = True) -> str:
     ep = config.endpoint
     buf = config.buffer
     token_from = f"environment variable {ep.token_env}" if ep.token_env else ep.token_file
     lines = [
-        f"{config.path}: OK",
+        f"{config.path}: OK" if token_ok else f"{config.path}: valid, but see the secrets below",
         f"buffer: {config.buffer_path} (at most {buf.max_bytes:,} bytes, "
         f"when full: {buf.when_full}, commit every {buf.commit_interval_ms} ms, sync {buf.sync})",
         f"upload: POST {ep.url} in batches of up to {ep.max_batch_records} records / "
-        f"{ep.max_batch_bytes:,} bytes, token from {token_from} (set)",
+        f"{ep.max_batch_bytes:,} bytes, token from {token_from}",
     ]
     for s in config.sources:
         lines.append(
             f"source {s.name}: {s.describe()}, format {s.format}, shape {s.shape} "
             f"-> data source {s.datasource_id}"
         )
-    if config.status.listen:
-        lines.append(f"status page: http://{config.status.listen}/ (and /healthz, /metrics)")
+    address = config.status.address
+    if address:
+        lines.append(f"status page: http://{address}/ (and /healthz, /metrics)")
+    else:
+        lines.append('status page: off ([status] listen = "off")')
     lines += [f"warning: {w}" for w in _warnings(config)]
     return "\n".join(lines)
 

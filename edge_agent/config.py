@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from edge_agent import template
 from edge_agent.credentials import (
     decode_secret_file,
     has_url_credentials,
@@ -102,10 +103,19 @@ class BufferConfig:
         return None if self.max_age is None else parse_duration(self.max_age)
 
 
+DEFAULT_STATUS_LISTEN = "127.0.0.1:9108"
+STATUS_OFF = ("off", "")
+
+
 @dataclass(frozen=True)
 class StatusConfig:
-    listen: str | None = None
+    listen: str = DEFAULT_STATUS_LISTEN  # "off" (or "") turns the status endpoint off
     unhealthy_after_s: float = 300.0
+
+    @property
+    def address(self) -> str | None:
+        """Where the status endpoint listens; None when it is off."""
+        return None if self.listen.strip().lower() in STATUS_OFF else self.listen
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,7 @@ def load_config(
     """
     path = Path(path)
     env = os.environ if environ is None else environ
-    raw = _read_toml(path)
+    raw = _read_toml(path, env)
     where = str(path)
     reject_unknown(raw, [*_SECTIONS, "sources"], where, "top level")
     sections = {
@@ -217,7 +227,7 @@ def resolve_token(endpoint: EndpointConfig, environ: Mapping[str, str], where: s
     return Secret(value)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -231,9 +241,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(_not_utf8(path, data, exc.start)) from None
     try:
-        return tomllib.loads(text)
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return template.expand(raw, text, path, environ)
 
 
 def _not_utf8(path: Path, data: bytes, offset: int) -> str:
@@ -296,12 +307,12 @@ def _check_endpoint(ep: EndpointConfig, where: str) -> None:
 
 
 def _check_status(st: StatusConfig, where: str) -> None:
-    if st.listen is not None and not re.fullmatch(
-        r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}", st.listen
+    if st.address is not None and not re.fullmatch(
+        r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}", st.address
     ):
         raise ConfigError(
             f'{where}: [status] listen: expected "host:port" like "127.0.0.1:9108", '
-            f"got {st.listen!r}"
+            f'or "off", got {st.listen!r}'
         )
     check_range(st.unhealthy_after_s, 1.0, 86_400.0, f"{where}: [status] unhealthy_after_s")
 

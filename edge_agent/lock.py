@@ -65,6 +65,24 @@ def hold(buffer_path: Path, doing: str, *, create: bool = False) -> BufferLock:
     return BufferLock(path, fd)
 
 
+def running_holder(buffer_path: Path) -> Holder | None:
+    """The process holding the buffer's lock (a running agent), or None; takes no lock.
+
+    Read from /proc/locks rather than by trying the lock: even a moment's hold by `status`
+    could make an agent starting at that instant refuse to run.
+    """
+    path = lock_path(buffer_path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: no agent has run on this buffer (or it cannot be read)
+    try:
+        pid = _pid_from_proc_locks(fd)
+        return None if pid is None else find_holder(path, fd)
+    finally:
+        os.close(fd)
+
+
 def _open(path: Path, create: bool) -> int:
     if not create:
         return _open_existing(path)
@@ -178,9 +196,11 @@ def refusal(holder: Holder, buffer_path: Path, doing: str) -> str:
         return (
             f"another agent already runs on the buffer {buffer_path}: {where}. Two agents on "
             f"one buffer would send the same readings twice: stop it first "
-            f"({holder.stop_hint()}), or give this configuration another data_dir; "
-            "`edge-agent check --config FILE` checks a configuration without touching the "
-            "buffer. Nothing was changed"
+            f"({holder.stop_hint()}), or give this configuration another data_dir. To see "
+            "what the sensors send without stopping it, `edge-agent run --once --config FILE` "
+            "reads them for a few seconds and prints the records, touching no buffer (a serial "
+            "port the running agent holds is busy, though); `edge-agent check --config FILE` "
+            "checks a configuration. Nothing was changed"
         )
     return (
         f"`edge-agent {doing}` needs the agent stopped, and it runs on the buffer "

@@ -1,8 +1,10 @@
 """Logging set-up and the rate limit for repeated error lines.
 
 One line per event on stderr, naming the component (`serial weather: ...`), with anything that
-looks like a credential redacted. Under systemd (JOURNAL_STREAM set) the timestamp is left out
-because the journal adds its own. `--log-format json` gives one JSON object per line for log
+looks like a credential redacted. When stderr is the journal (systemd sets JOURNAL_STREAM to its
+device and inode), each line starts with its sd-daemon priority (`<3>` error, `<4>` warning,
+`<6>` info, `<7>` debug), so `journalctl -p warning` finds warnings, and the timestamp is left
+out because the journal adds its own. `--log-format json` gives one JSON object per line for log
 shippers.
 """
 
@@ -14,6 +16,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from edge_agent.credentials import redact
@@ -43,14 +46,56 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+# sd-daemon(3) priorities, which journald reads from the start of a line on its stream.
+_JOURNAL_PRIORITY = {
+    logging.CRITICAL: 2,
+    logging.ERROR: 3,
+    logging.WARNING: 4,
+    logging.INFO: 6,
+    logging.DEBUG: 7,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    """`<4>WARNING message`: the priority prefix for journald, no timestamp of our own.
+
+    A traceback's lines follow in the same write: journald keeps a multi-line write as one
+    entry only if its lines are not split, so they are prefixed too, at the record's level.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{_JOURNAL_PRIORITY.get(record.levelno, 6)}>"
+        return "\n".join(prefix + line for line in super().format(record).split("\n"))
+
+
+def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether stderr is the journal's stream: JOURNAL_STREAM names its `device:inode`.
+
+    Comparing, rather than trusting the variable, matters because children inherit it: a
+    command started from the service with its stderr redirected must not get prefixes.
+    """
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):  # stderr closed or replaced by something without a fd
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     formatter: logging.Formatter
     if fmt == "json":
         formatter = _JsonFormatter()
         formatter.converter = time.gmtime
-    elif os.environ.get("JOURNAL_STREAM"):
-        formatter = logging.Formatter("%(levelname)s %(message)s")
+    elif stderr_is_journal():
+        formatter = _JournalFormatter()
     else:
         formatter = logging.Formatter(
             "%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"

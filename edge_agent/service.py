@@ -3,8 +3,9 @@
 Owns the main loop and what surrounds the agent in production: signals (SIGTERM/SIGINT stop,
 SIGHUP reloads), systemd's notify protocol and watchdog, the status endpoint, and the ring of
 recent errors shown on it. The loop wakes once a second: it reloads when asked, lets the
-agent watch its clock, pings the watchdog only while every component makes progress, and
-stops the agent with a clear message if the buffer writer died.
+agent watch its clock, pings the watchdog only while every component makes progress, tells
+systemd a one-line status (readings waiting, the oldest, the last upload) for `systemctl
+status`, and stops the agent with a clear message if the buffer writer died.
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ import time
 from types import FrameType
 
 from edge_agent.agent import Agent, snapshot
-from edge_agent.config import Config
+from edge_agent.config import DEFAULT_STATUS_LISTEN, Config
+from edge_agent.errors import EdgeAgentError
 from edge_agent.logs import RecentErrors
-from edge_agent.status import StatusServer
+from edge_agent.status import StatusServer, render_status_line, status_document
 from edge_agent.systemd import Notifier, Watchdog, stalled
 
 log = logging.getLogger("edge_agent.service")
+
+# How often the STATUS= line for `systemctl status` is refreshed (it reads the buffer's stats).
+STATUS_LINE_INTERVAL_S = 10.0
 
 
 class Service:
@@ -35,6 +40,9 @@ class Service:
         # A blocking request may legitimately hold the uploader for timeout_s.
         self._max_stall = max(45.0, config.endpoint.timeout_s + 15.0)
         self.watchdog = Watchdog(self.notifier, self._wedged)
+        self._status_line_due = 0.0
+        self._unhealthy_after_s = config.status.unhealthy_after_s
+        self._status_line = ""
 
     def _wedged(self) -> list[str]:
         beats = {"uploader": self.agent.uploader.heartbeat}
@@ -51,7 +59,7 @@ class Service:
         try:
             self._start_status()
             self.notifier.ready()
-            self.notifier.status("running")
+            self._tell_status(time.monotonic())
             return self._loop()
         finally:
             self.notifier.stopping()
@@ -60,15 +68,41 @@ class Service:
             self.agent.stop()
 
     def _start_status(self) -> None:
-        listen = self.agent.config.status.listen
+        listen = self.agent.config.status.address
         if listen is None:
             return
-        self.status = StatusServer(
+        server = StatusServer(
             listen,
             lambda: snapshot(self.agent, self.errors.lines()),
             unhealthy_after_s=self.agent.config.status.unhealthy_after_s,
-        ).start()
+        )
+        try:
+            self.status = server.start()
+        except EdgeAgentError as exc:
+            if listen != DEFAULT_STATUS_LISTEN:
+                raise  # asked for by name: a start-up error
+            # The built-in default is a convenience: readings matter more than the page.
+            log.warning(
+                "agent: %s; running without the status page: set [status] listen to a free "
+                'address, or "off"',
+                exc,
+            )
+            return
         log.info("agent: status page on %s", self.status.url)
+
+    def _tell_status(self, now: float) -> None:
+        """Refresh the STATUS= line `systemctl status` shows, every STATUS_LINE_INTERVAL_S."""
+        if not self.notifier.enabled or now < self._status_line_due:
+            return
+        self._status_line_due = now + STATUS_LINE_INTERVAL_S
+        try:
+            doc = status_document(snapshot(self.agent, []), self._unhealthy_after_s)
+            line = render_status_line(doc, time.time())
+        except EdgeAgentError as exc:  # the buffer is unreadable: say so, the loop goes on
+            line = f"running; cannot read the buffer's stats: {exc}"
+        if line != self._status_line:
+            self._status_line = line
+            self.notifier.status(line)
 
     def _install_signals(self) -> None:
         def on_stop(signum: int, frame: FrameType | None) -> None:
@@ -90,6 +124,7 @@ class Service:
                 self.notifier.ready()
             self.agent.tick()
             self.watchdog.tick(time.monotonic())
+            self._tell_status(time.monotonic())
             problem = self.agent.check_health()
             if problem is not None:
                 log.error("agent: stopping: %s", problem)

@@ -6,13 +6,15 @@ this module judges health from it, keeps an hour of history, and renders it four
 
     GET /             an HTML page (refreshes itself every 10 s; no JavaScript, no CDN)
     GET /healthz      200 {"status": "ok"} or 503 {"status": "unhealthy", "reasons": [...]}
-    GET /metrics      Prometheus text format 0.0.4, every name prefixed `edge_agent_`
+    GET /metrics      Prometheus text format 0.0.4: names prefixed `edge_agent_`, plus the
+                      usual `process_*` metrics of the agent's process, read from /proc
     GET /status.json  the snapshot plus {"health": {"healthy": ..., "reasons": [...]}}
 
     health            the rules: which facts make the agent unhealthy, in plain sentences
     History           buffer depth and upload rate, one sample per interval over the last hour
     StatusServer      stdlib ThreadingHTTPServer plus a sampler thread; start once, stop once
-    render_*          the document as metrics text, HTML page or terminal text
+    render_*          the document as metrics text, HTML page, terminal text or the one
+                      STATUS= line systemd shows
     fetch_status      what `edge-agent status` calls to read a running agent's /status.json
 
 A failing snapshot never takes the server down: the request answers 500 and the traceback is
@@ -27,6 +29,7 @@ import html
 import json
 import logging
 import math
+import os
 import re
 import socket
 import socketserver
@@ -52,9 +55,11 @@ HISTORY_WINDOW_S = 3600.0
 PAGE_REFRESH_S = 10
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Drop counters are named dropped.<reason>.<name>. The buffer counts its drops per data source;
-# sources count theirs (unparseable input) per source name.
-_DROPS_BY_DATASOURCE = frozenset({"buffer_full", "age_limit"})
+# Drop counters are named dropped.<reason>.<name>. Sources count what they could not read per
+# source name; everything else (buffer_full, max_age, write_failed, by_operator) is counted by
+# the buffer per data source id. The metrics keep one label per meaning: `source` is always a
+# source name, `datasource` always a data source id.
+_DROPS_BY_SOURCE = frozenset({"unparseable", "oversize"})
 
 
 def _part(doc: Snapshot, key: str) -> dict[str, Any]:
@@ -122,10 +127,26 @@ def _clock_reasons(snapshot: Snapshot) -> Iterable[str]:
         )
 
 
+def concerns(snapshot: Snapshot, unhealthy_after_s: float) -> list[str]:
+    """What is going wrong but has not made the agent unhealthy yet, one phrase each: a
+    healthy verdict must not read as "all is well" while every upload fails."""
+    failing = _part(snapshot, "uploader").get("failing_for_s")
+    if failing is None or failing > unhealthy_after_s:
+        return []
+    return [
+        f"uploads failing for {_duration(failing)}, unhealthy after {_duration(unhealthy_after_s)}"
+    ]
+
+
 def status_document(snapshot: Snapshot, unhealthy_after_s: float) -> Snapshot:
     """The snapshot plus its health: what /status.json serves and every renderer reads."""
     healthy, reasons = health(snapshot, unhealthy_after_s)
-    return {**snapshot, "health": {"healthy": healthy, "reasons": reasons}}
+    part = {
+        "healthy": healthy,
+        "reasons": reasons,
+        "concerns": concerns(snapshot, unhealthy_after_s) if healthy else [],
+    }
+    return {**snapshot, "health": part}
 
 
 # -- history -----------------------------------------------------------------------------
@@ -269,8 +290,9 @@ class _Exposition:
         kind: str,
         help_text: str,
         samples: Iterable[tuple[dict[str, str], float | None]],
+        prefix: str = "edge_agent_",
     ) -> None:
-        full = f"edge_agent_{name}"
+        full = prefix + name
         escaped_help = help_text.replace("\\", "\\\\").replace("\n", "\\n")
         self.lines += [f"# HELP {full} {escaped_help}", f"# TYPE {full} {kind}"]
         for labels, value in samples:
@@ -284,14 +306,80 @@ class _Exposition:
         return "\n".join(self.lines) + "\n"
 
 
-def render_metrics(doc: Snapshot) -> str:
-    """The status document as Prometheus text (exposition format 0.0.4)."""
+def render_metrics(doc: Snapshot, process: ProcessStats | None = None) -> str:
+    """The status document as Prometheus text (exposition format 0.0.4), and the serving
+    process's own `process_*` metrics when given."""
     out = _Exposition()
     _agent_metrics(out, doc)
     _source_metrics(out, _sources(doc))
     _buffer_metrics(out, _part(doc, "buffer"))
     _upload_metrics(out, _part(doc, "uploader"))
+    if process is not None:
+        _process_metrics(out, process)
     return out.text()
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """What Prometheus client libraries export as `process_*`, read from /proc/self."""
+
+    resident_memory_bytes: int
+    virtual_memory_bytes: int
+    cpu_seconds: float
+    open_fds: int
+    max_fds: int | None
+    start_time_seconds: float
+
+    @classmethod
+    def read(cls, proc: str = "/proc/self") -> ProcessStats:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open(f"{proc}/stat") as f:
+            # The command name in parentheses may hold spaces: count fields after it.
+            fields = f.read().rsplit(")", 1)[1].split()
+        # fields[0] is field 3 of proc(5): utime 14, stime 15, starttime 22, vsize 23, rss 24.
+        utime, stime, start = int(fields[11]), int(fields[12]), int(fields[19])
+        return cls(
+            resident_memory_bytes=int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+            virtual_memory_bytes=int(fields[20]),
+            cpu_seconds=(utime + stime) / ticks,
+            open_fds=len(os.listdir(f"{proc}/fd")),
+            max_fds=_max_fds(proc),
+            start_time_seconds=_boot_time() + start / ticks,
+        )
+
+
+def _max_fds(proc: str) -> int | None:
+    with open(f"{proc}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return int(soft) if soft.isdigit() else None
+    return None
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    raise OSError("/proc/stat has no btime line")
+
+
+def _process_metrics(out: _Exposition, p: ProcessStats) -> None:
+    families: list[tuple[str, str, str, float | None]] = [
+        ("cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.",
+         p.cpu_seconds),
+        ("resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+         p.resident_memory_bytes),
+        ("virtual_memory_bytes", "gauge", "Virtual memory size in bytes.",
+         p.virtual_memory_bytes),
+        ("open_fds", "gauge", "Number of open file descriptors.", p.open_fds),
+        ("max_fds", "gauge", "Maximum number of open file descriptors.", p.max_fds),
+        ("start_time_seconds", "gauge",
+         "Start time of the process since unix epoch in seconds.", p.start_time_seconds),
+    ]  # fmt: skip
+    for name, kind, help_text, value in families:
+        out.family(name, kind, help_text, [({}, value)], prefix="process_")
 
 
 def _agent_metrics(out: _Exposition, doc: Snapshot) -> None:
@@ -376,20 +464,21 @@ def _buffer_metrics(out: _Exposition, buffer: dict[str, Any]) -> None:
         [({"datasource": str(ds)}, n) for ds, n in sorted(pending.items())],
     )
     _scalars(out, _BUFFER_SCALARS, buffer)
+    drops = _drops(_part(buffer, "counters"))
     out.family(
         "dropped_readings_total",
         "counter",
-        "Readings dropped, by reason: buffer_full per data source, unparseable per source.",
-        _drop_samples(_part(buffer, "counters")),
+        "Readings dropped from the buffer, per data source, by reason: buffer_full, max_age, "
+        "write_failed (the disk refused them), by_operator (edge-agent buffer drop).",
+        [({"reason": r, "datasource": n}, c) for r, n, c in drops if r not in _DROPS_BY_SOURCE],
     )
-
-
-def _drop_samples(counters: dict[str, Any]) -> list[tuple[dict[str, str], float | None]]:
-    samples: list[tuple[dict[str, str], float | None]] = []
-    for reason, name, n in _drops(counters):
-        key = "datasource" if reason in _DROPS_BY_DATASOURCE else "source"
-        samples.append(({"reason": reason, key: name}, n))
-    return samples
+    out.family(
+        "source_dropped_total",
+        "counter",
+        "Lines or messages a source could not turn into readings, per source, by reason: "
+        "unparseable, oversize (MQTT payloads over the caps, kept in dead letters).",
+        [({"reason": r, "source": n}, c) for r, n, c in drops if r in _DROPS_BY_SOURCE],
+    )
 
 
 def _upload_metrics(out: _Exposition, uploader: dict[str, Any]) -> None:
@@ -423,7 +512,7 @@ section{background:#fff;border:1px solid #d0d7de;border-radius:6px;padding:10px 
 margin:10px 0}
 .meta{color:#59636e;font-size:.9em}
 .banner{padding:10px 12px;border-radius:6px;font-weight:600;color:#fff}
-.ok{background:#1a7f37}.bad{background:#cf222e}
+.ok{background:#1a7f37}.bad{background:#cf222e}.warn{background:#9a6700}
 .banner ul{margin:6px 0 0;padding-left:20px;font-weight:400}
 .scroll{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.92em}
@@ -449,7 +538,7 @@ def render_page(doc: Snapshot, samples: list[Sample], now: float) -> str:
     title = f"Edge agent {device}"
     body = [
         _page_header(agent, now),
-        _page_health(_part(doc, "health")),
+        _page_health(doc, now),
         _page_sources(_sources(doc), now),
         _page_buffer(_part(doc, "buffer")),
         _page_uploads(_part(doc, "uploader"), _part(doc, "clock"), now),
@@ -489,11 +578,34 @@ def _page_header(agent: dict[str, Any], now: float) -> str:
     )
 
 
-def _page_health(health_part: dict[str, Any]) -> str:
-    if health_part.get("healthy"):
-        return '<section class="banner ok">Healthy: sensors read, uploads go through.</section>'
-    items = "".join(f"<li>{_e(r)}</li>" for r in health_part.get("reasons") or [])
-    return f'<section class="banner bad">Unhealthy<ul>{items}</ul></section>'
+def _page_health(doc: Snapshot, now: float) -> str:
+    health_part = _part(doc, "health")
+    if not health_part.get("healthy"):
+        items = "".join(f"<li>{_e(r)}</li>" for r in health_part.get("reasons") or [])
+        return f'<section class="banner bad">Unhealthy<ul>{items}</ul></section>'
+    return f'<section class="banner {_verdict_class(doc)}">{_e(verdict(doc, now))}</section>'
+
+
+def _verdict_class(doc: Snapshot) -> str:
+    return "warn" if _part(doc, "health").get("concerns") else "ok"
+
+
+def verdict(doc: Snapshot, now: float) -> str:
+    """One sentence of what is true of a status document, for the page's banner, the
+    terminal and systemd: "Healthy so far: uploads failing for 17 s, unhealthy after 5 min"."""
+    health_part = _part(doc, "health")
+    if not health_part.get("healthy"):
+        reasons = health_part.get("reasons") or ["no reason given"]
+        more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        return f"Unhealthy: {reasons[0]}{more}"
+    found = health_part.get("concerns") or []
+    if found:
+        return "Healthy so far: " + "; ".join(found)
+    sources = _sources(doc)
+    read = f"{_plural(len(sources), 'source')} connected" if sources else "no sources configured"
+    last = _part(doc, "uploader").get("last_success")
+    upload = f"last upload {_duration(now - last)} ago" if last is not None else "no upload yet"
+    return f"Healthy: {read}, {upload}"
 
 
 def _page_sources(sources: list[dict[str, Any]], now: float) -> str:
@@ -671,7 +783,7 @@ def render_status_text(doc: Snapshot, now: float | None = None) -> str:
         f"edge-agent {agent.get('version', '?')} on {agent.get('device_id') or 'no device id'}, "
         f"up {_duration(uptime) if uptime is not None else '?'} "
         f"(config {agent.get('config', '?')})",
-        "health: ok" if health_part.get("healthy") else "health: UNHEALTHY",
+        f"health: {verdict(doc, now)}" if health_part.get("healthy") else "health: UNHEALTHY",
         *(f"  - {reason}" for reason in health_part.get("reasons") or []),
         "sources:",
         *_source_lines(_sources(doc), now),
@@ -681,6 +793,23 @@ def render_status_text(doc: Snapshot, now: float | None = None) -> str:
         *_error_lines(doc.get("errors"), now),
     ]
     return "\n".join(lines) + "\n"
+
+
+def render_status_line(doc: Snapshot, now: float) -> str:
+    """The one line `systemctl status` shows (sd_notify STATUS=): the verdict, what waits in
+    the buffer, and the last upload."""
+    buffer = _part(doc, "buffer")
+    pending = int(buffer.get("pending_total") or 0)
+    oldest = buffer.get("oldest_age_s")
+    waiting = _plural(pending, "reading") + " waiting"
+    if pending and oldest is not None:
+        waiting += f", oldest {_duration(oldest)}"
+    last = _part(doc, "uploader").get("last_success")
+    upload = f"last upload {_duration(now - last)} ago" if last is not None else "no upload yet"
+    health_part = _part(doc, "health")
+    plain = health_part.get("healthy") and not health_part.get("concerns")
+    head = "Healthy" if plain else verdict(doc, now)
+    return f"{head}; {waiting}; {upload}"
 
 
 def _offline_text(doc: Snapshot, agent: dict[str, Any], health_part: dict[str, Any]) -> str:
@@ -934,7 +1063,8 @@ class StatusServer:
         return _json_answer(503, {"status": "unhealthy", "reasons": health_part["reasons"]})
 
     def _metrics(self, doc: Snapshot) -> _Answer:
-        return _Answer(200, METRICS_CONTENT_TYPE, render_metrics(doc).encode())
+        text = render_metrics(doc, ProcessStats.read())
+        return _Answer(200, METRICS_CONTENT_TYPE, text.encode())
 
     def _status_json(self, doc: Snapshot) -> _Answer:
         return _json_answer(200, doc)

@@ -732,6 +732,8 @@ class Soak:
                     ("[agent]", agent),
                     ("[endpoint]", endpoint),
                     ("[buffer]", buffer),
+                    # Off: the default port would be shared with any other agent on the host.
+                    ("[status]", {"listen": "off"}),
                     ("[[sources]]", serial),
                     ("[[sources]]", bridge),
                 ]

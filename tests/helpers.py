@@ -52,8 +52,13 @@ def write_config(
     endpoint: dict[str, Any] | None = None,
     buffer: dict[str, Any] | None = None,
     agent: dict[str, Any] | None = None,
+    status: dict[str, Any] | None = None,
 ) -> Path:
-    """A config file with fast test timings; `token_file` defaults to one holding TOKEN."""
+    """A config file with fast test timings; `token_file` defaults to one holding TOKEN.
+
+    The status endpoint is off unless `status` gives a listen address: its built-in default
+    (127.0.0.1:9108) is one port for every agent, and the tests run many agents at once.
+    """
     if token_file is None:
         token_file = path.parent / "token"
         if not token_file.exists():
@@ -72,6 +77,7 @@ def write_config(
         "agent": {"data_dir": str(data_dir), "device_id": "gw-test", **(agent or {})},
         "endpoint": ep,
         "buffer": {"commit_interval_ms": 50, **(buffer or {})},
+        "status": {"listen": "off", **(status or {})},
     }
     lines = []
     for name, table in sections.items():

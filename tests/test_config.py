@@ -199,3 +199,79 @@ def test_example_configs_load(tmp_path: Path) -> None:
         path.write_text(text)
         config = load_config(path, environ={"MADEVO_TOKEN": "t", "MQTT_PASSWORD": "p"})
         assert config.sources, example.name
+
+
+# -- ${VAR} templating ---------------------------------------------------------------------
+
+TEMPLATED = """\
+# a fleet template: ${NOT_EXPANDED_IN_COMMENTS}
+[agent]
+data_dir = "${DATA_ROOT:-/var/lib}/edge-agent"
+device_id = "${GATEWAY_ID}"
+
+[endpoint]
+url = "https://${MADEVO_HOST:-api.example.com}/restapi/datasource/insert"
+token_env = "MADEVO_TOKEN"
+
+[[sources]]
+name = "weather"
+type = "serial"
+port = "${PORT}"
+format = "regex"
+pattern = "T=(?P<t>[-0-9.]+) cost=$${PRICE}"
+datasource_id = "67890"
+tags = { site = "${SITE:-north}", "${KEY_NOT_EXPANDED}" = "x" }
+"""
+
+
+def test_variables_are_expanded_in_string_values(tmp_path: Path) -> None:
+    env = {**ENV, "GATEWAY_ID": "gw-042", "PORT": "/dev/ttyAMA0", "MADEVO_HOST": ""}
+    config = load_config(write(tmp_path, TEMPLATED), environ=env)
+    assert config.agent.device_id == "gw-042"
+    assert config.agent.data_dir == "/var/lib/edge-agent"  # unset: the default
+    assert config.endpoint.url.startswith("https://api.example.com/")  # empty: the default
+    source = config.sources[0]
+    assert source.port == "/dev/ttyAMA0"  # type: ignore[attr-defined]
+    assert source.pattern == "T=(?P<t>[-0-9.]+) cost=${PRICE}"  # type: ignore[attr-defined]
+    # Keys are never expanded, values in inline tables are.
+    assert dict(source.tags) == {"site": "north", "${KEY_NOT_EXPANDED}": "x"}
+
+
+def test_a_value_cannot_break_the_toml_around_it(tmp_path: Path) -> None:
+    env = {**ENV, "GATEWAY_ID": 'gw"\n[endpoint]\nurl = "http://evil', "PORT": "/dev/x"}
+    config = load_config(write(tmp_path, TEMPLATED), environ=env)
+    assert config.agent.device_id == 'gw"\n[endpoint]\nurl = "http://evil'
+    assert config.endpoint.url.startswith("https://api.example.com/")
+
+
+def test_an_unset_variable_names_the_file_line_and_variable(tmp_path: Path) -> None:
+    message = error_of(tmp_path, TEMPLATED, {**ENV, "PORT": "/dev/x"})
+    path = tmp_path / "agent.toml"
+    assert message.startswith(f"{path}: line 4: the environment variable GATEWAY_ID is not set")
+    assert "${GATEWAY_ID:-value}" in message
+
+
+def test_comments_are_not_expanded_and_a_malformed_reference_is_named(tmp_path: Path) -> None:
+    env = {**ENV, "GATEWAY_ID": "g", "PORT": "/dev/x"}
+    load_config(write(tmp_path, TEMPLATED), environ=env)  # the comment's ${...} is left alone
+    broken = TEMPLATED.replace('"${PORT}"', '"${PORT"')
+    message = error_of(tmp_path, broken, env)
+    assert f"{tmp_path / 'agent.toml'}: line 13: '${{PORT'" in message
+    assert "is not a variable reference" in message
+
+
+def test_the_cli_reports_an_unset_variable_as_a_configuration_error(tmp_path: Path) -> None:
+    path = write(tmp_path, TEMPLATED)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env={"MADEVO_TOKEN": "x", "GATEWAY_ID": "g", "PATH": "/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr == (
+        f"edge-agent: configuration error: {path}: line 13: the environment variable PORT is "
+        "not set (in ${PORT}); set it in the agent's environment (for the service: `systemctl "
+        "edit edge-agent`, Environment=PORT=...), or give a default: ${PORT:-value}\n"
+    )

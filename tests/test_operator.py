@@ -87,9 +87,8 @@ def agent_config(
         data_dir=tmp_path / "data",
         sources=[serial_source(port)],
         buffer={"max_bytes": max_bytes},
+        status=None if listen is None else {"listen": listen},
     )
-    if listen is not None:
-        path.write_text(path.read_text() + f'\n[status]\nlisten = "{listen}"\n')
     return path
 
 

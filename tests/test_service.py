@@ -8,6 +8,7 @@ writer without test-aware code in the agent.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -30,9 +31,10 @@ from edge_agent.config import load_config
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.service import Service
 from edge_agent.simulator import PtySensor, kv_line
+from edge_agent.status import StatusServer
 from tests.conftest import free_port
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_status import _chromium, _run_chromium
+from tests.test_status import _chromium, _run_chromium, make_snapshot
 
 # systemd's WatchdogSec=2: the agent must ping at least every 2 s, and aims for every 1 s.
 WATCHDOG_USEC = 2_000_000
@@ -94,8 +96,10 @@ def received_seqs(sandbox: Sandbox) -> set[int]:
 
 
 def with_status(config: Path, port: int) -> Path:
-    """Add a [status] table (after the [[sources]] array, which TOML allows)."""
-    config.write_text(config.read_text() + f'\n[status]\nlisten = "127.0.0.1:{port}"\n')
+    """Turn the [status] endpoint on at `port` (write_config turns it off)."""
+    text = config.read_text()
+    assert 'listen = "off"' in text
+    config.write_text(text.replace('listen = "off"', f'listen = "127.0.0.1:{port}"'))
     return config
 
 
@@ -129,7 +133,8 @@ def test_systemd_hears_ready_watchdog_reload_and_stopping(
         started = systemd.wait_for("READY=1")
         assert all("WATCHDOG=1" not in m for m in started), "no ping before READY=1"
         assert "agent: started" in agent.log_text(), "READY=1 comes after start-up"
-        assert systemd.wait_for("STATUS=running", 2.0)
+        status = [f for _, m in systemd.collect(1.0) for f in m if f.startswith("STATUS=")]
+        assert status[:1] == ["STATUS=Healthy; 0 readings waiting; no upload yet"], status
 
         pings = [t for t, fields in systemd.collect(4.5) if fields == ["WATCHDOG=1"]]
         assert len(pings) >= 3, f"pings every second expected, got {len(pings)} in 4.5 s"
@@ -148,6 +153,39 @@ def test_systemd_hears_ready_watchdog_reload_and_stopping(
         assert agent.terminate() == 0
     finally:
         systemd.close()
+
+
+def test_systemctl_status_shows_what_waits_and_the_last_upload(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    """The STATUS= line is refreshed from the agent's facts, not a fixed "running"."""
+    systemd = NotifySocket(tmp_path / "notify")
+    try:
+        sandbox.set_faults(Faults(status=503))
+        config = agent_config(tmp_path, sandbox, pty_sensor)
+        agent = AgentProcess(
+            config, tmp_path / "agent.log", env={"NOTIFY_SOCKET": str(systemd.path)}
+        )
+        agents.append(agent.start())
+        systemd.wait_for("READY=1")
+        pty_sensor.start()
+        failing = wait_status(systemd, "Healthy so far: uploads failing for", 30.0)
+        assert "readings waiting, oldest" in failing and "no upload yet" in failing, failing
+        sandbox.set_faults(Faults())
+        done = wait_status(systemd, "last upload", 30.0)
+        assert done.startswith("STATUS=Healthy; "), done
+        assert agent.terminate() == 0
+    finally:
+        systemd.close()
+
+
+def wait_status(systemd: NotifySocket, text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        for field in systemd.receive(remaining) or []:
+            if field.startswith("STATUS=") and text in field:
+                return field
+    raise AssertionError(f"no STATUS= line with {text!r} within {timeout} s")
 
 
 class WarningLines(logging.Handler):
@@ -374,7 +412,7 @@ def test_metrics_health_and_the_status_command(
     wait_until(lambda: healthz(base).status_code == 200, what="/healthz 200 again")
     status = edge_agent_status(config)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "health: ok" in status.stdout
+    assert "health: Healthy: 1 source connected" in status.stdout
     assert metric(scrape(base), "edge_agent_source_reconnects_total", source="weather") >= 1
 
     # Stopped with readings waiting: not running (3), but the buffer still shows.
@@ -390,9 +428,68 @@ def test_metrics_health_and_the_status_command(
     status = edge_agent_status(config)
     assert status.returncode == 3, status.stdout + status.stderr
     assert "25 readings waiting" in status.stdout
-    assert f"the agent does not answer on 127.0.0.1:{port}" in status.stdout
+    assert "the agent is not running (no process holds its buffer)" in status.stdout
     doc = json.loads(edge_agent_status(config, "--json").stdout)
     assert doc["buffer"]["pending_total"] == 25
+
+
+def test_status_tells_an_agent_with_its_endpoint_off_from_one_not_running(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    config = agent_config(tmp_path, sandbox, pty_sensor)  # [status] listen = "off"
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    agents.append(agent)
+    agent.wait_log("agent: started")
+    running = edge_agent_status(config)
+    assert running.returncode == 4, running.stdout + running.stderr
+    assert f"the agent runs (PID {agent.proc.pid}" in running.stdout  # type: ignore[union-attr]
+    assert 'its status endpoint is off ([status] listen = "off")' in running.stdout
+    assert "health: unknown" in running.stdout
+    assert agent.terminate() == 0
+    stopped = edge_agent_status(config)
+    assert stopped.returncode == 3, stopped.stdout + stopped.stderr
+    assert "the agent is not running (no process holds its buffer)" in stopped.stdout
+
+
+def test_the_default_status_port_taken_leaves_the_agent_running_without_its_page(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    """127.0.0.1:9108 is one port for every agent on a host: taken, it costs only the page."""
+    holder = socket.socket()
+    with contextlib.suppress(OSError):  # already taken by someone else: as good
+        holder.bind(("127.0.0.1", 9108))
+        holder.listen()
+    try:
+        config = agent_config(tmp_path, sandbox, pty_sensor)
+        text = config.read_text()
+        config.write_text(text.replace('listen = "off"', "unhealthy_after_s = 300.0"))
+        agent = AgentProcess(config, tmp_path / "agent.log").start()
+        agents.append(agent)
+        agent.wait_log("running without the status page")
+        agent.wait_log("agent: started")
+        assert "status page: cannot listen on 127.0.0.1:9108" in agent.log_text()
+        pty_sensor.start()
+        wait_until(lambda: sandbox.stats()["records"] >= 5, what="readings uploaded anyway")
+        assert agent.terminate() == 0
+    finally:
+        holder.close()
+
+
+def test_status_does_not_take_another_agents_answer_for_its_own(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    """Another agent on the (default) port answers: its health is not this one's."""
+    other = make_snapshot()
+    other["agent"]["buffer"] = "/var/lib/another-agent/buffer.db"
+    server = StatusServer("127.0.0.1:0", lambda: other).start()
+    try:
+        config = with_status(agent_config(tmp_path, sandbox, pty_sensor), server.port)
+        proc = edge_agent_status(config)
+    finally:
+        server.stop()
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"the agent answering on 127.0.0.1:{server.port} runs " in proc.stdout
+    assert "not this configuration" in proc.stdout
 
 
 def test_the_running_agents_page_in_a_browser(

@@ -29,7 +29,9 @@ from edge_agent.status import (
     health,
     parse_listen,
     render_page,
+    render_status_line,
     render_status_text,
+    status_document,
     status_json_url,
 )
 from tests.helpers import wait_until
@@ -224,7 +226,7 @@ def scrape(server: StatusServer) -> Metrics:
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     values: Metrics = {}
     for family in text_string_to_metric_families(response.text):
-        assert family.name.startswith("edge_agent_")
+        assert family.name.startswith(("edge_agent_", "process_"))
         assert family.documentation, f"{family.name} has no HELP"
         for s in family.samples:
             values[(s.name, frozenset(s.labels.items()))] = s.value
@@ -253,7 +255,7 @@ def test_metrics_match_the_snapshot(server: StatusServer, state: dict[str, Any])
     assert value(m, "buffer_oldest_pending_age_seconds") == 2.5
     assert value(m, "dead_letters") == 4
     assert value(m, "dropped_readings_total", reason="buffer_full", datasource="67890") == 3
-    assert value(m, "dropped_readings_total", reason="unparseable", source="weather") == 1
+    assert value(m, "source_dropped_total", reason="unparseable", source="weather") == 1
     assert value(m, "uploaded_records_total") == 100
     assert value(m, "upload_requests_total", status="200") == 5
     assert value(m, "upload_requests_total", status="503") == 1
@@ -288,7 +290,91 @@ def test_label_values_are_escaped(server: StatusServer, state: dict[str, Any]) -
     assert 'datasource="ds \\"quoted\\" back\\\\slash\\nnewline"' in raw
     m = scrape(server)
     assert value(m, "buffer_pending_readings", datasource=awkward) == 7
-    assert value(m, "dropped_readings_total", reason="unparseable", source=awkward) == 2
+    assert value(m, "source_dropped_total", reason="unparseable", source=awkward) == 2
+
+
+def test_every_drop_is_labelled_by_what_it_counts_per(
+    server: StatusServer, state: dict[str, Any]
+) -> None:
+    """The buffer counts drops per data source id, sources per source name: one label each."""
+    state["buffer"]["counters"] = {
+        "dropped.buffer_full.67890": 1,
+        "dropped.max_age.67890": 2,
+        "dropped.write_failed.67891": 3,
+        "dropped.by_operator.67892": 4,
+        "dropped.unparseable.weather": 5,
+        "dropped.oversize.plant": 6,
+    }
+    m = scrape(server)
+    for reason, ds, n in [
+        ("buffer_full", "67890", 1),
+        ("max_age", "67890", 2),
+        ("write_failed", "67891", 3),
+        ("by_operator", "67892", 4),
+    ]:
+        assert value(m, "dropped_readings_total", reason=reason, datasource=ds) == n
+    assert value(m, "source_dropped_total", reason="unparseable", source="weather") == 5
+    assert value(m, "source_dropped_total", reason="oversize", source="plant") == 6
+    labels = {frozenset(k for k, _ in key[1]) for key in m if "dropped" in key[0]}
+    assert labels == {frozenset({"reason", "datasource"}), frozenset({"reason", "source"})}
+    by_family = {key[0]: {k for k, _ in key[1]} for key in m if "dropped" in key[0]}
+    assert "source" not in by_family["edge_agent_dropped_readings_total"]
+    assert "datasource" not in by_family["edge_agent_source_dropped_total"]
+
+
+def test_process_metrics_describe_the_serving_process(server: StatusServer) -> None:
+    """The server runs in this process: check /proc's figures against the standard library."""
+    import resource
+
+    cpu_before = time.process_time()
+    m = scrape(server)
+    cpu_after = time.process_time()
+
+    def metric(name: str) -> float:
+        return m[(name, frozenset())]
+
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 1_000_000 < metric("process_resident_memory_bytes") <= peak_rss
+    assert metric("process_virtual_memory_bytes") >= metric("process_resident_memory_bytes")
+    # /proc counts whole clock ticks: allow one tick either side.
+    assert cpu_before - 0.02 <= metric("process_cpu_seconds_total") <= cpu_after + 0.02
+    assert metric("process_open_fds") >= 3
+    assert metric("process_max_fds") == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    started = metric("process_start_time_seconds")
+    assert NOW - 86_400 < started <= NOW + 1  # before this module was imported
+
+
+def test_the_banner_says_failing_uploads_under_the_limit_not_all_is_well(
+    state: dict[str, Any],
+) -> None:
+    state["uploader"].update(failing_for_s=17.0, last_success=None, last_error="timed out")
+    doc = status_document(state, 300.0)
+    assert doc["health"]["healthy"] is True
+    page = render_page(doc, [], NOW)
+    assert "Healthy so far: uploads failing for 17 s, unhealthy after 5 min" in page
+    assert "uploads go through" not in page
+    assert 'class="banner warn"' in page
+    text = render_status_text(doc, NOW)
+    assert "health: Healthy so far: uploads failing for 17 s, unhealthy after 5 min" in text
+    line = render_status_line(doc, NOW)
+    assert line.startswith("Healthy so far: uploads failing for 17 s")
+    assert "15 readings waiting, oldest 2.5 s" in line and "no upload yet" in line
+
+
+def test_the_banner_of_a_healthy_agent_says_what_it_knows(state: dict[str, Any]) -> None:
+    doc = status_document(state, 300.0)
+    page = render_page(doc, [], NOW)
+    assert "Healthy: 2 sources connected, last upload 5.0 s ago" in page
+    assert render_status_line(doc, NOW) == (
+        "Healthy; 15 readings waiting, oldest 2.5 s; last upload 5.0 s ago"
+    )
+    state["uploader"]["last_success"] = None
+    assert "Healthy: 2 sources connected, no upload yet" in render_page(
+        status_document(state, 300.0), [], NOW
+    )
+    state["uploader"]["failing_for_s"] = 301.0
+    line = render_status_line(status_document(state, 300.0), NOW)
+    assert line.startswith("Unhealthy: uploads have been failing for 5 min")
 
 
 # -- the page ----------------------------------------------------------------------------
@@ -493,7 +579,7 @@ def test_fetch_status_reads_a_running_agent(server: StatusServer) -> None:
     doc = fetch_status(server.url)
     assert doc is not None
     assert doc["agent"]["device_id"] == "gw-001"
-    assert doc["health"] == {"healthy": True, "reasons": []}
+    assert doc["health"] == {"healthy": True, "reasons": [], "concerns": []}
     assert render_status_text(doc).startswith("edge-agent 0.1.0 on gw-001")
 
 

@@ -80,6 +80,16 @@ class SourceConfig:
         """Allowed settings that expose a password of this source, one line each."""
         return []
 
+    def polled(self) -> bool:
+        """True when the source asks its device for each reading (one poll is a sample of
+        what it reads, for `run --once`); False when the device or broker pushes."""
+        return False
+
+    def for_dry_run(self, device_id: str | None) -> Self:
+        """This config as `run --once` uses it beside a running agent: nothing the agent
+        holds (a broker session, a client id) may be taken over or changed."""
+        return self
+
     def serial_port(self) -> tuple[str, str] | None:
         """The local serial device this source opens, and who may share it: sources that
         name the same sharing group may use one port together (a Modbus bus), others not."""

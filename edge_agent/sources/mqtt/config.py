@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,12 @@ class MqttConfig(SourceConfig):
         if self.password_env is None and self.password_file is None:
             return self
         return dataclasses.replace(self, password=resolve_password(self, environ, where))
+
+    def for_dry_run(self, device_id: str | None) -> Self:
+        # A client id of its own, or the broker would push the running agent off (same id)
+        # and hand the dry run that agent's session; with MQTT 5 the session ends with it.
+        base = self.client_id or f"edge-agent-{device_id or socket.gethostname()}-{self.name}"
+        return dataclasses.replace(self, client_id=f"{base}-once", session_expiry_s=0)
 
     def exposure_warnings(self) -> list[str]:
         label = f"[[sources]] ({self.name})"

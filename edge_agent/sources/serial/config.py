@@ -75,6 +75,9 @@ class SerialConfig(SerialFraming, SourceConfig):
     poll_interval_s: float = 1.0
     response_timeout_s: float = 1.0
 
+    def polled(self) -> bool:
+        return self.request is not None
+
     def check(self, where: str, table: Mapping[str, Any]) -> None:
         self.check_framing(where, table)
         check_range(self.max_line_bytes, 16, 1_048_576, f"{where} max_line_bytes")
