@@ -690,16 +690,7 @@ class Buffer:
         self._incident_failures = 0
 
     def _budget(self, conn: sqlite3.Connection) -> int:
-        """Bytes the database's pages in use may take now: its share of max_bytes, or no
-        growth at all while free disk space is under the floor."""
-        budget = self.budget.database
-        try:
-            st = os.statvfs(self.path.parent)
-        except OSError:
-            return budget
-        if st.f_bavail * st.f_frsize < self.config.min_free_bytes:
-            budget = min(budget, file_bytes(conn))
-        return budget
+        return _session_budget(conn, self.path, self.config)
 
     def _commit(
         self,
@@ -1545,9 +1536,10 @@ def _chunks(readings: Iterator[Exported], max_bytes: int) -> Iterator[list[Expor
 
 
 def _session_budget(conn: sqlite3.Connection, path: Path, config: BufferConfig) -> int:
-    """The writer's budget (`Buffer._budget`) for a session: `max_bytes` less the WAL
-    reserve, and no growth while free disk space is under `min_free_bytes`."""
-    budget = config.max_bytes - wal_reserve(config.max_bytes)
+    """Bytes the database's pages in use may take now, for the writer and for a session
+    alike: its share of `max_bytes` (`DiskBudget.database`), or no growth at all while free
+    disk space is under `min_free_bytes`."""
+    budget = DiskBudget(config.max_bytes).database
     try:
         st = os.statvfs(path.parent)
     except OSError:

@@ -234,8 +234,8 @@ def _unsendable(exc: Exception) -> str:
     if isinstance(exc, UnicodeError | httpx.LocalProtocolError):
         return (
             f"the request cannot be sent ({name}): a header holds a character HTTP cannot "
-            "carry; the token (token_file or token_env) must be one line of printable ASCII: "
-            "fix it and reload"
+            "carry; check the token (token_file or token_env): it must be one line of "
+            "printable ASCII; fix it and reload"
         )
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -250,14 +250,9 @@ def _unsendable(exc: Exception) -> str:
 def _network_message(exc: httpx.HTTPError) -> str:
     """What went wrong on the wire, with a hint when it is a certificate problem.
 
-    The request could not even be written when its headers were invalid; that error's text
-    quotes the header, which may be the Authorization one, so it is never shown.
+    (A request whose headers cannot be written never gets here: `send_batch` reports it
+    without the error's text, which would quote the Authorization header.)
     """
-    if isinstance(exc, httpx.LocalProtocolError):
-        return (
-            f"{type(exc).__name__}: the request could not be written (a header value is "
-            "invalid; check the token for a line break or other characters)"
-        )
     text = f"{type(exc).__name__}: {redact(str(exc)) or 'no detail'}"
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):

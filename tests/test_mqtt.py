@@ -679,7 +679,7 @@ def test_defaults_speak_mqtt_5_with_a_window_of_1000_and_3_1_1_keeps_20(tmp_path
         ({"password_file": "/nonexistent/pw", "username": "u"}, "cannot read"),
         ({"password_env": "X"}, "a password needs a username"),
         ({"ca_file": "/etc/hostname"}, "need an mqtts://"),
-        ({"port": "/dev/ttyUSB0"}, "only serial sources take this key"),
+        ({"port": "/dev/ttyUSB0"}, "only serial and modbus sources take this key"),
         ({"password": "x"}, "unknown key 'password'"),
         ({"timestamp_field": "ts", "format": "number"}, "has no fields"),
         ({"max_payload_bytes": 10}, "max_payload_bytes: expected a value from 64 to"),

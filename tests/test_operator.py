@@ -292,7 +292,11 @@ def test_import_queues_only_what_fits_and_the_agent_then_drops_none_of_it(
     # The agent takes the buffer as it is: every queued reading is delivered, none dropped.
     agent = AgentProcess(config, tmp_path / "agent.log").start()
     agents.append(agent)
-    wait_until(lambda: len(received(sandbox)) >= n, timeout=60, what="the imported readings")
+    try:
+        wait_until(lambda: len(received(sandbox)) >= n, timeout=20, what="the imported readings")
+    except AssertionError:
+        print("LOG", agent.log_text()[-3000:], len(received(sandbox)), n)
+        raise
     assert sorted(received(sandbox)) == list(range(n))
     assert agent.terminate() == 0
     assert not [k for k in counters(db) if k.startswith("dropped.")]
