@@ -50,20 +50,6 @@ POINTS: list[tuple[str, str, int, str, str, Any]] = [
 ]
 
 
-@pytest.fixture
-def slaves() -> Iterator[Callable[..., SlaveProcess]]:
-    started: list[SlaveProcess] = []
-
-    def start(**kwargs: Any) -> SlaveProcess:
-        slave = SlaveProcess(**kwargs).start()
-        started.append(slave)
-        return slave
-
-    yield start
-    for slave in started:
-        slave.stop()
-
-
 class Sources:
     """Modbus sources on a link pool of their own, each with a memory intake."""
 
