@@ -119,13 +119,14 @@ def short_float32(value: float) -> float:
     """The shortest decimal that is the same float32: 230.4, not 230.39999389648438.
 
     A float32 holds 6 to 9 significant digits; sending the float64 it widens to would show
-    digits the device never measured.
+    digits the device never measured. Never longer as text than the value itself: a large
+    whole number (99999997952.0) would gain a digit as 100000000000.0.
     """
     exact = _F32.pack(value)
     for digits in (6, 7, 8):
         short = float(f"{value:.{digits}g}")
         try:
-            if _F32.pack(short) == exact:
+            if _F32.pack(short) == exact and len(repr(short)) <= len(repr(value)):
                 return short
         except OverflowError:  # rounded past the largest float32
             continue
