@@ -37,7 +37,8 @@ log = logging.getLogger("edge_agent.cli")
 
 EXIT_CODES = """exit status:
   0  success (status: the agent is healthy)
-  1  a runtime failure (status: the agent is unhealthy; run --once: a source gave nothing)
+  1  a runtime failure (status: the agent is unhealthy; run --once: a source gave nothing;
+     modbus read: the device did not answer, or its port is busy)
   2  a configuration or usage error, or the buffer is in use by another agent
   3  status: the agent is not running (only the buffer's figures are shown)
   4  status: the agent runs, but its status endpoint is off or does not answer
@@ -133,6 +134,18 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="the status document as JSON")
     status.set_defaults(func=cmd_status)
+
+    mod = _command(sub, "modbus", "talk to a configured Modbus device (see each subcommand)")
+    msub = mod.add_subparsers(dest="modbus_command", required=True, metavar="SUBCOMMAND")
+    mread = _command(
+        msub, "read", "poll a Modbus source once and print its decoded values (a first test "
+        "on site); sends nothing, touches no buffer",
+    )  # fmt: skip
+    _config_arg(mread)
+    mread.add_argument(
+        "--source", required=True, metavar="NAME", help='the name of a type = "modbus" source'
+    )
+    mread.set_defaults(func=cmd_modbus_read)
 
     buf = _command(sub, "buffer", "inspect and manage the buffer (see each subcommand)")
     bsub = buf.add_subparsers(dest="buffer_command", required=True, metavar="SUBCOMMAND")
@@ -284,6 +297,15 @@ def cmd_run_once(args: argparse.Namespace) -> int:
     return run_once(dataclasses.replace(config, sources=sources), args.seconds)
 
 
+# -- modbus ------------------------------------------------------------------------------
+
+
+def cmd_modbus_read(args: argparse.Namespace) -> int:
+    from edge_agent.sources.modbus.command import read  # here: it loads pymodbus
+
+    return read(args.config, args.source)
+
+
 # -- status ------------------------------------------------------------------------------
 
 
@@ -415,10 +437,12 @@ def describe(config: Config, token_ok: bool = True) -> str:
         f"{ep.max_batch_bytes:,} bytes, token from {token_from}",
     ]
     for s in config.sources:
+        decoded = f", format {s.format}" if s.TAKES_FORMAT else ""
         lines.append(
-            f"source {s.name}: {s.describe()}, format {s.format}, shape {s.shape} "
+            f"source {s.name}: {s.describe()}{decoded}, shape {s.shape} "
             f"-> data source {s.datasource_id}"
         )
+        lines += [f"  {detail}" for detail in s.details()]
     address = config.status.address
     if address:
         lines.append(f"status page: http://{address}/ (and /healthz, /metrics)")

@@ -1,9 +1,11 @@
 """`edge-agent demo`: the whole pipeline on one machine, with no hardware and no network.
 
-A simulated weather station writes lines to a pseudo-terminal; the real agent opens it by
-path with its serial source, buffers in SQLite and uploads to a sandbox of the insert API on
-a free local port. `--outage` takes the sandbox down for a while so the buffer fills and
-drains. At the end it accounts for every line the sensor wrote.
+A simulated weather station writes lines to a pseudo-terminal, and a simulated energy meter
+(an Eastron SDM120, the Modbus slave of edge_agent.testing) answers Modbus RTU requests on
+another; the real agent opens both by path with its serial and Modbus sources, buffers in
+SQLite and uploads to a sandbox of the insert API on a free local port. `--outage` takes the
+sandbox down for a while so the buffer fills and drains. At the end it accounts for every
+line the sensor wrote and every poll of the meter.
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ from edge_agent.buffer import BufferSession
 from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.testing.modbus_slave import METER_MAP, SlaveProcess
 
 TOKEN = "demo-token"
 DATASOURCE = "67890"
 MQTT_DATASOURCE = "67891"
+METER_DATASOURCE = "67892"
+DATASOURCES = (DATASOURCE, MQTT_DATASOURCE, METER_DATASOURCE)
+METER_EVERY_S = 5  # a line with the meter's last values that reached the sandbox
 DEFAULT_MQTT = "mqtt://127.0.0.1:1883"
 
 
@@ -79,6 +85,32 @@ shape = "wide"
 datasource_id = "{DATASOURCE}"
 tags = {{ site = "demo" }}
 """
+
+
+def _meter_source_text(port: Path) -> str:
+    registers = "".join(
+        f"""
+[[sources.registers]]
+name = "{name}"
+address = {address}
+kind = "input"
+type = "float32"
+"""
+        for name, address in METER_MAP
+    )
+    return f"""
+# A simulated Eastron SDM120 energy meter on Modbus RTU (see the README's worked example).
+[[sources]]
+name = "meter"
+type = "modbus"
+transport = "rtu"
+port = "{port}"
+baudrate = 2400
+unit_id = 1
+poll_interval_s = 1.0
+shape = "wide"
+datasource_id = "{METER_DATASOURCE}"
+{registers}"""
 
 
 def _mqtt_source_text(broker: str, prefix: str) -> str:
@@ -159,17 +191,19 @@ class _Demo:
         self.args = args
         self.stop = threading.Event()
         self.sandbox_db = work / "sandbox.db"
-        self.sandbox = Sandbox(
-            tokens=[TOKEN], datasources=[DATASOURCE, MQTT_DATASOURCE], db_path=self.sandbox_db
-        )
+        self.sandbox = Sandbox(tokens=[TOKEN], datasources=DATASOURCES, db_path=self.sandbox_db)
         self.sandbox.start()
         self.port = self.sandbox.port
         self.sensor = PtySensor(work / "ttyDEMO-weather", rate_hz=args.rate)
+        self.meter = SlaveProcess(rtu=work / "ttyDEMO-meter", meter=True)
+        self.meter_shown_at = -METER_EVERY_S  # the tick its values were last shown
         token_file = work / "token"
         token_file.write_text(TOKEN + "\n")
         token_file.chmod(0o600)  # as installed: a token others can read earns a warning
         self.config_path = work / "demo.toml"
         text = _config_text(work / "data", self.sensor.link, self.sandbox.url, token_file)
+        assert self.meter.link is not None
+        text += _meter_source_text(self.meter.link)
         self.broker = None if args.no_mqtt else (args.mqtt or DEFAULT_MQTT)
         if self.broker is not None and not broker_answers(self.broker):
             say(
@@ -192,11 +226,13 @@ class _Demo:
         # One line per request would bury the demo's own lines.
         logging.getLogger("edge_agent.sandbox").setLevel(logging.WARNING)
         say(f"sandbox insert API on {self.sandbox.url} (data sources {DATASOURCE}: the serial "
-            f"sensor, {MQTT_DATASOURCE}: MQTT)")  # fmt: skip
+            f"sensor, {MQTT_DATASOURCE}: MQTT, {METER_DATASOURCE}: the Modbus meter)")  # fmt: skip
         say(f"simulated sensor on {self.sensor.link} -> agent config {self.config_path}")
         # Plug in first and write only once the port is open: opening a serial port
         # discards what was waiting in it, as with a real device.
         self.sensor.plug()
+        self.meter.start()
+        say(f"simulated energy meter (Modbus RTU, unit 1) on {self.meter.link}, polled every 1 s")
         agent = Agent(load_config(self.config_path))
         agent.start()
         try:
@@ -212,9 +248,11 @@ class _Demo:
             if self.publisher is not None:
                 self.publisher.stop()
             self.sensor.stop()
+            agent.sources["meter"].stop()  # its last poll is drained too, not left buffered
             self._drain(agent)
             agent.stop()
             self.sensor.unplug()
+            self.meter.stop()
             self.sandbox.stop()
         return self._summary(agent)
 
@@ -222,6 +260,7 @@ class _Demo:
         start = time.monotonic()
         outage = self.args.outage
         down = False
+        seconds = 0
         while not self.stop.wait(1.0):
             t = time.monotonic() - start
             if outage and not down and 5.0 <= t < 5.0 + outage:
@@ -233,6 +272,9 @@ class _Demo:
                 down = False
                 say("-- the sandbox is back; the buffer drains")
             self._progress(agent, t)
+            seconds += 1
+            if not down and seconds >= self.meter_shown_at + METER_EVERY_S:
+                self._meter_arrived(seconds)
             if self.args.duration and t >= self.args.duration:
                 break
         if down:
@@ -248,10 +290,7 @@ class _Demo:
 
     def _new_sandbox(self) -> Sandbox:
         return Sandbox(
-            port=self.port,
-            tokens=[TOKEN],
-            datasources=[DATASOURCE, MQTT_DATASOURCE],
-            db_path=self.sandbox_db,
+            port=self.port, tokens=[TOKEN], datasources=DATASOURCES, db_path=self.sandbox_db
         ).start()
 
     def _pending(self, agent: Agent) -> int:
@@ -269,6 +308,15 @@ class _Demo:
             f"uploaded {up.records_uploaded:5d}  requests {_requests(up.requests)}"
         )
 
+    def _meter_arrived(self, seconds: int) -> None:
+        """The meter's last values that reached the sandbox, and how many polls did: as soon
+        as the first arrived, then every METER_EVERY_S seconds."""
+        received = self.sandbox.records(METER_DATASOURCE)
+        if received:
+            self.meter_shown_at = seconds
+            polls = f"{len(received)} poll{'s' if len(received) != 1 else ''}"
+            say(f"        meter: {_meter_values(received[-1])}  ({polls} received)")
+
     def _drain(self, agent: Agent) -> None:
         agent.buffer.flush()
         deadline = time.monotonic() + 20
@@ -280,6 +328,7 @@ class _Demo:
         with Sandbox(datasources=[DATASOURCE], db_path=self.sandbox_db) as received:
             serial = received.records(DATASOURCE)
             bridged = received.records(MQTT_DATASOURCE)
+            metered = received.records(METER_DATASOURCE)
         say("")
         say(f"sensor wrote {self.sensor.written} lines; the agent read "
             f"{agent.sources['weather'].stats.lines}")  # fmt: skip
@@ -287,6 +336,7 @@ class _Demo:
         if self.publisher is not None:
             say(f"MQTT: the broker acknowledged {self.publisher.acked} published messages")
             missing += _account("MQTT", "messages", self.publisher.acked, bridged)
+        missing += _account_meter(agent.sources["meter"].stats.readings, metered)
         requests = agent.uploader.stats.requests
         say(f"upload requests: {_requests(requests)}; retried after failures: "
             f"{agent.uploader.stats.retries}")  # fmt: skip
@@ -294,10 +344,12 @@ class _Demo:
         say(f"last serial record: {json.dumps(sample[0])}")
         if bridged:
             say(f"last MQTT record:   {json.dumps(bridged[-1])}")
+        if metered:
+            say(f"last meter record:  {json.dumps(metered[-1])}")
         if missing:
             return 1
-        what = "line and message" if self.publisher is not None else "line"
-        say(f"nothing missing: every {what} reached the endpoint")
+        what = "line, message" if self.publisher is not None else "line"
+        say(f"nothing missing: every {what} and meter poll reached the endpoint")
         return 0
 
 
@@ -309,6 +361,30 @@ def _account(what: str, unit: str, sent: int, records: list[dict[str, object]]) 
     if missing:
         say(f"MISSING {len(missing)} {what} {unit}: {missing[:20]}")
     return len(missing)
+
+
+def _account_meter(polls: int, records: list[dict[str, object]]) -> int:
+    """The meter's records are wide, one per poll: a poll's timestamp is its identity."""
+    stamps = {str(r["timestamp"]) for r in records}
+    say(f"Modbus: the agent polled the meter {polls} times; the sandbox received "
+        f"{len(records)} meter records ({len(records) - len(stamps)} duplicates)")  # fmt: skip
+    missing = max(0, polls - len(stamps))
+    if missing:
+        say(f"MISSING {missing} meter polls")
+    return missing
+
+
+def _meter_values(record: dict[str, object]) -> str:
+    """`230.4 V  4.12 A  950 W  pf 0.95  50.01 Hz  1234.568 kWh` from a meter record."""
+    fields = (
+        ("voltage", "{:.1f} V"),
+        ("current", "{:.2f} A"),
+        ("active_power", "{:.0f} W"),
+        ("power_factor", "pf {:.2f}"),
+        ("frequency", "{:.2f} Hz"),
+        ("energy_kwh", "{:.3f} kWh"),
+    )
+    return "  ".join(form.format(record[name]) for name, form in fields if name in record)
 
 
 def _requests(by_status: dict[str, int]) -> str:

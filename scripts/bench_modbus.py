@@ -90,7 +90,7 @@ def agent_round(link: Path, polls: int) -> dict[str, float]:
         elapsed, used, done = time.perf_counter() - wall, time.process_time() - cpu, source.modbus
     finally:
         source.stop()
-    faults = done.timeouts + done.garbled + done.exceptions + done.disconnects
+    faults = source.stats.timeouts + done.garbled + done.exceptions + done.disconnects
     if faults or intake.received < done.polls * REGISTERS:
         raise RuntimeError(f"the source had faults or lost values: {done}, {intake.received}")
     return _figures(done.polls, elapsed, used)

@@ -1,4 +1,5 @@
-"""Fixtures with real parts: the sandbox endpoint, pty sensors, a private Mosquitto."""
+"""Fixtures with real parts: the sandbox endpoint, pty sensors, a private Mosquitto, Modbus
+slave processes."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.testing.modbus_slave import SlaveProcess
 from tests.helpers import DATASOURCE, TOKEN, serial_source, write_config
 
 
@@ -157,3 +160,18 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def slaves() -> Iterator[Callable[..., SlaveProcess]]:
+    """Start Modbus slave processes (`SlaveProcess` arguments); all are stopped at the end."""
+    started: list[SlaveProcess] = []
+
+    def start(**kwargs: Any) -> SlaveProcess:
+        slave = SlaveProcess(**kwargs).start()
+        started.append(slave)
+        return slave
+
+    yield start
+    for slave in started:
+        slave.stop()

@@ -50,20 +50,6 @@ POINTS: list[tuple[str, str, int, str, str, Any]] = [
 ]
 
 
-@pytest.fixture
-def slaves() -> Iterator[Callable[..., SlaveProcess]]:
-    started: list[SlaveProcess] = []
-
-    def start(**kwargs: Any) -> SlaveProcess:
-        slave = SlaveProcess(**kwargs).start()
-        started.append(slave)
-        return slave
-
-    yield start
-    for slave in started:
-        slave.stop()
-
-
 class Sources:
     """Modbus sources on a link pool of their own, each with a memory intake."""
 
@@ -207,8 +193,8 @@ def test_a_slow_device_makes_missed_polls_not_a_burst(
     wait_until(lambda: source.modbus.polls >= 4, what="four slow polls")
     source.stop()
     # Each poll overran at least three grid points of 0.1 s, which were skipped, not made up.
-    assert source.modbus.missed_polls >= 3 * source.modbus.polls
-    assert intake.counter("modbus.missed_poll.meter") == source.modbus.missed_polls
+    assert source.stats.missed_polls >= 3 * source.modbus.polls
+    assert intake.counter("missed_poll.meter") == source.stats.missed_polls
     served = sum(slave.stats()["requests"].values())
     assert served <= source.modbus.polls + 1
 
@@ -224,10 +210,10 @@ def test_a_silent_slave_is_counted_logged_once_and_polling_resumes(
     source, intake = sources.start(slave, timeout_s=0.2)
     wait_until(lambda: source.modbus.polls >= 2, what="polling")
     slave.command("silent 1.5")
-    wait_until(lambda: source.modbus.timeouts >= 3, what="three timeouts")
+    wait_until(lambda: source.stats.timeouts >= 3, what="three timeouts")
     polls = source.modbus.polls
     wait_until(lambda: source.modbus.polls >= polls + 3, timeout=15, what="polls after")
-    assert intake.counter("modbus.timeout.meter") == source.modbus.timeouts
+    assert intake.counter("modbus.timeout.meter") == source.stats.timeouts
     warnings = [r.getMessage() for r in caplog.records if "no answer" in r.getMessage()]
     assert len(warnings) == 1, warnings
     assert "unit 1, holding 0 (count): no answer in 0.2 s; check the unit id" in warnings[0]
@@ -252,7 +238,7 @@ def test_a_garbled_frame_and_an_exception_are_counted_and_polling_resumes(
     wait_until(lambda: source.modbus.polls >= polls + 3, what="polls after")
     assert intake.counter("modbus.garbled.meter") == 1
     assert intake.counter("modbus.exception.meter") == 1
-    assert source.modbus.timeouts == 0 and source.modbus.disconnects == 0
+    assert source.stats.timeouts == 0 and source.modbus.disconnects == 0
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "garbled answer" in logged and "exception 4 (server device failure)" in logged
     assert slave.stats()["served_faults"] == {"garble": 1, "exception": 1}
@@ -337,13 +323,13 @@ def test_two_units_on_one_bus_take_turns_and_a_dead_one_does_not_starve_the_othe
     slave.command("quiet 0.25")  # unit 2's requests wait 0.5 s for an answer
     live, live_intake = sources.start(slave, name="live", unit_id=1, poll_interval_s=0.05)
     dead, _ = sources.start(slave, name="dead", unit_id=2, timeout_s=0.5, poll_interval_s=0.05)
-    wait_until(lambda: dead.modbus.timeouts >= 6, timeout=20, what="six timeouts of unit 2")
-    dead_timeouts, live_polls = dead.modbus.timeouts, live.modbus.polls
+    wait_until(lambda: dead.stats.timeouts >= 6, timeout=20, what="six timeouts of unit 2")
+    dead_timeouts, live_polls = dead.stats.timeouts, live.modbus.polls
     stats = slave.stats()
     assert stats["overlaps"] == 0 and stats["bad_frames"] == 0  # one request on the wire
     assert stats["ignored"]["2"] >= 6 and stats["requests"]["1"] >= 6
     assert live_polls >= dead_timeouts - 1  # the bus alternates: a poll per dead timeout
-    assert live.modbus.timeouts == 0 and live.stats.last_error is None
+    assert live.stats.timeouts == 0 and live.stats.last_error is None
     assert len(live_intake.readings) == live.modbus.polls or live.alive
 
 

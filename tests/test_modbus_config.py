@@ -90,11 +90,34 @@ def test_the_issues_example_reads_with_its_defaults() -> None:
 
 def test_check_describes_the_wire_the_unit_and_the_requests() -> None:
     config = build(tomllib.loads(ISSUE_EXAMPLE)["sources"][0])
-    assert describe(config) == (
-        "modbus meter: rtu /dev/ttyUSB0 at 9600 8E1, unit 1, every 1 s (timeout 0.5 s a "
-        "request); 2 registers in 2 requests a poll: holding 0-1 (voltage float32); "
-        "input 10-11 (energy_wh uint32)"
+    assert config.describe() == (
+        "modbus rtu /dev/ttyUSB0 at 9600 8E1, unit 1, every 1 s (timeout 0.5 s a request), "
+        "2 registers in 2 requests a poll"
     )
+    assert config.details() == ["holding 0-1: voltage (float32)", "input 10-11: energy_wh (uint32)"]
+    assert not config.TAKES_FORMAT and config.polled()
+
+
+def test_check_names_the_registers_of_each_request_and_how_they_decode() -> None:
+    registers = [
+        {"name": "temp", "address": 5, "type": "int16", "scale": 0.1, "offset": -40.0},
+        {"name": "count", "address": 0, "type": "uint32", "word_order": "little"},
+        {"name": "flags", "address": 2, "type": "uint16"},
+        {"name": "energy", "address": 0, "kind": "input", "type": "float64", "scale": 1000.0},
+        {"name": "relay", "address": 3, "kind": "coil", "type": "bool"},
+    ]
+    config = build(tcp(unit_id=3, registers=registers, poll_interval_s=5.0))
+    assert config.describe() == (
+        "modbus tcp 192.168.1.20:502, unit 3, every 5 s (timeout 0.5 s a request), "
+        "5 registers in 4 requests a poll"
+    )
+    assert config.details() == [
+        "holding 0-2: count (uint32 low word first), flags (uint16)",
+        "holding 5: temp (int16, x 0.1 - 40)",
+        "input 0-3: energy (float64, x 1000)",
+        "coil 3: relay (bool)",
+    ]
+    assert describe(config) == config.describe()
 
 
 def test_the_sample_config_reads() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.agent import Agent
+from edge_agent.buffer import BufferSession
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder
 from tests.helpers import DATASOURCE, serial_connected, serial_source, wait_until, write_config
@@ -94,6 +96,52 @@ def test_a_device_that_never_answers_is_counted_and_the_source_keeps_polling(
         assert serial_connected(agent) and agent.sources["weather"].alive
     finally:
         mute.stop()
+
+
+def buffer_counters(agent: Agent) -> dict[str, int]:
+    session = BufferSession(agent.config.buffer_path)
+    try:
+        return session.stats().counters
+    finally:
+        session.close()
+
+
+def test_polls_that_overrun_the_grid_are_missed_and_counted_as_for_modbus(
+    serial_agent: Callable[..., Agent], tmp_path: Path
+) -> None:
+    """A poll that waits its whole response_timeout_s (here the whole interval) ends past the
+    next grid point: that point is missed, and the next poll waits for the one after. Counted
+    in the source's stats and the buffer's `missed_poll.<source>`, as a Modbus source counts."""
+    mute = PtyResponder(tmp_path / "serial-by-id-usb-mute", lambda request: None).start()
+    try:
+        agent = serial_agent(
+            port=mute.link, request="R\\r\\n", poll_interval_s=0.1, response_timeout_s=0.1
+        )
+        source = agent.sources["weather"]
+        wait_until(lambda: source.stats.timeouts >= 4, what="unanswered polls")
+        source.stop()
+    finally:
+        mute.stop()
+    stats = source.stats
+    assert stats.missed_polls >= stats.timeouts - 1 >= 3, stats
+    assert len(mute.requests) <= stats.timeouts + 1, "no catch-up poll after a missed one"
+    wait_until(
+        lambda: buffer_counters(agent).get("missed_poll.weather") == stats.missed_polls,
+        what="the missed polls in the buffer's counters",
+    )
+
+
+def test_a_long_poll_interval_keeps_the_heartbeat_beating(
+    serial_agent: Callable[..., Agent], responder: PtyResponder
+) -> None:
+    """The watchdog calls a source stalled after 45 s without a heartbeat: a source polling
+    once a minute must beat while it waits, or the service would be restarted."""
+    agent = serial_agent(port=responder.link, request="R\\r\\n", poll_interval_s=60.0)
+    source = agent.sources["weather"]
+    wait_until(lambda: responder.answered == 1, what="the first poll")
+    polled_at = time.monotonic()
+    wait_until(lambda: source.heartbeat > polled_at + 4.0, timeout=15, what="a heartbeat")
+    assert len(responder.requests) == 1 and source.alive
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Self
+from typing import Any, ClassVar, Literal, Protocol, Self
 
 from edge_agent.errors import ConfigError
 from edge_agent.parsers import LineKind
@@ -34,6 +34,9 @@ class SourceConfig:
     `from_table` builds and checks one table; a type adds its checks in `check` and its
     secrets in `with_secrets`, and says in one line what it reads in `describe`.
     """
+
+    # False for a type that decodes by its own settings (Modbus registers), not by `format`.
+    TAKES_FORMAT: ClassVar[bool] = True
 
     name: str
     type: str
@@ -75,6 +78,10 @@ class SourceConfig:
     def describe(self) -> str:
         """What the source reads, in a few words, for `edge-agent check`."""
         return self.type
+
+    def details(self) -> list[str]:
+        """Further lines for `edge-agent check`, one per item (a Modbus source's requests)."""
+        return []
 
     def exposure_warnings(self) -> list[str]:
         """Allowed settings that expose a password of this source, one line each."""

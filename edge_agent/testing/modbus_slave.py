@@ -81,6 +81,11 @@ _METER: tuple[tuple[int, str, Callable[[float], float]], ...] = (
     (70, "frequency", lambda t: 50.0 + 0.05 * math.sin(t / 3.0)),
 )
 _ENERGY_ADDRESS = 342  # total active energy, kWh
+# The simulated meter's map, (name, input register address), for configurations (the demo's).
+METER_MAP: tuple[tuple[str, int], ...] = (
+    *((name, address) for address, name, _ in _METER),
+    ("energy_kwh", _ENERGY_ADDRESS),
+)
 
 
 @dataclass
@@ -437,8 +442,15 @@ class SlaveProcess:
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 15.0) -> SlaveProcess:
+        # A session of its own: Ctrl-C in the demo's terminal is the demo's to handle; the
+        # slave ends when its stdin does (see `stop`), also when its parent is killed.
         self.proc = subprocess.Popen(
-            self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            self.args,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         line = self._line(timeout)
         if not line.startswith("ready "):

@@ -65,6 +65,8 @@ class RegisterConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModbusConfig(SourceConfig):
+    TAKES_FORMAT = False  # each register's type says how its bits are decoded
+
     transport: Transport
     # rtu
     port: str | None = None
@@ -116,6 +118,14 @@ class ModbusConfig(SourceConfig):
         from edge_agent.sources.modbus.registers import describe
 
         return describe(self)
+
+    def details(self) -> list[str]:
+        from edge_agent.sources.modbus.registers import describe_requests
+
+        return describe_requests(self)
+
+    def polled(self) -> bool:
+        return True
 
     def serial_port(self) -> tuple[str, str] | None:
         if self.transport != "rtu" or self.port is None:

@@ -119,13 +119,14 @@ def short_float32(value: float) -> float:
     """The shortest decimal that is the same float32: 230.4, not 230.39999389648438.
 
     A float32 holds 6 to 9 significant digits; sending the float64 it widens to would show
-    digits the device never measured.
+    digits the device never measured. Never longer as text than the value itself: a large
+    whole number (99999997952.0) would gain a digit as 100000000000.0.
     """
     exact = _F32.pack(value)
     for digits in (6, 7, 8):
         short = float(f"{value:.{digits}g}")
         try:
-            if _F32.pack(short) == exact:
+            if _F32.pack(short) == exact and len(repr(short)) <= len(repr(value)):
                 return short
         except OverflowError:  # rounded past the largest float32
             continue
@@ -242,14 +243,33 @@ def decoders(registers: Iterable[RegisterConfig]) -> tuple[Decoder, ...]:
 
 def describe(config: ModbusConfig) -> str:
     """What `edge-agent check` says about a Modbus source: the wire, the unit, the plan."""
-    requests = plan(config.registers)
-    spans = "; ".join(
-        f"{req.span} ({', '.join(f'{r.name} {r.type}' for r in req.registers)})" for req in requests
-    )
-    count = len(config.registers)
+    count, requests = len(config.registers), len(plan(config.registers))
     return (
-        f"modbus {config.name}: {config.transport} {config.framing}, unit {config.unit_id}, "
-        f"every {config.poll_interval_s:g} s (timeout {config.timeout_s:g} s a request); "
-        f"{count} register{'s' if count != 1 else ''} in {len(requests)} "
-        f"request{'s' if len(requests) != 1 else ''} a poll: {spans}"
+        f"modbus {config.transport} {config.framing}, unit {config.unit_id}, every "
+        f"{config.poll_interval_s:g} s (timeout {config.timeout_s:g} s a request), "
+        f"{count} register{'s' if count != 1 else ''} in {requests} "
+        f"request{'s' if requests != 1 else ''} a poll"
     )
+
+
+def describe_requests(config: ModbusConfig) -> list[str]:
+    """One line per request of a poll: `input 342-343: energy_wh (float32 x 1000)`."""
+    return [
+        f"{req.span}: {', '.join(f'{r.name} ({describe_register(r)})' for r in req.registers)}"
+        for req in plan(config.registers)
+    ]
+
+
+def describe_register(reg: RegisterConfig) -> str:
+    """`uint32 low word first, x 10 + 2`: how a register's bits become its value."""
+    how: str = reg.type
+    if reg.word_order == "little" and WORDS[reg.type] > 1:
+        how += " low word first"
+    scaling = []
+    if reg.scale != 1.0:
+        scaling.append(f"x {reg.scale:g}")
+    if reg.offset != 0.0:
+        scaling.append(f"{'+' if reg.offset > 0 else '-'} {abs(reg.offset):g}")
+    if scaling:
+        how += ", " + " ".join(scaling)
+    return how

@@ -3,8 +3,9 @@
 Each poll sends the requests of the register plan (registers.py) while holding the link's
 lock, so sources sharing an RS-485 port never put two requests on the wire at once, and a
 poll's values are read together. A poll's readings share one UTC stamp, taken when its first
-answer arrived. Polls follow a grid of `poll_interval_s` from the start: a poll that runs
-late makes the grid points it overran count as missed, never a burst of catch-up polls.
+answer arrived. Polls follow the grid of sources/polling.py, shared with polled serial: a poll
+that runs late makes the grid points it overran count as missed (`missed_poll.<source>`),
+never a burst of catch-up polls.
 
 Faults never stop the source. A request that got no answer, a garbled answer or an exception
 response is counted (`modbus.<fault>.<source>`), logged once per incident with what to check,
@@ -23,7 +24,7 @@ from edge_agent.clock import Clock, SystemClock, utc_stamp
 from edge_agent.errors import SourceError
 from edge_agent.logs import RateLimitedLog
 from edge_agent.records import Reading, RecordBuilder, Value
-from edge_agent.sources.base import Intake, SourceConfig, ThreadedSource
+from edge_agent.sources.base import Intake, SourceConfig
 from edge_agent.sources.modbus.config import ModbusConfig
 from edge_agent.sources.modbus.link import (
     SHARED_LINKS,
@@ -33,12 +34,12 @@ from edge_agent.sources.modbus.link import (
     RequestFailed,
 )
 from edge_agent.sources.modbus.registers import Decoder, Refused, decoders
+from edge_agent.sources.polling import PolledSource
 
 log = logging.getLogger("edge_agent.sources.modbus")
 
 _FIRST_BACKOFF_S = 0.5
 _BACKOFF_MAX_S = 30.0
-_HEARTBEAT_S = 5.0  # the service's watchdog calls a source stalled after 45 s
 
 _CHECK = {
     "timeout": "check the unit id, the wiring (A/B swapped?), the baudrate and parity, "
@@ -53,34 +54,12 @@ class ModbusStats:
     """Poll and fault counts since start (the persistent counters are in the buffer)."""
 
     polls: int = 0  # polls that read every request
-    missed_polls: int = 0
-    timeouts: int = 0
     garbled: int = 0
     exceptions: int = 0
     disconnects: int = 0
 
 
-class PollGrid:
-    """Poll times on a fixed grid: no drift, and no catch-up burst after a slow poll."""
-
-    def __init__(self, interval: float, start: float) -> None:
-        self.interval = interval
-        self.next_at = start
-
-    def delay(self, now: float) -> float:
-        return max(0.0, self.next_at - now)
-
-    def advance(self, now: float) -> int:
-        """Move past a poll that ended at `now`; returns the grid points it overran."""
-        self.next_at += self.interval
-        if self.next_at > now:
-            return 0
-        missed = int((now - self.next_at) // self.interval) + 1
-        self.next_at += missed * self.interval
-        return missed
-
-
-class ModbusSource(ThreadedSource):
+class ModbusSource(PolledSource):
     def __init__(
         self,
         config: ModbusConfig,
@@ -89,10 +68,9 @@ class ModbusSource(ThreadedSource):
         clock: Clock | None = None,
         links: LinkPool | None = None,
     ) -> None:
-        super().__init__(config.name)
+        super().__init__(config.name, intake)
         self.config = config
-        self.modbus = ModbusStats()
-        self._intake = intake
+        self.modbus = ModbusStats()  # timeouts and missed polls are in `stats`, as for serial
         self._clock = clock or SystemClock()
         self._links = links or SHARED_LINKS
         self._decoders = decoders(config.registers)
@@ -157,32 +135,15 @@ class ModbusSource(ThreadedSource):
             backoff = _FIRST_BACKOFF_S
             self._note_up(link)
             try:
-                self._poll_until_lost(link)
+                self._poll_on_grid(lambda: self._poll(link))
             except SourceError as exc:
                 self.modbus.disconnects += 1
                 self._intake.count(f"modbus.disconnect.{self.name}")
                 self._note_down(str(exc))
                 self._stop.wait(backoff)
 
-    def _poll_until_lost(self, link: Link) -> None:
-        grid = PollGrid(self.config.poll_interval_s, self._clock.monotonic())
-        while not self._wait(grid.delay(self._clock.monotonic())):
-            self._poll(link)
-            grid.interval = self.config.poll_interval_s  # a reload may have changed it
-            missed = grid.advance(self._clock.monotonic())
-            if missed:
-                self.modbus.missed_polls += missed
-                self._intake.count(f"modbus.missed_poll.{self.name}", missed)
-
-    def _wait(self, seconds: float) -> bool:
-        """Sleep until the next poll, beating the heartbeat for the watchdog; True: stop."""
-        end = time.monotonic() + seconds
-        while True:
-            self.heartbeat = now = time.monotonic()
-            if now >= end:
-                return self._stop.is_set()
-            if self._stop.wait(min(end - now, _HEARTBEAT_S)):
-                return True
+    def _poll_interval(self) -> float:
+        return self.config.poll_interval_s
 
     def _poll(self, link: Link) -> None:
         """One poll; raises SourceError when the link is lost."""
@@ -276,8 +237,12 @@ class ModbusSource(ThreadedSource):
         return f"{what}: {exc}; {hint}"
 
     def _fault(self, fault: Fault, key: str, message: str) -> None:
-        counter = {"timeout": "timeouts", "garbled": "garbled", "exception": "exceptions"}[fault]
-        setattr(self.modbus, counter, getattr(self.modbus, counter) + 1)
+        if fault == "timeout":
+            self.stats.timeouts += 1
+        elif fault == "garbled":
+            self.modbus.garbled += 1
+        else:
+            self.modbus.exceptions += 1
         self._intake.count(f"modbus.{fault}.{self.name}")
         self.stats.last_error = message
         seen = self._incident.get(key, 0)

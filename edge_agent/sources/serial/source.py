@@ -5,9 +5,10 @@ the configured parser, values become readings in `RecordBuilder`. pyserial's exc
 translated here: a port that cannot be opened or disappears (USB unplugged) is logged once
 per outage and reopened with backoff; `silence_timeout_s` reopens a port gone quiet.
 
-A polled source (`request` set) writes its request on a monotonic grid and reads one line
-back within `response_timeout_s`. A poll that could not start on time is counted as missed,
-never made up with a burst; an unanswered one is counted and logged once per incident.
+A polled source (`request` set) writes its request on the grid of sources/polling.py (shared
+with Modbus) and reads one line back within `response_timeout_s`. A poll that overran the next
+grid point makes it count as missed, never made up with a burst; an unanswered one is counted
+and logged once per incident.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from edge_agent.errors import ParseError, SourceError
 from edge_agent.logs import RateLimitedLog
 from edge_agent.parsers import LineFramer, make_line_parser
 from edge_agent.records import Reading, RecordBuilder
-from edge_agent.sources.base import Intake, SourceConfig, ThreadedSource
+from edge_agent.sources.base import Intake, SourceConfig
+from edge_agent.sources.polling import PolledSource
 from edge_agent.sources.serial.config import SerialConfig
 from edge_agent.sources.serial.port import open_port
 
@@ -35,7 +37,7 @@ _FIRST_BACKOFF_S = 0.5
 _PORT_KEYS = ("port", "baudrate", "bytesize", "parity", "stopbits", "rtscts", "xonxoff", "rs485")
 
 
-class SerialSource(ThreadedSource):
+class SerialSource(PolledSource):
     def __init__(
         self,
         config: SerialConfig,
@@ -43,9 +45,8 @@ class SerialSource(ThreadedSource):
         intake: Intake,
         clock: Clock | None = None,
     ) -> None:
-        super().__init__(config.name)
+        super().__init__(config.name, intake)
         self.config = config
-        self._intake = intake
         self._clock = clock or SystemClock()
         self._framer = LineFramer(config.max_line_bytes, config.encoding)
         self._parse = make_line_parser(config.line_format())
@@ -128,7 +129,7 @@ class SerialSource(ThreadedSource):
 
     def _read_until_lost(self, port: serial.Serial) -> None:
         if self.config.request is not None:
-            self._poll_until_lost(port)
+            self._poll_on_grid(lambda: self._poll_once(port))
             return
         silence = self.config.silence_timeout_s
         last_data = time.monotonic()
@@ -146,21 +147,8 @@ class SerialSource(ThreadedSource):
 
     # -- polled ---------------------------------------------------------------------------
 
-    def _poll_until_lost(self, port: serial.Serial) -> None:
-        """Poll on a grid of `poll_interval_s` from the first poll; never catch up in a burst."""
-        next_at = time.monotonic()
-        while not self._stop.is_set():
-            now = time.monotonic()
-            if now < next_at and self._stop.wait(next_at - now):
-                return
-            now = time.monotonic()
-            interval = self.config.poll_interval_s
-            missed = int((now - next_at) // interval)
-            if missed > 0:
-                self.stats.missed_polls += missed
-            next_at += (missed + 1) * interval
-            self.heartbeat = now
-            self._poll_once(port)
+    def _poll_interval(self) -> float:
+        return self.config.poll_interval_s
 
     def _poll_once(self, port: serial.Serial) -> None:
         """Write the request and read one line back, or count the poll as unanswered."""
