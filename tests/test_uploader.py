@@ -130,6 +130,7 @@ def endpoint(**overrides: Any) -> EndpointConfig:
         timeout_s=2.0,
         backoff_base_s=0.01,
         backoff_max_s=0.05,
+        reconnect_probe_s=0.1,
     )
     return replace(base, **overrides)
 
@@ -168,8 +169,10 @@ class Harness:
         token: str = "good",
         token_source: Callable[[], Secret] | None = None,
         rng: random.Random | None = None,
+        probe: Callable[[EndpointConfig], str | None] = lambda ep: None,
         **overrides: Any,
     ) -> Uploader:
+        """`probe` stands for the link: the fake API's host is no real one to dial."""
         up = Uploader(
             endpoint(**overrides),
             Secret(token),
@@ -177,6 +180,7 @@ class Harness:
             transport=httpx.MockTransport(api),
             rng=rng or random.Random(1),
             token_source=token_source,
+            probe=probe,
         )
         up.start()
         self.uploaders.append(up)
