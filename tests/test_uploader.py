@@ -14,9 +14,7 @@ import itertools
 import json
 import logging
 import random
-import shutil
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
@@ -660,38 +658,6 @@ def test_requests_go_through_the_proxy_from_the_environment_or_config(
         wait_until(lambda: settled(harness), what="delivery through the proxy")
         # A forward proxy gets the absolute URL: the request went through it.
         assert proxy.seen == ["http://ingest.invalid/restapi/datasource/insert"]
-
-
-@pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def test_an_untrusted_certificate_is_retried_with_a_hint_and_ca_file_fixes_it(
