@@ -178,17 +178,15 @@ class Uplink:
         match phase.state:
             case State.DOWN:
                 left = max(0.0, (phase.next_probe or now) - now)
-                since = _utc(phase.since_wall or wall)
-                when = f"next probe in {left:.0f} s" if left >= 0.5 else "probing now"
-                return UplinkView(
-                    "down", phase.since_wall, left, None, f"down since {since}, {when}"
-                )
+                when = f"next probe in {_seconds(left)}" if left > 0 else "probing now"
+                text = f"down since {_utc(phase.since_wall or wall)}, {when}"
+                return UplinkView("down", phase.since_wall, left, None, text)
             case State.REFUSING:
                 left = max(0.0, (phase.until or now) - now)
                 until = wall + left
                 text = (
-                    f"server refusing: backing off until {_utc(until)} (in {left:.0f} s)"
-                    if left >= 0.5
+                    f"server refusing: backing off until {_utc(until)} (in {_seconds(left)})"
+                    if left > 0
                     else "server refusing: retrying now"
                 )
                 return UplinkView("refusing", phase.since_wall, None, until, text)
@@ -198,6 +196,10 @@ class Uplink:
     def _set(self, phase: _Phase) -> None:
         with self._lock:
             self._phase = phase
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def _utc(wall: float) -> str:

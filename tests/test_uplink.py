@@ -96,7 +96,7 @@ def test_down_waits_a_period_then_probes_until_one_gets_through(tmp_path: Path) 
     assert 8.0 <= first <= 12.0
     view = up.view()
     assert view.state == "down" and view.since == WALL
-    assert view.summary == f"down since 2027-01-15 08:00:00 UTC, next probe in {first:.0f} s"
+    assert view.summary == f"down since 2027-01-15 08:00:00 UTC, next probe in {first:.1f} s"
     clock.advance(first)
     assert up.until_probe() == 0.0
     assert up.view().summary.endswith("probing now")

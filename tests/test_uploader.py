@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import random
+import socket
 import ssl
 import tempfile
 import threading
@@ -570,6 +571,75 @@ def test_retry_after_is_honoured_in_seconds_and_as_an_http_date(harness: Harness
     gaps = [b.at - a.at for a, b in zip(api.sent, api.sent[1:], strict=False)]
     assert len(gaps) == 2
     assert gaps[0] >= 0.9 and gaps[1] >= 0.9
+
+
+# --------------------------------------------------------------------------- nothing answers
+
+
+def test_while_nothing_answers_probes_replace_requests_and_one_that_gets_through_sends_at_once(
+    harness: Harness,
+) -> None:
+    link_up = threading.Event()
+    probes: list[float] = []
+
+    def rule(sent: Sent) -> int:
+        if not link_up.is_set():
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        return 200
+
+    def probe(ep: EndpointConfig) -> str | None:
+        probes.append(time.monotonic())
+        return None if link_up.is_set() else "ConnectionRefusedError: [Errno 111] refused"
+
+    api = FakeApi(rule)
+    harness.put([record(1)])
+    # A backoff of up to 5 minutes from the first failure: only the probe can be this quick.
+    up = harness.start(
+        api, probe=probe, reconnect_probe_s=0.2, backoff_base_s=300.0, backoff_max_s=300.0
+    )
+    wait_until(lambda: len(probes) >= 3, what="probes while the link is down")
+    assert len(api.sent) == 1, "no batch goes out while the link is down"
+    view = up.uplink.view()
+    assert view.state == "down" and view.summary.startswith("down since ")
+    assert harness.logs.matching("retrying as soon as the link is back", logging.WARNING)
+    link_up.set()
+    wait_until(lambda: settled(harness), what="delivery once a probe got through")
+    assert len(api.sent) == 2
+    assert api.sent[1].at - probes[-1] < 1.0  # at once, not after a backoff
+    assert up.uplink.view().state == "up"
+    assert harness.logs.matching("can be reached again after")
+    assert up.stats.retries == 1
+
+
+def test_a_connect_timeout_is_nothing_answered_not_a_stall(harness: Harness) -> None:
+    """A listener whose backlog is full drops new connections' SYNs: connecting times out."""
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = full.getsockname()[1]
+    waiting = []
+    for _ in range(3):
+        conn = socket.socket()
+        conn.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            conn.connect(("127.0.0.1", port))
+        waiting.append(conn)
+    try:
+        url = f"http://127.0.0.1:{port}/restapi/datasource/insert"
+        up = Uploader(
+            endpoint(url=url, timeout_s=0.5, reconnect_probe_s=0.5), Secret("t"), harness.buffer
+        )
+        up.start()
+        harness.uploaders.append(up)
+        harness.put([record(1)])
+        wait_until(lambda: up.uplink.down, what="the link found down")
+        assert up.stats.requests["error"] == 1 and up.stats.requests["stalled"] == 0
+        assert "ConnectTimeout" in (up.stats.last_error or "")
+        # The probes time out too (they dial the same full listener): still down, no request.
+        time.sleep(1.5)
+        assert up.uplink.down and sum(up.stats.requests.values()) == 1
+    finally:
+        for conn in waiting:
+            conn.close()
+        full.close()
 
 
 # --------------------------------------------------------------------------- TLS and proxies
