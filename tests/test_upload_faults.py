@@ -623,9 +623,11 @@ def test_a_captive_portal_keeps_the_readings_says_so_and_turns_healthz_unhealthy
     sandbox.set_faults(Faults(portal=True))
     port = free_port()
     base = f"http://127.0.0.1:{port}/"
-    config = agent_config(tmp_path, sandbox, pty_sensor)
-    config.write_text(
-        config.read_text() + f'\n[status]\nlisten = "127.0.0.1:{port}"\nunhealthy_after_s = 1.0\n'
+    config = agent_config(
+        tmp_path,
+        sandbox,
+        pty_sensor,
+        status={"listen": f"127.0.0.1:{port}", "unhealthy_after_s": 1.0},
     )
     agent = AgentProcess(config, tmp_path / "agent.log").start()
     try:
