@@ -623,12 +623,8 @@ def test_a_captive_portal_keeps_the_readings_says_so_and_turns_healthz_unhealthy
     sandbox.set_faults(Faults(portal=True))
     port = free_port()
     base = f"http://127.0.0.1:{port}/"
-    config = agent_config(
-        tmp_path,
-        sandbox,
-        pty_sensor,
-        status={"listen": f"127.0.0.1:{port}", "unhealthy_after_s": 1.0},
-    )
+    status = {"listen": f"127.0.0.1:{port}", "unhealthy_after_s": 1.0}
+    config = agent_config(tmp_path, sandbox, pty_sensor, status=status)
     agent = AgentProcess(config, tmp_path / "agent.log").start()
     try:
         agent.wait_log("serial weather: reading")
