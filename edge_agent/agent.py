@@ -304,6 +304,7 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
             "last_error": up.last_error,
             "failing_for_s": None if up.failing_since is None else now_mono - up.failing_since,
             "paused": dict(up.paused),
+            "uplink": asdict(agent.uploader.uplink.view()),
         },
         "clock": {
             "trusted": guard is None or guard.trusted,

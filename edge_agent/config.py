@@ -80,6 +80,7 @@ class EndpointConfig:
     timeout_s: float = 10.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
+    reconnect_probe_s: float = 10.0
     record_id_field: str | None = None
     gzip: bool = False
     verify_tls: bool = True
@@ -298,6 +299,7 @@ def _check_endpoint(ep: EndpointConfig, where: str) -> None:
     check_range(ep.timeout_s, 0.1, 600.0, f"{w} timeout_s")
     check_range(ep.backoff_base_s, 0.01, 3600.0, f"{w} backoff_base_s")
     check_range(ep.backoff_max_s, ep.backoff_base_s, 86_400.0, f"{w} backoff_max_s")
+    check_range(ep.reconnect_probe_s, 0.1, 3600.0, f"{w} reconnect_probe_s")
     for key in ("ca_file", "client_cert", "client_key"):
         value = getattr(ep, key)
         if value is not None and not Path(value).is_file():

@@ -71,6 +71,7 @@ flush_interval_s = 1.0
 timeout_s = 5.0
 backoff_base_s = 0.5
 backoff_max_s = 4.0
+reconnect_probe_s = 2.0
 
 [buffer]
 commit_interval_ms = 200

@@ -13,7 +13,8 @@ wakes a read or a write blocked inside httpx (headers sent a byte at a time, a r
 the server does not take). The sockets are learnt from httpcore's `trace` extension as
 connections open; one Exchange serves one thread, so the only request in flight on them is
 ours. httpx errors pass through to the caller, which translates them, except those caused by
-the deadline: they become `Stalled`.
+the deadline once connected: they become `Stalled`. `NO_CONNECTION` errors always pass: no
+connection was made, so nothing answered (the uploader then probes the link).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import httpx
 # Events of httpcore's `trace` extension whose return value is a new network stream.
 _STREAM_EVENTS = frozenset({"connection.connect_tcp.complete", "connection.start_tls.complete"})
 _SENT_EVENT = "http11.send_request_body.complete"
+# The connection itself failed: refused, DNS, unreachable, connect timeout, TLS handshake.
+NO_CONNECTION = (httpx.ConnectError, httpx.ConnectTimeout)
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,10 @@ class Exchange:
                         break  # past the limit: closing the response drops the rest
             finally:
                 response.close()
-        except httpx.HTTPError:
-            if time.monotonic() >= deadline:  # our timer cut the connection
+        except httpx.HTTPError as exc:
+            # Our timer cut the connection; but a connection never made (refused, timed out
+            # connecting, a failed TLS handshake) is the caller's news whenever it comes.
+            if time.monotonic() >= deadline and not isinstance(exc, NO_CONNECTION):
                 return self._stalled(timeout_s, status, body.received)
             raise
         finally:

@@ -491,6 +491,14 @@ def _upload_metrics(out: _Exposition, uploader: dict[str, Any]) -> None:
         'sent, "stalled" when the answer was not complete within timeout_s.',
         [({"status": str(s)}, n) for s, n in sorted(requests.items())],
     )
+    state = _part(uploader, "uplink").get("state")
+    out.family(
+        "uplink_state",
+        "gauge",
+        'The uplink, 1 for its state: "up", "down" (nothing answers: probing every '
+        'reconnect_probe_s) or "refusing" (the server answers with failures: backing off).',
+        [({"state": s}, s == state) for s in _UPLINK_STATES] if state else [],
+    )
     paused = uploader.get("paused") or {}
     out.family(
         "uploads_paused",
@@ -499,6 +507,9 @@ def _upload_metrics(out: _Exposition, uploader: dict[str, Any]) -> None:
         "is refused (401) and nothing is uploaded.",
         [({"scope": str(scope)}, 1) for scope in sorted(paused)],
     )
+
+
+_UPLINK_STATES = ("up", "down", "refusing")
 
 
 # -- the HTML page -----------------------------------------------------------------------
@@ -678,6 +689,7 @@ def _page_uploads(uploader: dict[str, Any], clock: dict[str, Any], now: float) -
     )
     facts = [
         ("uploaded", _plural(int(uploader.get("records_uploaded") or 0), "record")),
+        ("uplink", _part(uploader, "uplink").get("summary") or "unknown"),
         ("last success", _when(uploader.get("last_success"), now)),
         ("failing for", _duration(failing) if failing is not None else "not failing"),
         ("last error", uploader.get("last_error") or "none"),
@@ -872,6 +884,9 @@ def _upload_lines(uploader: dict[str, Any], now: float) -> list[str]:
         f"requests {by_status}, {_plural(int(uploader.get('retries') or 0), 'retry', 'retries')}; "
         f"last success {_when(uploader.get('last_success'), now)}"
     ]
+    uplink = _part(uploader, "uplink").get("summary")
+    if uplink:
+        lines.append(f"  uplink: {uplink}")
     if uploader.get("failing_for_s") is not None:
         lines.append(f"  failing for {_duration(uploader['failing_for_s'])}")
     if uploader.get("last_error"):

@@ -2,9 +2,11 @@
 
 It owns the decision table of the design (what each answer of the server does to a batch)
 and its pacing: exponential backoff with full jitter, `Retry-After`, pauses per data source
-(403) or for everything (401, 404). Readings are never held only in memory: a batch is
-deleted from the buffer only after a 2xx, moved to `dead_letters` only after the server
-refused the single record, and otherwise simply read again on the next round.
+(403) or for everything (401, 404), and probing instead of sending while nothing answers at
+all (`uplink.py`: the link is down, and the agent must notice soon that it is back).
+Readings are never held only in memory: a batch is deleted from the buffer only after a
+2xx, moved to `dead_letters` only after the server refused the single record, and otherwise
+simply read again on the next round.
 
 `send_batch` is the boundary with httpx: its exceptions and status codes become `Answer`s
 here, once. Tests pass an `httpx.MockTransport` (unit) or point the URL at the sandbox.
@@ -39,8 +41,9 @@ from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.config import EndpointConfig, Secret
 from edge_agent.credentials import redact
 from edge_agent.errors import ConfigError
-from edge_agent.exchange import Exchange, Reply, Stalled
+from edge_agent.exchange import NO_CONNECTION, Exchange, Reply, Stalled
 from edge_agent.logs import RateLimitedLog, printable
+from edge_agent.uplink import ROUTE_CHECK_S, Uplink, probe, target_for
 
 log = logging.getLogger("edge_agent.uploader")
 
@@ -76,6 +79,7 @@ class Verdict(enum.Enum):
     TOO_LARGE = "too large"  # 413: split and lower the byte limit
     NO_GZIP = "no gzip"  # 415 while compressing: send plain JSON from now on
     TRANSIENT = "transient"  # 408, 429, 5xx, network, stalled: back off and retry
+    UNREACHABLE = "unreachable"  # no connection (refused, DNS, TLS...): probe until it is back
     NOT_THE_API = "not the API"  # a 2xx that is not a JSON object: a portal answered; retry
     CANNOT_SEND = "cannot send"  # the request could not be built or sent: pause everything
 
@@ -298,6 +302,7 @@ class Uploader:
         transport: httpx.BaseTransport | None = None,
         rng: random.Random | None = None,
         token_source: Callable[[], Secret] | None = None,
+        probe: Callable[[EndpointConfig], str | None] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._token = token
@@ -324,6 +329,8 @@ class Uploader:
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
         self.stats = UploaderStats()
         self.heartbeat = time.monotonic()
+        self.uplink = Uplink(endpoint.reconnect_probe_s, rng=self._rng)
+        self._probe = probe or self._probe_link
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -438,6 +445,7 @@ class Uploader:
         self._byte_limit = limit or endpoint.max_batch_bytes
         self._gzip = endpoint.gzip
         self._failures = 0
+        self.uplink.reset(endpoint.reconnect_probe_s)
         self._lift_pauses()
 
     def _round(self, session: BufferSession) -> None:
@@ -446,6 +454,8 @@ class Uploader:
         wait = self._pause_remaining(now)
         if wait > 0:
             self._sleep(wait)
+            return
+        if self.uplink.down and not self._link_back():
             return
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
         batch = session.next_batch(self.endpoint.max_batch_records, self._byte_limit, excluded)
@@ -548,6 +558,8 @@ class Uploader:
             part = todo.pop()
             self._carried.update(part.ids)
             answer = self.send_batch(self._client, part)
+            if answer.status is not None:
+                self.uplink.answered()
             halves = self._decide(session, part, answer, split)
             if halves is None:
                 break  # transient or paused: the rest is read again later
@@ -579,6 +591,9 @@ class Uploader:
             return [batch]
         if v in (Verdict.BAD_RECORDS, Verdict.TOO_LARGE):
             return self._split_or_dead_letter(session, batch, answer, split)
+        if v is Verdict.UNREACHABLE:
+            self._link_down(answer)
+            return None
         self._failed(answer)
         if v in (Verdict.TRANSIENT, Verdict.NOT_THE_API):
             self._back_off(answer)
@@ -678,7 +693,9 @@ class Uploader:
             # Also a lost answer (connection closed after the request went out): the batch
             # is sent again, so the server may get it twice (at-least-once).
             self.stats.requests["error"] += 1
-            return Answer(Verdict.TRANSIENT, None, printable(_network_message(exc), 400))
+            nothing = isinstance(exc, NO_CONNECTION)  # no connection, so nothing answered
+            verdict = Verdict.UNREACHABLE if nothing else Verdict.TRANSIENT
+            return Answer(verdict, None, printable(_network_message(exc), 400))
         except Exception as exc:
             # The boundary: anything else raised while building or sending (a token HTTP
             # cannot carry, a bug) is a failed upload like any other, not a crash loop.
@@ -718,6 +735,7 @@ class Uploader:
             for logged in [k for k in self._last_logged if k.startswith(f"pause:{key}:")]:
                 del self._last_logged[logged]
         self._failures = 0
+        self.uplink.answered()
         self._last_logged.pop("unexpected", None)  # the next one is a new incident
         self.stats.records_uploaded += records
         self.stats.last_success = time.time()
@@ -756,7 +774,56 @@ class Uploader:
             force=self._failures == 1,
             every=TRANSIENT_REPEAT_LOG_S,
         )
+        self.uplink.refusing(delay)
         self._sleep(delay)
+
+    # -- while nothing answers -------------------------------------------------------------
+
+    def _link_down(self, answer: Answer) -> None:
+        """No connection could be made: send nothing more until a probe gets through."""
+        first = self.stats.failing_since is None
+        self._failed(answer)
+        self.stats.retries += 1
+        self.uplink.unreachable()
+        target = target_for(self.endpoint, self._transport is None)
+        self._log_limited(
+            "failed:unreachable",
+            logging.WARNING,
+            f"uploader: upload to {self.endpoint.url} failed ({answer.message}); readings are "
+            f"kept, retrying as soon as the link is back (probing {target} every "
+            f"{self.uplink.probe_every_s:g} s)",
+            force=first,
+            every=TRANSIENT_REPEAT_LOG_S,
+        )
+        self._last_logged["probe"] = time.monotonic()  # the next line about it in a minute
+
+    def _link_back(self) -> bool:
+        """While the link is down: probe when due; True once a probe got through."""
+        wait = self.uplink.until_probe()
+        if wait > 0:
+            self._sleep(min(wait, ROUTE_CHECK_S))
+            return False
+        why = self._probe(self.endpoint)
+        target = target_for(self.endpoint, self._transport is None)
+        if why is not None:
+            self.uplink.probe_failed()
+            self._log_limited(
+                "probe",
+                logging.WARNING,
+                f"uploader: {target} still cannot be reached ({why}); readings are kept, "
+                f"{self.uplink.view().summary}",
+                every=TRANSIENT_REPEAT_LOG_S,
+            )
+            return False
+        down_s = self.uplink.probe_succeeded()
+        self._failures = 0  # the backoff starts afresh: the link is back, send at once
+        log.info("uploader: %s can be reached again after %.0f s; sending now", target, down_s)
+        return True
+
+    def _probe_link(self, ep: EndpointConfig) -> str | None:
+        # The proxies of the environment apply as they do to requests (not to a transport
+        # handed in, which decides alone how requests travel).
+        return probe(target_for(ep, self._transport is None), ep.timeout_s, tls_context(ep))
 
     def _pause(self, key: str, answer: Answer, message: str) -> None:
         self._paused_until[key] = time.monotonic() + PAUSE_S

@@ -71,6 +71,7 @@ def write_config(
         "timeout_s": 5.0,
         "backoff_base_s": 0.05,
         "backoff_max_s": 0.5,
+        "reconnect_probe_s": 0.5,
         **(endpoint or {}),
     }
     sections = {

@@ -282,6 +282,26 @@ def test_metrics_follow_changes(server: StatusServer, state: dict[str, Any]) -> 
     assert value(m, "upload_last_success_timestamp_seconds") == 0
 
 
+def test_the_uplink_state_is_in_metrics_on_the_page_and_in_the_terminal(
+    server: StatusServer, state: dict[str, Any]
+) -> None:
+    summary = "down since 2027-01-15 08:00:00 UTC, next probe in 7.0 s"
+    state["uploader"]["uplink"] = {
+        "state": "down",
+        "since": NOW - 120,
+        "next_probe_in_s": 7.0,
+        "backing_off_until": None,
+        "summary": summary,
+    }
+    m = scrape(server)
+    assert value(m, "uplink_state", state="down") == 1
+    assert value(m, "uplink_state", state="up") == 0
+    assert value(m, "uplink_state", state="refusing") == 0
+    assert summary in get(server, "/").text
+    assert get(server, "/status.json").json()["uploader"]["uplink"]["summary"] == summary
+    assert f"  uplink: {summary}" in render_status_text(state, NOW).splitlines()
+
+
 def test_label_values_are_escaped(server: StatusServer, state: dict[str, Any]) -> None:
     awkward = 'ds "quoted" back\\slash\nnewline'
     state["buffer"]["pending"] = {awkward: 7}

@@ -34,10 +34,18 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor
 from edge_agent.status import health
+from edge_agent.uplink import PROBE_JITTER
 from edge_agent.uploader import split_bound
 from tests.conftest import free_port
-from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_service import agent_config, edge_agent_status, healthz, write_lines
+from tests.helpers import (
+    DATASOURCE,
+    TOKEN,
+    AgentProcess,
+    serial_source,
+    wait_until,
+    write_config,
+)
+from tests.test_service import agent_config, edge_agent_status, healthz, with_status, write_lines
 from tests.test_uploader import LogLines
 
 POISON = {"kind": "poison"}  # the sandbox rule that refuses a record
@@ -408,6 +416,98 @@ def test_random_503s_delay_but_deliver_everything(
     assert seqs(stored(sandbox)) == list(range(500))
     assert sandbox.stats()["by_status"]["503"] > 0
     assert run.dead_letters() == []
+
+
+# --------------------------------------------------------------------------- the uplink
+
+
+def test_after_an_outage_the_first_batch_arrives_within_a_probe_period_of_the_return(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    """The sandbox refuses connections (stopped, its port kept), then comes back on that port.
+
+    The backoff is set to what a gateway reaches after a long outage with the defaults (its
+    cap, 300 s): backing off alone, the first batch would come up to 5 minutes after the
+    return. The probe period is shortened from its default (10 s) to keep the test short;
+    the bound is relative to it.
+    """
+    probe_s, timeout_s = 1.0, 5.0
+    status_port = free_port()
+    config = with_status(
+        agent_config(
+            tmp_path,
+            sandbox,
+            pty_sensor,
+            endpoint={
+                "reconnect_probe_s": probe_s,
+                "timeout_s": timeout_s,
+                "backoff_base_s": 300.0,
+                "backoff_max_s": 300.0,
+            },
+        ),
+        status_port,
+    )
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    try:
+        agent.wait_log("serial weather: reading")
+        written = write_lines(pty_sensor, 0, 10)
+        wait_until(lambda: len(sandbox.records()) == written, what="the lines before the outage")
+        before = written
+        port = sandbox.port
+        sandbox.stop()
+        written = write_lines(pty_sensor, written, 10)
+        agent.wait_log("retrying as soon as the link is back")
+
+        # The operator sees the state: status --json, /metrics.
+        uplink = json.loads(edge_agent_status(config, "--json").stdout)["uploader"]["uplink"]
+        assert uplink["state"] == "down", uplink
+        assert uplink["summary"].startswith("down since "), uplink
+        metrics = httpx.get(f"http://127.0.0.1:{status_port}/metrics", trust_env=False).text
+        assert 'edge_agent_uplink_state{state="down"} 1' in metrics
+        time.sleep(3 * probe_s)  # probes find the port closed meanwhile
+
+        back = Sandbox(
+            port=port, tokens=[TOKEN], datasources=[DATASOURCE], db_path=tmp_path / "sbx.db"
+        ).start()
+        returned = time.monotonic()
+        try:
+            wait_until(lambda: len(back.records()) > before, timeout=60, what="a record")
+            took = time.monotonic() - returned
+            # One probe period with its jitter, then one request (at most timeout_s).
+            assert took <= probe_s * (1 + PROBE_JITTER) + timeout_s, took
+            wait_until(lambda: len(back.records()) >= written, what="the whole backlog")
+            assert sorted(int(r["seq"]) for r in back.records()) == list(range(written))
+        finally:
+            back.stop()
+        agent.wait_log("can be reached again after")
+        assert agent.terminate() == 0
+    finally:
+        agent.ensure_dead()
+
+
+def test_a_server_answering_503_throughout_still_sees_exponential_backoff(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    """An answer is not a dead link: no probing, the backoff paces the requests."""
+    sandbox.set_faults(Faults(status=503))
+    # Probes (if they were used) would send a batch every 0.1 s: ~80 requests in the window.
+    run = start_agent(reconnect_probe_s=0.1, backoff_base_s=0.2, backoff_max_s=2.0)
+    run.put([record(i) for i in range(10)])
+    wait_until(lambda: sandbox.stats()["requests"] >= 1, what="a first 503")
+    uplink = run.agent.uploader.uplink
+    wait_until(
+        lambda: uplink.view().summary.startswith("server refusing: backing off until "),
+        what="the refusing state",
+    )
+    first = sandbox.stats()["requests"]
+    window = 8.0
+    time.sleep(window)
+    requests = sandbox.stats()["requests"] - first
+    # Full jitter under ceilings of 0.2, 0.4, 0.8, 1.6 then 2 s: about a dozen requests on
+    # average in the window; 25 allows for luck, and no probing pace comes near it.
+    assert 2 <= requests <= 25, requests
+    assert not uplink.down
+    assert sandbox.records() == [] and run.pending() == 10
 
 
 def test_lost_answers_cause_duplicates_only_of_their_batches_and_ids_dedupe_them(

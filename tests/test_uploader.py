@@ -14,9 +14,8 @@ import itertools
 import json
 import logging
 import random
-import shutil
+import socket
 import ssl
-import subprocess
 import tempfile
 import threading
 import time
@@ -130,6 +129,7 @@ def endpoint(**overrides: Any) -> EndpointConfig:
         timeout_s=2.0,
         backoff_base_s=0.01,
         backoff_max_s=0.05,
+        reconnect_probe_s=0.1,
     )
     return replace(base, **overrides)
 
@@ -168,8 +168,10 @@ class Harness:
         token: str = "good",
         token_source: Callable[[], Secret] | None = None,
         rng: random.Random | None = None,
+        probe: Callable[[EndpointConfig], str | None] = lambda ep: None,
         **overrides: Any,
     ) -> Uploader:
+        """`probe` stands for the link: the fake API's host is no real one to dial."""
         up = Uploader(
             endpoint(**overrides),
             Secret(token),
@@ -177,6 +179,7 @@ class Harness:
             transport=httpx.MockTransport(api),
             rng=rng or random.Random(1),
             token_source=token_source,
+            probe=probe,
         )
         up.start()
         self.uploaders.append(up)
@@ -570,6 +573,75 @@ def test_retry_after_is_honoured_in_seconds_and_as_an_http_date(harness: Harness
     assert gaps[0] >= 0.9 and gaps[1] >= 0.9
 
 
+# --------------------------------------------------------------------------- nothing answers
+
+
+def test_while_nothing_answers_probes_replace_requests_and_one_that_gets_through_sends_at_once(
+    harness: Harness,
+) -> None:
+    link_up = threading.Event()
+    probes: list[float] = []
+
+    def rule(sent: Sent) -> int:
+        if not link_up.is_set():
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        return 200
+
+    def probe(ep: EndpointConfig) -> str | None:
+        probes.append(time.monotonic())
+        return None if link_up.is_set() else "ConnectionRefusedError: [Errno 111] refused"
+
+    api = FakeApi(rule)
+    harness.put([record(1)])
+    # A backoff of up to 5 minutes from the first failure: only the probe can be this quick.
+    up = harness.start(
+        api, probe=probe, reconnect_probe_s=0.2, backoff_base_s=300.0, backoff_max_s=300.0
+    )
+    wait_until(lambda: len(probes) >= 3, what="probes while the link is down")
+    assert len(api.sent) == 1, "no batch goes out while the link is down"
+    view = up.uplink.view()
+    assert view.state == "down" and view.summary.startswith("down since ")
+    assert harness.logs.matching("retrying as soon as the link is back", logging.WARNING)
+    link_up.set()
+    wait_until(lambda: settled(harness), what="delivery once a probe got through")
+    assert len(api.sent) == 2
+    assert api.sent[1].at - probes[-1] < 1.0  # at once, not after a backoff
+    assert up.uplink.view().state == "up"
+    assert harness.logs.matching("can be reached again after")
+    assert up.stats.retries == 1
+
+
+def test_a_connect_timeout_is_nothing_answered_not_a_stall(harness: Harness) -> None:
+    """A listener whose backlog is full drops new connections' SYNs: connecting times out."""
+    full = socket.create_server(("127.0.0.1", 0), backlog=0)
+    port = full.getsockname()[1]
+    waiting = []
+    for _ in range(3):
+        conn = socket.socket()
+        conn.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            conn.connect(("127.0.0.1", port))
+        waiting.append(conn)
+    try:
+        url = f"http://127.0.0.1:{port}/restapi/datasource/insert"
+        up = Uploader(
+            endpoint(url=url, timeout_s=0.5, reconnect_probe_s=0.5), Secret("t"), harness.buffer
+        )
+        up.start()
+        harness.uploaders.append(up)
+        harness.put([record(1)])
+        wait_until(lambda: up.uplink.down, what="the link found down")
+        assert up.stats.requests["error"] == 1 and up.stats.requests["stalled"] == 0
+        assert "ConnectTimeout" in (up.stats.last_error or "")
+        # The probes time out too (they dial the same full listener): still down, no request.
+        time.sleep(1.5)
+        assert up.uplink.down and sum(up.stats.requests.values()) == 1
+    finally:
+        for conn in waiting:
+            conn.close()
+        full.close()
+
+
 # --------------------------------------------------------------------------- TLS and proxies
 
 
@@ -656,38 +728,6 @@ def test_requests_go_through_the_proxy_from_the_environment_or_config(
         wait_until(lambda: settled(harness), what="delivery through the proxy")
         # A forward proxy gets the absolute URL: the request went through it.
         assert proxy.seen == ["http://ingest.invalid/restapi/datasource/insert"]
-
-
-@pytest.fixture
-def self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
 
 
 def test_an_untrusted_certificate_is_retried_with_a_hint_and_ca_file_fixes_it(
