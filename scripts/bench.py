@@ -79,8 +79,7 @@ class Sizes:
     serial_paced: int  # lines written at 115200 baud
     mqtt_messages: int
     totals_readings: int  # readings put and deleted to measure the totals' triggers
-    pi_seconds: float  # live input of the Pi-class run
-    pi_backlog: int  # readings it drains meanwhile
+    pi_seconds: float  # live input of the Pi-class run (which drains `backlog` meanwhile)
     pi_mqtt_messages: int  # per subscriber, for its MQTT ratio
     settle_s: float = 5.0  # how long the agent runs before its memory is read
 
@@ -93,7 +92,6 @@ QUICK = Sizes(
     mqtt_messages=5_000,
     totals_readings=50_000,
     pi_seconds=20,
-    pi_backlog=20_000,
     pi_mqtt_messages=5_000,
 )
 FULL = Sizes(
@@ -104,7 +102,6 @@ FULL = Sizes(
     mqtt_messages=50_000,
     totals_readings=200_000,
     pi_seconds=60,
-    pi_backlog=200_000,
     pi_mqtt_messages=20_000,
 )
 
@@ -1628,8 +1625,8 @@ def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_mqtt
 
-    d = b.fresh_dir("pi")
-    filled = b.worker("fill", "--dir", str(d), "--readings", str(b.sizes.pi_backlog))
+    _, filled = b.backlog()
+    d = b.backlog_copy("pi").parent
     master, slave = os.openpty()
     tty.setraw(slave)
     lines = int(b.sizes.pi_seconds * BAUD_BYTES_S / len(serial_line(0)))
@@ -1679,6 +1676,7 @@ def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
         broker.wait(30)
         os.close(master)
         os.close(slave)
+        b.drop_copies()
 
 
 def _pi_drive(
