@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +87,6 @@ class TotalsMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        import tempfile
-
         self.dir = Path(tempfile.mkdtemp(prefix="totals-"))
         self.db = self.dir / "buffer.db"
         self.clock = FakeClock(BUILD_EPOCH + 86400)
@@ -105,8 +105,6 @@ class TotalsMachine(RuleBasedStateMachine):
     def teardown(self) -> None:
         self.session.close()
         self.buffer.close()
-        import shutil
-
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _readings(self, ds: str, n: int, wide: bool, text: str, mono: bool) -> list[Reading]:
