@@ -1,6 +1,6 @@
 """Benchmarks of the agent, each row measured against a baseline in the same run.
 
-    ./scripts/bench [--quick] [--rows ingest,footprint,drain,serial,mqtt] [--json FILE]
+    ./scripts/bench [--quick] [--rows ingest,footprint,drain,serial,mqtt,health,pi] [--json FILE]
 
 Prints a description of the machine, the command line and ONE markdown table. The machine is
 assumed to be shared and noisy, so no figure stands alone: each is put next to a baseline
