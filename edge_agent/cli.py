@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent import __version__, lock, sandbox
-from edge_agent.buffer import BufferSession, Imported
+from edge_agent.buffer import BufferSession, BufferStats, Imported, Recount
 from edge_agent.clock import utc_stamp
 from edge_agent.config import Config, load_config, parse_duration, resolve_token
 from edge_agent.credentials import exposure_warnings
@@ -38,7 +38,8 @@ log = logging.getLogger("edge_agent.cli")
 EXIT_CODES = """exit status:
   0  success (status: the agent is healthy)
   1  a runtime failure (status: the agent is unhealthy; run --once: a source gave nothing;
-     modbus read: the device did not answer, or its port is busy)
+     modbus read: the device did not answer, or its port is busy;
+     buffer stats --recount: the running totals differed from the count, now corrected)
   2  a configuration or usage error, or the buffer is in use by another agent
   3  status: the agent is not running (only the buffer's figures are shown)
   4  status: the agent runs, but its status endpoint is off or does not answer
@@ -152,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     stats = _command(bsub, "stats", "pending readings, drops, dead letters")
     _config_arg(stats)
     stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+    stats.add_argument(
+        "--recount",
+        action="store_true",
+        help="count every reading instead of reading the running totals, say where they "
+        "differed and correct them (exit 1 if they did; safe beside a running agent, whose "
+        "writes wait for it: about a second per million readings)",
+    )
     stats.set_defaults(func=cmd_buffer_stats)
     dead = _command(bsub, "dead-letters", "records the server refused, with its reasons")
     _config_arg(dead)
@@ -505,23 +513,52 @@ def cmd_buffer_stats(args: argparse.Namespace) -> int:
     config = _inspection_config(args.config)
     session = BufferSession(config.buffer_path)
     try:
+        recount = session.recount() if args.recount else None
         st = session.stats()
     finally:
         session.close()
     doc = st.as_dict(config.buffer.max_bytes, time.time())
-    age = doc["oldest_age_s"]
+    if recount is not None:
+        doc["recount"] = {
+            "readings": recount.readings,
+            "bytes": recount.bytes,
+            **recount.rows,
+            "differences": [dataclasses.asdict(d) for d in recount.differences],
+        }
     if args.json:
         print(json.dumps(doc, indent=2))
-        return 0
+    else:
+        _print_buffer_stats(doc, st, config.buffer.max_bytes)
+        if recount is not None:
+            _print_recount(recount)
+    return 1 if recount is not None and recount.differences else 0
+
+
+def _print_buffer_stats(doc: dict[str, Any], st: BufferStats, max_bytes: int) -> None:
+    age = doc["oldest_age_s"]
     print(f"pending: {doc['pending_total']} readings, {st.pending_bytes:,} bytes of records")
-    for ds, n in st.pending.items():
-        print(f"  data source {ds}: {n}")
+    for ds, part in doc["datasources"].items():
+        oldest = part["oldest_age_s"]
+        print(f"  data source {ds}: {part['pending']} ({part['bytes']:,} bytes"
+              + ("" if oldest is None else f", oldest {oldest:.0f} s ago") + ")")  # fmt: skip
     print("oldest pending: " + ("none" if age is None else f"{age:.0f} s ago"))
-    print(f"database file: {st.file_bytes:,} of at most {config.buffer.max_bytes:,} bytes; "
+    print(f"database file: {st.file_bytes:,} of at most {max_bytes:,} bytes; "
           f"dead letters: {st.dead_letters}; held for a trusted clock: {st.held}")  # fmt: skip
     for name, value in st.counters.items():
         print(f"  {name}: {value}")
-    return 0
+
+
+def _print_recount(recount: Recount) -> None:
+    counted = (
+        f"{recount.readings} readings ({recount.bytes:,} bytes), {recount.rows['held']} held, "
+        f"{recount.rows['dead_letters']} dead letters"
+    )
+    if not recount.differences:
+        print(f"recount: {counted}; the running totals agree")
+        return
+    print(f"recount: {counted}; the running totals differed, and now hold the count:")
+    for d in recount.differences:
+        print(f"  {d.describe()}")
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:

@@ -5,6 +5,13 @@ Schema history (the version is kept in `meta`):
     2   + held: readings stamped while the wall clock was not trusted, kept with their
           monotonic time and boot id until their timestamps can be corrected
 
+Running totals (`_add_pending_totals`, added to a file of any version at open):
+    pending_totals  readings and bytes of records pending, per data source and schema
+    row_counts      rows in `held` and in `dead_letters`
+kept by SQLite triggers on those tables, so every statement that inserts, deletes or moves a
+row updates them in its own transaction, whichever code (or older agent) runs it: the status
+page, /healthz, /metrics and `buffer stats` read a few rows instead of counting a million.
+
 File format: a new file is made with `auto_vacuum = INCREMENTAL`, so that the writer can give
 freed pages back to the file system after a burst. That cannot be switched on in an existing
 file: a file made by an older agent is rebuilt once at start (`VACUUM INTO` a file beside it,
@@ -258,6 +265,136 @@ def _migrate_1_to_2(db: sqlite_utils.Database) -> None:
 _MIGRATIONS = {1: _migrate_1_to_2}
 
 
+# -- running totals ----------------------------------------------------------------------------
+
+# Bytes of a record: its UTF-8 text (`length` of TEXT counts characters).
+_RECORD_BYTES = "length(CAST({}.record AS BLOB))"
+
+# One statement per row changed, in SQLite's C: measured at +0.6 us per reading inserted and
+# per reading deleted (scripts/bench row 1e), against +0.3 us for counting in Python at each
+# of the dozen places that insert or delete. Triggers also cover the places added later and
+# an older agent writing the same file, and never disagree with the rows after a rollback.
+_TOTALS_DDL = f"""
+CREATE TABLE IF NOT EXISTS pending_totals (
+    datasource_id TEXT NOT NULL,
+    schema_id INTEGER NOT NULL,
+    readings INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (datasource_id, schema_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS row_counts (name TEXT PRIMARY KEY, rows INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS pending_totals_insert AFTER INSERT ON readings BEGIN
+    INSERT INTO pending_totals VALUES
+        (NEW.datasource_id, NEW.schema_id, 1, {_RECORD_BYTES.format("NEW")})
+    ON CONFLICT DO UPDATE SET readings = readings + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS pending_totals_delete AFTER DELETE ON readings BEGIN
+    UPDATE pending_totals SET readings = readings - 1,
+        bytes = bytes - {_RECORD_BYTES.format("OLD")}
+    WHERE datasource_id = OLD.datasource_id AND schema_id = OLD.schema_id;
+END;
+CREATE TRIGGER IF NOT EXISTS pending_totals_update
+AFTER UPDATE OF datasource_id, schema_id, record ON readings BEGIN
+    UPDATE pending_totals SET readings = readings - 1,
+        bytes = bytes - {_RECORD_BYTES.format("OLD")}
+    WHERE datasource_id = OLD.datasource_id AND schema_id = OLD.schema_id;
+    INSERT INTO pending_totals VALUES
+        (NEW.datasource_id, NEW.schema_id, 1, {_RECORD_BYTES.format("NEW")})
+    ON CONFLICT DO UPDATE SET readings = readings + 1, bytes = bytes + excluded.bytes;
+END;
+"""
+_COUNTED_TABLES = ("held", "dead_letters")
+_COUNT_DDL = """
+CREATE TRIGGER IF NOT EXISTS row_counts_{0}_insert AFTER INSERT ON {0} BEGIN
+    INSERT INTO row_counts VALUES ('{0}', 1) ON CONFLICT DO UPDATE SET rows = rows + 1;
+END;
+CREATE TRIGGER IF NOT EXISTS row_counts_{0}_delete AFTER DELETE ON {0} BEGIN
+    UPDATE row_counts SET rows = rows - 1 WHERE name = '{0}';
+END;
+"""
+
+
+def _add_pending_totals(conn: sqlite3.Connection) -> None:
+    """Running totals of the pending readings (and of held rows and dead letters), kept by
+    triggers; counted once from the rows when the tables are new. Idempotent; call inside
+    the migration's transaction, so nothing is inserted between the count and the triggers.
+    """
+    new = not _has_table(conn, "pending_totals")
+    # Statement by statement: executescript would COMMIT the caller's transaction.
+    for statement in _statements(
+        _TOTALS_DDL + "".join(_COUNT_DDL.format(t) for t in _COUNTED_TABLES)
+    ):
+        conn.execute(statement)
+    if new:
+        write_recount(conn)
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of `script` (CREATE TRIGGER bodies hold semicolons of their own)."""
+    out, part = [], ""
+    for line in script.strip().splitlines():
+        part += line + "\n"
+        if sqlite3.complete_statement(part):
+            out.append(part.strip())
+            part = ""
+    return out
+
+
+def _has_table(conn: sqlite3.Connection, name: str) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return row.fetchone() is not None
+
+
+# (datasource_id, schema_id) -> (readings, bytes); and table -> rows
+Totals = tuple[dict[tuple[str, int], tuple[int, int]], dict[str, int]]
+
+
+def kept_totals(conn: sqlite3.Connection) -> Totals:
+    """The running totals as kept (pairs with no pending reading left out)."""
+    pending = {
+        (ds, schema): (n, size)
+        for ds, schema, n, size in conn.execute(
+            "SELECT datasource_id, schema_id, readings, bytes FROM pending_totals "
+            "WHERE readings != 0 OR bytes != 0"
+        )
+    }
+    rows = {t: 0 for t in _COUNTED_TABLES}
+    rows.update(conn.execute("SELECT name, rows FROM row_counts"))
+    return pending, rows
+
+
+def counted_totals(conn: sqlite3.Connection) -> Totals:
+    """The totals counted from the rows themselves: a full scan of each table."""
+    pending = {
+        (ds, schema): (n, size)
+        for ds, schema, n, size in conn.execute(
+            f"SELECT datasource_id, schema_id, count(*), sum({_RECORD_BYTES.format('readings')}) "
+            "FROM readings GROUP BY datasource_id, schema_id"
+        )
+    }
+    rows = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in _COUNTED_TABLES}
+    return pending, rows
+
+
+def write_recount(conn: sqlite3.Connection) -> None:
+    """Replace the running totals by a full count (call inside a write transaction)."""
+    pending, rows = counted_totals(conn)
+    conn.execute("DELETE FROM pending_totals")
+    conn.executemany(
+        "INSERT INTO pending_totals VALUES (?, ?, ?, ?)",
+        [(ds, schema, n, size) for (ds, schema), (n, size) in pending.items()],
+    )
+    conn.execute("DELETE FROM row_counts")
+    conn.executemany("INSERT INTO row_counts VALUES (?, ?)", list(rows.items()))
+
+
+def forget_empty_totals(conn: sqlite3.Connection) -> None:
+    """Delete the totals of pairs with nothing pending (call inside a write transaction):
+    a data source or schema that is gone does not stay in the table for ever."""
+    conn.execute("DELETE FROM pending_totals WHERE readings = 0 AND bytes = 0")
+
+
 def create_or_migrate(conn: sqlite3.Connection) -> int | None:
     """Bring the file to SCHEMA_VERSION; returns the version it had (None: it was new)."""
     version = schema_version(conn)
@@ -280,6 +417,7 @@ def create_or_migrate(conn: sqlite3.Connection) -> int | None:
         while current < SCHEMA_VERSION:
             _MIGRATIONS[current](db)
             current += 1
+        _add_pending_totals(conn)
         set_meta(conn, "schema_version", str(SCHEMA_VERSION))
     if version is not None and version < SCHEMA_VERSION:
         log.info("buffer: migrated the database from schema %d to %d", version, SCHEMA_VERSION)

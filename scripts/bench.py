@@ -1,6 +1,7 @@
 """Benchmarks of the agent, each row measured against a baseline in the same run.
 
-    ./scripts/bench [--quick] [--rows ingest,footprint,drain,serial,mqtt,modbus] [--json FILE]
+    ./scripts/bench [--quick] [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi]
+                    [--json FILE]
 
 Prints a description of the machine, the command line and ONE markdown table. The machine is
 assumed to be shared and noisy, so no figure stands alone: each is put next to a baseline
@@ -22,6 +23,13 @@ Rows (targets from the issue in brackets):
     modbus     registers/s and CPU per poll of the Modbus source reading 100 holding registers
                from the test slave over a pty vs a bare pymodbus loop [rate >= 0.8, CPU <= 1.5x]
                (scripts/bench_modbus.py's measure())
+    health     /healthz latency and `buffer stats` time with the backlog buffered vs an empty
+               buffer [<= 2x]; a full recount; the CPU the running totals' triggers cost
+               per reading put and per reading deleted, vs the same buffer without them
+    pi         "Pi-class": the agent confined to a quarter of one core (cgroup v2 cpu.max, v1
+               cpu.cfs_quota_us or systemd-run, whichever works here) with serial at 115200
+               baud, MQTT at 500 msg/s and the uplink draining a backlog [nothing dropped];
+               its CPU share and memory; bench_mqtt's ratio in the same confinement
 """
 
 from __future__ import annotations
@@ -61,7 +69,10 @@ DRAIN_REPEATS = 3
 BAUD_BYTES_S = 115_200 // 10  # 8N1: ten bits on the wire per byte
 BIG_BUFFER = 1 << 30  # max_bytes for the big backlogs, so that nothing is dropped
 BARE_IMPORTS = "import sqlite3, httpx, serial, paho.mqtt.client"
-ALL_ROWS = ("ingest", "footprint", "drain", "serial", "mqtt", "modbus")
+ALL_ROWS = ("ingest", "footprint", "drain", "serial", "mqtt", "modbus", "health", "pi")
+HEALTH_REQUESTS = 50
+PI_MQTT_RATE = 500  # messages/s
+PI_QUOTA = (25_000, 100_000)  # microseconds of CPU per period: a quarter of one core
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,9 @@ class Sizes:
     serial_paced: int  # lines written at 115200 baud
     mqtt_messages: int
     modbus_polls: int  # per round, of each loop
+    totals_readings: int  # readings put and deleted to measure the totals' triggers
+    pi_seconds: float  # live input of the Pi-class run (which drains `backlog` meanwhile)
+    pi_mqtt_messages: int  # per subscriber, for its MQTT ratio
     settle_s: float = 5.0  # how long the agent runs before its memory is read
 
 
@@ -82,6 +96,9 @@ QUICK = Sizes(
     serial_paced=2_500,
     mqtt_messages=5_000,
     modbus_polls=200,
+    totals_readings=50_000,
+    pi_seconds=20,
+    pi_mqtt_messages=5_000,
 )
 FULL = Sizes(
     ingest_s=60,
@@ -90,6 +107,9 @@ FULL = Sizes(
     serial_paced=20_000,
     mqtt_messages=50_000,
     modbus_polls=500,
+    totals_readings=200_000,
+    pi_seconds=60,
+    pi_mqtt_messages=20_000,
 )
 MODBUS_ROUNDS = 3
 
@@ -305,6 +325,32 @@ def worker_fill(argv: list[str]) -> None:
 # --- workers: footprint ------------------------------------------------------------------
 
 
+def agent_config(
+    data_dir: Path, url: str, sources: list[dict[str, Any]], status_port: int | None = None
+) -> Path:
+    """A config for the real agent with the production timings (not the fast ones of the
+    tests' write_config), a buffer large enough to drop nothing, and the status endpoint
+    off unless a port is given."""
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers import write_config
+
+    return write_config(
+        data_dir / "config.toml",
+        url=url,
+        data_dir=data_dir,
+        sources=sources,
+        endpoint={
+            "flush_interval_s": 2.0,
+            "timeout_s": 10.0,
+            "backoff_base_s": 1.0,
+            "backoff_max_s": 300.0,
+        },
+        buffer={"commit_interval_ms": COMMIT_INTERVAL_MS, "max_bytes": BIG_BUFFER},
+        agent={"device_id": DEVICE, "log_level": "warning"},
+        status=None if status_port is None else {"listen": f"127.0.0.1:{status_port}"},
+    )
+
+
 def worker_footprint(argv: list[str]) -> None:
     """The real agent (one serial source on a simulated pty, an unreachable endpoint)."""
     entered = time.monotonic()
@@ -314,26 +360,16 @@ def worker_footprint(argv: list[str]) -> None:
     from edge_agent.buffer import BufferSession
     from edge_agent.config import load_config
     from edge_agent.simulator import PtySensor
-    from tests.helpers import serial_source, write_config
+    from tests.helpers import serial_source
 
     imported = time.monotonic()
     data_dir = Path(a.dir)
     sensor = PtySensor(data_dir / "ttyBENCH", rate_hz=5.0)
     sensor.plug()
-    config_path = write_config(
-        data_dir / "config.toml",
-        url=f"http://127.0.0.1:{free_port()}/restapi/datasource/insert",
-        data_dir=data_dir,
-        sources=[serial_source(sensor.link, shape="long")],
-        # The production defaults, not the fast test timings of write_config.
-        endpoint={
-            "flush_interval_s": 2.0,
-            "timeout_s": 10.0,
-            "backoff_base_s": 1.0,
-            "backoff_max_s": 300.0,
-        },
-        buffer={"commit_interval_ms": COMMIT_INTERVAL_MS, "max_bytes": BIG_BUFFER},
-        agent={"device_id": DEVICE, "log_level": "warning"},
+    config_path = agent_config(
+        data_dir,
+        f"http://127.0.0.1:{free_port()}/restapi/datasource/insert",
+        [serial_source(sensor.link, shape="long")],
     )
     agent = Agent(load_config(config_path))
     before_start = time.monotonic()
@@ -374,12 +410,14 @@ class SinkStats:
         self.requests = 0
         self.body_bytes = 0
         self.wire_bytes = 0
+        self.records = 0  # counted only with --count-records
 
-    def add(self, body: int, wire: int) -> None:
+    def add(self, body: int, wire: int, records: int = 0) -> None:
         with self.lock:
             self.requests += 1
             self.body_bytes += body
             self.wire_bytes += wire
+            self.records += records
 
     def snapshot(self) -> dict[str, int]:
         with self.lock:
@@ -387,20 +425,27 @@ class SinkStats:
                 "requests": self.requests,
                 "body_bytes": self.body_bytes,
                 "wire_bytes": self.wire_bytes,
+                "records": self.records,
             }
 
 
 _SINK_OK = b'{"message":"Data successfully inserted"}'
 
 
-def _sink_serve(conn: socket.socket, stats: SinkStats) -> None:
+def _records_in(body: bytes, gzipped: bool) -> int:
+    import gzip
+
+    return len(json.loads(gzip.decompress(body) if gzipped else body)["data"])
+
+
+def _sink_serve(conn: socket.socket, stats: SinkStats, count: bool = False) -> None:
     """HTTP/1.1 keep-alive: read Content-Length bodies, answer 200; GET /stats tells counts."""
     with conn, conn.makefile("rb") as rfile:
         while True:
             request = rfile.readline()
             if not request:
                 return
-            head, length, close = len(request), 0, False
+            head, length, close, gzipped = len(request), 0, False, False
             while (line := rfile.readline()) not in (b"\r\n", b"\n", b""):
                 head += len(line)
                 name, _, value = line.decode("latin-1").partition(":")
@@ -408,11 +453,14 @@ def _sink_serve(conn: socket.socket, stats: SinkStats) -> None:
                     length = int(value)
                 elif name.strip().lower() == "connection" and value.strip().lower() == "close":
                     close = True
+                elif name.strip().lower() == "content-encoding":
+                    gzipped = value.strip().lower() == "gzip"
             body = rfile.read(length) if length else b""
             if request.startswith(b"GET /stats"):
                 answer = json.dumps(stats.snapshot()).encode()
             else:
-                stats.add(len(body), head + 2 + len(body))
+                records = _records_in(body, gzipped) if count else 0
+                stats.add(len(body), head + 2 + len(body), records)
                 answer = _SINK_OK
             conn.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -425,8 +473,9 @@ def _sink_serve(conn: socket.socket, stats: SinkStats) -> None:
 
 
 def worker_sink(argv: list[str]) -> None:
-    """An insert endpoint that accepts and discards; prints `PORT n`, runs until SIGTERM."""
-    worker_args(argv)
+    """An insert endpoint that accepts and discards; prints `PORT n`, runs until SIGTERM.
+    With --count-records it also counts the records of each body (costs it CPU)."""
+    a = worker_args(argv, ("--count-records", bool, False))
     stats = SinkStats()
     server = socket.create_server(("127.0.0.1", 0))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
@@ -434,7 +483,8 @@ def worker_sink(argv: list[str]) -> None:
     while True:
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=_sink_serve, args=(conn, stats), daemon=True).start()
+        serve = (conn, stats, a.count_records)
+        threading.Thread(target=_sink_serve, args=serve, daemon=True).start()
 
 
 def worker_drain(argv: list[str]) -> None:
@@ -642,6 +692,73 @@ class _bare_reader:
         self.port.close()
 
 
+# --- workers: health and the running totals ----------------------------------------------
+
+
+def _get(url: str) -> int:
+    """GET `url`; its HTTP status (a 503 of an unhealthy agent is an answer too)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as reply:
+            reply.read()
+            return int(reply.status)
+    except urllib.error.HTTPError as exc:
+        exc.read()
+        return int(exc.code)
+
+
+def _timed(call: Callable[[], object], n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+_TRIGGERS = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'pending_totals_%'"
+
+
+def worker_totals_cpu(argv: list[str]) -> None:
+    """CPU per reading put and committed, then read and deleted, in a new buffer; with
+    --no-totals the running totals' triggers are dropped first (the cost they add)."""
+    a = worker_args(
+        argv, ("--dir", str, None), ("--readings", int, 100_000), ("--no-totals", bool, False)
+    )
+    from edge_agent.buffer import Buffer, BufferSession
+    from edge_agent.clock import utc_stamp
+    from edge_agent.config import BufferConfig
+    from edge_agent.records import Reading
+
+    path = Path(a.dir) / "buffer.db"
+    buf = Buffer(path, BufferConfig(max_bytes=BIG_BUFFER, commit_interval_ms=COMMIT_INTERVAL_MS))
+    buf.open()
+    session = BufferSession(path)
+    if a.no_totals:
+        for (name,) in session.conn.execute(_TRIGGERS).fetchall():
+            session.conn.execute(f"DROP TRIGGER {name}")
+    cpu0 = cpu_seconds()
+    for start in range(0, a.readings, 1000):
+        stamp = utc_stamp(time.time())
+        n = min(1000, a.readings - start)
+        buf.put([Reading(DATASOURCE, long_record(stamp, start + i)) for i in range(n)])
+    buf.flush(timeout=600)
+    cpu1 = cpu_seconds()
+    deleted = 0
+    while (batch := session.next_batch(BATCH_RECORDS, 1_000_000)) is not None:
+        session.ack(batch)
+        deleted += len(batch.rows)
+    cpu2 = cpu_seconds()
+    buf.close()
+    session.close()
+    write_json(
+        a.out,
+        {"put": a.readings, "deleted": deleted, "put_cpu_s": cpu1 - cpu0, "ack_cpu_s": cpu2 - cpu1},
+    )
+
+
 WORKERS: dict[str, Callable[[list[str]], None]] = {
     "ingest": worker_ingest,
     "fill": worker_fill,
@@ -650,6 +767,7 @@ WORKERS: dict[str, Callable[[list[str]], None]] = {
     "drain": worker_drain,
     "pty_write": worker_pty_write,
     "serial": worker_serial,
+    "totals_cpu": worker_totals_cpu,
 }
 
 
@@ -945,8 +1063,8 @@ class Sink:
 
 
 @contextlib.contextmanager
-def running_sink(b: Bench) -> Iterator[Sink]:
-    cmd, _, log = b.command("sink")
+def running_sink(b: Bench, count_records: bool = False) -> Iterator[Sink]:
+    cmd, _, log = b.command("sink", *(["--count-records"] if count_records else []))
     with log.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
     try:
@@ -1153,6 +1271,638 @@ def markdown_rows(text: str, prefix: str) -> list[Row]:
     return rows
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def _median_p90(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return statistics.median(ordered), ordered[int(0.9 * (len(ordered) - 1))]
+
+
+def _cli_seconds(config: Path, *args: str, repeats: int = 5) -> tuple[float, str]:
+    """Median wall time of `edge-agent buffer stats ...` (a process, as an operator runs it),
+    and the output of the last run."""
+    times, out = [], ""
+    for _ in range(repeats):
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [PY, "-m", "edge_agent", "buffer", "stats", "--config", str(config), *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        times.append(time.monotonic() - t0)
+        if proc.returncode not in (0, 1):
+            raise RuntimeError(f"buffer stats {' '.join(args)} failed: {proc.stderr.strip()}")
+        out = proc.stdout
+    return statistics.median(times), out
+
+
+def _health_run(b: Bench, d: Path) -> dict[str, Any]:
+    """`edge-agent run` on the buffer in `d` (uplink down, status endpoint on): /healthz
+    answered N times, each on a new connection as a probe makes it; then, with the agent
+    still running, BufferSession.stats() N times here; then `buffer stats` as a process."""
+    from edge_agent.buffer import BufferSession
+
+    port = free_port()
+    config = agent_config(
+        d,
+        f"http://127.0.0.1:{free_port()}/restapi/datasource/insert",
+        [
+            {
+                "name": "absent",
+                "type": "serial",
+                "port": str(d / "ttyABSENT"),
+                "format": "kv",
+                "datasource_id": DATASOURCE,
+            }
+        ],  # retried every 30 s: costs nothing
+        status_port=port,
+    )
+    log = (d / "agent.log").open("wb")
+    agent = subprocess.Popen(
+        [PY, "-m", "edge_agent", "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}/healthz"
+    try:
+        if not wait_for(lambda: _answers(url), 60, 0.1):
+            raise RuntimeError(f"the agent's status endpoint did not answer (see {d}/agent.log)")
+        codes = [_get(url) for _ in range(5)]  # warm: first connections, the page cache
+        healthz = _timed(lambda: codes.append(_get(url)), HEALTH_REQUESTS)
+        session = BufferSession(d / "buffer.db")
+        stats = _timed(session.stats, HEALTH_REQUESTS)
+        pending = session.pending_count()
+        session.close()
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
+        log.close()
+    cli_s, _ = _cli_seconds(config)
+    return {
+        "healthz_s": healthz,
+        "stats_s": stats,
+        "pending": pending,
+        "codes": sorted(set(codes)),
+        "cli_s": cli_s,
+    }
+
+
+def _answers(url: str) -> bool:
+    with contextlib.suppress(OSError):
+        _get(url)
+        return True
+    return False
+
+
+def bench_health(b: Bench) -> Report:
+    rep = Report()
+    _, filled = b.backlog()
+    n = filled["readings"]
+    figs: dict[str, list[dict[str, Any]]] = {"empty": [], "full": []}
+    for _ in range(2):  # interleaved: load from elsewhere falls on both alike
+        for label in ("empty", "full"):
+            db = b.backlog_copy("health-full") if label == "full" else None
+            d = db.parent if db is not None else b.fresh_dir("health-empty")
+            fig = _health_run(b, d)
+            if label == "full" and not figs["full"]:
+                fig["recount_s"], fig["recount"] = _cli_seconds(
+                    d / "config.toml", "--recount", repeats=1
+                )
+            figs[label].append(fig)
+        b.drop_copies()
+    empty, full = (
+        {k: [t for f in figs[label] for t in f[k]] for k in ("healthz_s", "stats_s")}
+        for label in ("empty", "full")
+    )
+    cli = {label: statistics.median(f["cli_s"] for f in figs[label]) for label in figs}
+    for key, what in (
+        (
+            "healthz_s",
+            "6a. /healthz latency (a new connection each, median of "
+            f"{2 * HEALTH_REQUESTS}; p90), {n:,} readings buffered vs none",
+        ),
+        (
+            "stats_s",
+            f"6c. BufferSession.stats() in the agent's process (median; p90), {n:,} "
+            "readings vs none",
+        ),
+    ):
+        (m_full, p_full), (m_empty, p_empty) = _median_p90(full[key]), _median_p90(empty[key])
+        rep.rows.append(
+            Row(
+                what,
+                f"{_ms(m_full)} (p90 {_ms(p_full)})",
+                f"{_ms(m_empty)} (p90 {_ms(p_empty)}) empty buffer",
+                ratio(m_full, m_empty),
+                "≤ 2×",
+                verdict(m_full <= 2 * m_empty),
+            )
+        )
+    rep.rows.insert(
+        1,
+        Row(
+            "6b. `edge-agent buffer stats` (process start to exit; the median of 5 runs, "
+            f"twice), {n:,} readings vs none",
+            f"{cli['full']:.3f} s",
+            f"{cli['empty']:.3f} s empty buffer",
+            ratio(cli["full"], cli["empty"]),
+            "≤ 2×",
+            verdict(cli["full"] <= 2 * cli["empty"]),
+        ),
+    )
+    recount = figs["full"][0]
+    rep.rows.append(
+        Row(
+            f"6d. `buffer stats --recount`: a full count of {n:,} readings (what every status "
+            "call cost before the running totals)",
+            f"{recount['recount_s']:.3f} s",
+            f"{cli['full']:.3f} s `buffer stats`",
+            ratio(recount["recount_s"], cli["full"]),
+        ),
+    )
+    agree = "the running totals agree" in recount["recount"]
+    rep.notes.append(
+        f"6: the agent runs with its status endpoint on and the uplink down; `buffer stats` is "
+        f"run as a process, so both sides include Python's start-up. /healthz answered "
+        f"{figs['full'][0]['codes']} (503: uplink down). The recount at {n:,} readings found "
+        + ("the totals agree." if agree else f"a difference: {recount['recount'].strip()}")
+    )
+    rep.rows += _totals_cpu_rows(b, rep)
+    rep.figures["health"] = figs
+    return rep
+
+
+def _totals_cpu_rows(b: Bench, rep: Report) -> list[Row]:
+    runs: dict[str, list[dict[str, Any]]] = {"with": [], "without": []}
+    for _ in range(3):
+        for label in ("with", "without"):
+            flags = ["--no-totals"] if label == "without" else []
+            d = b.fresh_dir(f"totals-{label}")
+            runs[label].append(
+                b.worker(
+                    "totals_cpu",
+                    "--dir",
+                    str(d),
+                    "--readings",
+                    str(b.sizes.totals_readings),
+                    *flags,
+                )
+            )
+            shutil.rmtree(d, ignore_errors=True)
+    rows = []
+    for key, what in (
+        ("put_cpu_s", "put and committed (Reading → Buffer.put → group commit)"),
+        ("ack_cpu_s", "read and deleted (next_batch + ack, batches of 500)"),
+    ):
+        per = {k: statistics.median(f[key] / f["put"] * 1e6 for f in v) for k, v in runs.items()}
+        rows.append(
+            Row(
+                f"6{'e' if key == 'put_cpu_s' else 'f'}. CPU per reading {what}, "
+                f"{b.sizes.totals_readings:,} readings",
+                f"{per['with']:.2f} µs with the running totals' triggers",
+                f"{per['without']:.2f} µs without them",
+                ratio(per["with"], per["without"]),
+            ),
+        )
+    rep.notes.append("6e-f: median of 3 interleaved runs each; CPU of the whole process.")
+    rep.figures["totals_cpu"] = runs
+    return rows
+
+
+# --- the Pi-class run --------------------------------------------------------------------
+
+
+@dataclass
+class Confinement:
+    """How the agent is held to a quarter of one core: a command prefix, and the cgroup
+    (when we made one) whose cpu.stat tells how often it was throttled."""
+
+    prefix: list[str]
+    how: str
+    cgroup: Path | None = None
+
+    def throttling(self) -> dict[str, int]:
+        if self.cgroup is None:
+            return {}
+        pairs = (ln.split() for ln in (self.cgroup / "cpu.stat").read_text().splitlines())
+        return {k: int(v) for k, v in pairs}
+
+    def close(self) -> None:
+        if self.cgroup is not None:
+            for _ in range(50):  # the last process may take a moment to leave
+                try:
+                    self.cgroup.rmdir()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+
+
+def _join_cgroup(cgroup: Path) -> list[str]:
+    return ["sh", "-c", f'echo $$ > "{cgroup}/cgroup.procs" && exec "$@"', "sh"]
+
+
+def confine_quarter_core() -> Confinement:
+    """A cgroup v2 with cpu.max, else a v1 cpu cgroup with cfs_quota_us, else a systemd
+    scope with CPUQuota, else nothing (and the row says so)."""
+    quota, period = PI_QUOTA
+    name = f"edge-bench-{os.getpid()}"
+    v2 = Path("/sys/fs/cgroup")
+    attempts = []
+    if "cpu" in _read(v2 / "cgroup.controllers").split():
+        attempts.append((v2 / name, {"cpu.max": f"{quota} {period}"}, "cgroup v2 cpu.max"))
+    if (v2 / "cpu" / "cpu.cfs_quota_us").exists():
+        files = {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(quota)}
+        attempts.append((v2 / "cpu" / name, files, "cgroup v1 cpu.cfs_quota_us"))
+    for cgroup, files, what in attempts:
+        try:
+            cgroup.mkdir()
+            for file, value in files.items():
+                (cgroup / file).write_text(value)
+        except OSError:
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+            continue
+        settings = ", ".join(f"{k} = {v}" for k, v in files.items())
+        return Confinement(_join_cgroup(cgroup), f"{what} ({settings}, at {cgroup})", cgroup)
+    scope = ["systemd-run", "--scope", "--quiet", "-p", f"CPUQuota={100 * quota // period}%"]
+    if shutil.which("systemd-run") and subprocess.run([*scope, "true"]).returncode == 0:
+        return Confinement(scope, f"`{shlex.join(scope)}`")
+    return Confinement(
+        [],
+        "NOT confined: no cgroup was writable here (v2 cpu.max, v1 cpu.cfs_quota_us) and "
+        "systemd-run could not start a scope; run as root on a host with cgroups (or a Pi)",
+    )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants (the agent and its MQTT link)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            todo += [int(c) for c in _read(task / "children").split()]
+    return out
+
+
+def _cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for p in pids:
+        fields = _read(Path(f"/proc/{p}/stat")).rsplit(")", 1)[-1].split()
+        if len(fields) > 12:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _vm(pid: int, key: str) -> int:
+    for line in _read(Path(f"/proc/{pid}/status")).splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class TreeMemory:
+    """Samples the resident memory of a process and its descendants; keeps the peak sum."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            rss = sum(_vm(p, "VmRSS") for p in _tree(self.pid))
+            self.peak_kib = max(self.peak_kib, rss)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class BacklogWatch:
+    """Notes when the sink has received as many records as the backlog held."""
+
+    def __init__(self, sink: Sink, backlog: int) -> None:
+        self.done_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(sink, backlog), daemon=True)
+        self._thread.start()
+
+    def _run(self, sink: Sink, backlog: int) -> None:
+        while not self._stop.wait(0.1):
+            if sink.stats()["records"] >= backlog:
+                self.done_at = time.monotonic()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _status(port: int) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=30) as r:
+        doc: dict[str, Any] = json.loads(r.read())
+    return doc
+
+
+def _source_stats(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in doc.get("sources", [])}
+
+
+def _publish_paced(port: int, topic: str, rate: float, seconds: float) -> dict[str, Any]:
+    """QoS 1 messages at `rate`/s for `seconds` (a publisher outside the confinement)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    acked = threading.Semaphore(0)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, f"bench-pi-publisher-{os.getpid()}")
+    client.max_inflight_messages_set(0)
+    client.on_publish = lambda *_: acked.release()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    total = int(rate * seconds)
+    t0 = time.monotonic()
+    for seq in range(total):
+        if (wait := t0 + seq / rate - time.monotonic()) > 0:
+            time.sleep(wait)
+        client.publish(topic, json.dumps({"seq": seq, "temperature": 21.5}), qos=1)
+    late = time.monotonic() - t0 - seconds
+    for _ in range(total):
+        if not acked.acquire(timeout=60):
+            raise RuntimeError("the broker did not acknowledge every published message")
+    client.disconnect()
+    client.loop_stop()
+    return {"published": total, "late_s": late}
+
+
+def bench_pi(b: Bench) -> Report:
+    rep = Report()
+    conf = confine_quarter_core()
+    try:
+        live = _pi_live(b, conf)
+        rep.rows += _pi_rows(b, conf, live)
+        rep.rows += _pi_mqtt_ratio(b, conf, rep)
+    finally:
+        conf.close()
+    rep.notes.append(f"7: confinement: {conf.how}.")
+    rep.figures["pi"] = live
+    return rep
+
+
+def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
+    """The agent (confined) with a backlog, a pty at 115200 baud and MQTT at 500 msg/s,
+    uploading to a local sink; everything else (writer, broker, publisher, sink) outside."""
+    import tty
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_mqtt
+
+    _, filled = b.backlog()
+    d = b.backlog_copy("pi").parent
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    lines = int(b.sizes.pi_seconds * BAUD_BYTES_S / len(serial_line(0)))
+    broker_bin = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    mqtt_port, status_port = free_port(), free_port()
+    broker = bench_mqtt._start_broker(broker_bin, d, mqtt_port, 0)
+    try:
+        with running_sink(b, count_records=True) as sink:
+            sources: list[dict[str, Any]] = [
+                {
+                    "name": "serial",
+                    "type": "serial",
+                    "port": os.ttyname(slave),
+                    "format": "kv",
+                    "shape": "long",
+                    "baudrate": 115_200,
+                    "datasource_id": DATASOURCE,
+                },
+                {
+                    "name": "mqtt",
+                    "type": "mqtt",
+                    "broker": f"mqtt://127.0.0.1:{mqtt_port}",
+                    "topics": [bench_mqtt.TOPIC],
+                    "format": "json",
+                    "shape": "long",
+                    "datasource_id": "67891",
+                },
+            ]
+            config = agent_config(d, sink.url, sources, status_port)
+            log = (b.work / "pi-agent.log").open("wb")
+            agent = subprocess.Popen(
+                [*conf.prefix, PY, "-m", "edge_agent", "run", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+            try:
+                return _pi_drive(
+                    b, conf, agent, status_port, master, lines, mqtt_port, sink, filled
+                )
+            finally:
+                agent.send_signal(signal.SIGTERM)
+                agent.wait(60)
+                log.close()
+    finally:
+        broker.terminate()
+        broker.wait(30)
+        os.close(master)
+        os.close(slave)
+        b.drop_copies()
+
+
+def _pi_drive(
+    b: Bench,
+    conf: Confinement,
+    agent: subprocess.Popen[bytes],
+    status_port: int,
+    master: int,
+    lines: int,
+    mqtt_port: int,
+    sink: Sink,
+    filled: dict[str, Any],
+) -> dict[str, Any]:
+    import bench_mqtt
+
+    def connected() -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            found = _source_stats(_status(status_port))
+            return len(found) == 2 and all(s["connected"] for s in found.values())
+        return False
+
+    if not wait_for(connected, 60, 0.2):
+        raise RuntimeError(f"the agent did not connect its sources (see {b.work}/pi-agent.log)")
+    memory = TreeMemory(agent.pid)
+    backlog = BacklogWatch(sink, filled["readings"])
+    pids = _tree(agent.pid)
+    cpu0, t0, throttled0 = _cpu_s(pids), time.monotonic(), conf.throttling()
+    writer_out = str(b.work / "pi-writer.json")
+    writer = _spawn_writer(master, lines, True, writer_out)
+    published = _publish_paced(mqtt_port, bench_mqtt.TOPIC, PI_MQTT_RATE, b.sizes.pi_seconds)
+    writer.wait()
+    written = json.loads(Path(writer_out).read_text())
+
+    def all_read() -> bool:
+        found = _source_stats(_status(status_port))
+        return (found["serial"]["lines"], found["mqtt"]["lines"]) >= (lines, published["published"])
+
+    wait_for(all_read, 60, 0.2)
+    live_s, cpu_live = time.monotonic() - t0, _cpu_s(_tree(agent.pid)) - cpu0
+    throttled = {k: v - throttled0.get(k, 0) for k, v in conf.throttling().items()}
+    found = _source_stats(_status(status_port))
+    expected = filled["readings"] + found["serial"]["readings"] + found["mqtt"]["readings"]
+    drained = wait_for(lambda: sink.stats()["records"] >= expected, 1800, 0.1)
+    drain_s = time.monotonic() - t0
+    backlog.stop()
+    tree = _tree(agent.pid)
+    hwm = {p: _vm(p, "VmHWM") for p in tree}
+    doc = _status(status_port)
+    memory.stop()
+    return {
+        "lines": lines,
+        "writer": written,
+        "published": published,
+        "sources": _source_stats(doc),
+        "backlog": filled["readings"],
+        "expected": expected,
+        "delivered": sink.stats()["records"],
+        "drained": drained,
+        "drain_s": drain_s,
+        "backlog_s": None if backlog.done_at is None else backlog.done_at - t0,
+        "live_s": live_s,
+        "cpu_live_s": cpu_live,
+        "throttled": throttled,
+        "rss_peak_kib": memory.peak_kib,
+        "hwm_kib": {
+            "agent": hwm.get(agent.pid, 0),
+            "link": sum(v for p, v in hwm.items() if p != agent.pid),
+        },
+        "dropped": {k: v for k, v in doc["buffer"]["counters"].items() if "dropped" in k},
+        "pending": doc["buffer"]["pending_total"],
+    }
+
+
+def _pi_rows(b: Bench, conf: Confinement, live: dict[str, Any]) -> list[Row]:
+    confined = "a quarter of one core" if conf.prefix else "NOT confined (see notes)"
+    src, pub, writer = live["sources"], live["published"], live["writer"]
+    intended = writer["bytes"] / BAUD_BYTES_S
+    kept_pace = writer["seconds"] <= intended + 1.0
+    lost = live["expected"] - live["delivered"]
+    read_all = src["serial"]["lines"] == live["lines"] and src["mqtt"]["lines"] == pub["published"]
+    ok = (
+        live["drained"]
+        and lost == 0
+        and not live["dropped"]
+        and read_all
+        and kept_pace
+        and src["serial"]["parse_errors"] == 0
+        and src["mqtt"]["parse_errors"] == 0
+    )
+    rows = [
+        Row(
+            f"7a. Pi-class ({confined}): serial at 115200 baud ({live['lines']:,} kv lines) and "
+            f"MQTT QoS 1 at {PI_MQTT_RATE} msg/s ({pub['published']:,}) for "
+            f"{b.sizes.pi_seconds:.0f} s while the uplink drains a backlog of "
+            f"{live['backlog']:,} readings: nothing dropped",
+            f"{live['delivered']:,} readings delivered of {live['expected']:,} (backlog + "
+            f"{src['serial']['readings']:,} serial + {src['mqtt']['readings']:,} MQTT); "
+            f"dropped {sum(live['dropped'].values())}; serial writer took "
+            f"{writer['seconds']:.1f} s for {intended:.1f} s of line time",
+            "every line and message read, every reading delivered, none dropped",
+            "",
+            "0 dropped",
+            verdict(ok),
+        ),
+    ]
+    share = live["cpu_live_s"] / live["live_s"]
+    quota = PI_QUOTA[0] / PI_QUOTA[1]
+    throttled = live["throttled"]
+    periods = (
+        f"; throttled in {throttled.get('nr_throttled', 0):,} of "
+        f"{throttled.get('nr_periods', 0):,} periods"
+        if throttled
+        else ""
+    )
+    rows.append(
+        Row(
+            f"7b. Pi-class CPU share of the agent and its MQTT link while the input ran "
+            f"({live['live_s']:.0f} s)",
+            f"{100 * share:.1f} % of one core{periods}",
+            f"{100 * quota:.0f} % quota",
+            ratio(share, quota),
+        )
+    )
+    rows.append(
+        Row(
+            "7c. Pi-class memory: agent + MQTT link, peak resident (sampled every 0.25 s)",
+            f"{mb(live['rss_peak_kib'])} (VmHWM agent {mb(live['hwm_kib']['agent'])}, link "
+            f"{mb(live['hwm_kib']['link'])})",
+            "< 60 MB for the agent process (row 2)",
+            "",
+            "< 60 MB",
+            verdict(live["hwm_kib"]["agent"] * 1024 < 60e6),
+        )
+    )
+    backlog_s = live["backlog_s"]
+    rows.append(
+        Row(
+            f"7d. Pi-class drain: the backlog's {live['backlog']:,} readings delivered (the "
+            "uploader sends the oldest first), while the live input ran",
+            f"in {backlog_s:.1f} s ({live['backlog'] / backlog_s:,.0f} readings/s); everything "
+            f"delivered {live['drain_s'] - live['live_s']:.1f} s after the input stopped"
+            if backlog_s is not None and live["drained"]
+            else f"not drained after {live['drain_s']:.0f} s",
+            f"{live['live_s']:.1f} s of live input",
+        )
+    )
+    return rows
+
+
+def _pi_mqtt_ratio(b: Bench, conf: Confinement, rep: Report) -> list[Row]:
+    """bench_mqtt.py's defaults configuration with both subscribers in the confinement."""
+    script = ROOT / "scripts" / "bench_mqtt.py"
+    json_out = b.work / "pi-mqtt.json"
+    cmd = [
+        PY,
+        str(script),
+        "--config",
+        "defaults",
+        "--rounds",
+        "2",
+        "--no-strace",
+        "--messages",
+        str(b.sizes.pi_mqtt_messages),
+        "--json",
+        str(json_out),
+        "--child-wrap",
+        shlex.join(conf.prefix),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    rep.notes.append(f"7e: ran `{shlex.join(cmd[1:])}` (exit status {proc.returncode}).")
+    if json_out.exists():
+        rep.figures["pi_mqtt"] = json.loads(json_out.read_text())
+    rows = markdown_rows(proc.stdout, "7e. Pi-class MQTT (both subscribers confined): ")
+    if not rows:
+        tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        rows.append(Row("7e. Pi-class MQTT ratio", f"no table from bench_mqtt.py: {tail}", ""))
+    return rows
+
+
 ROW_FUNCTIONS: dict[str, Callable[[Bench], Report]] = {
     "ingest": bench_ingest,
     "footprint": bench_footprint,
@@ -1160,6 +1910,8 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Report]] = {
     "serial": bench_serial,
     "mqtt": bench_mqtt,
     "modbus": bench_modbus,
+    "health": bench_health,
+    "pi": bench_pi,
 }
 
 

@@ -56,6 +56,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import socket
 import subprocess
@@ -129,6 +130,13 @@ def _parser() -> argparse.ArgumentParser:
         "machine does not decide the ratio (default 2)",
     )
     p.add_argument("--json", type=Path, help="also write every figure to this file")
+    p.add_argument(
+        "--child-wrap",
+        default="",
+        metavar="COMMAND",
+        help="run each subscriber child under this command prefix (shell words; scripts/bench's "
+        "Pi-class run confines them to a quarter of a core with it)",
+    )
     p.add_argument(
         "--no-strace",
         action="store_true",
@@ -349,6 +357,7 @@ def _child(
     if strace is not None:
         trace = ["-f", "-c", "--seccomp-bpf", "-e", "trace=fsync,fdatasync", "-o", str(summary)]
         command = [strace, *trace, *command]
+    command = [*shlex.split(args.child_wrap), *command]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
