@@ -135,6 +135,7 @@ class Agent:
         self.guard: ClockGuard | None = None
         self.uplink_time: UplinkTime | None = None
         self._time_source: tuple[str, float] | None = None  # what the buffer was told last
+        self._clock_lock = threading.Lock()  # the main loop's tick, the uploader's samples
         self.intake: AgentIntake | None = None
         self.uploader = Uploader(
             config.endpoint,
@@ -166,6 +167,8 @@ class Agent:
             self.buffer, self.config.endpoint.record_id_field, self.clock, self.guard
         )
         self._apply_clock_state()
+        if self.uplink_time is not None:
+            self.uplink_time.on_sample = self.tick
         self.uploader.time_source = self.uplink_time
         self.uploader.start()
         for sc in self.config.sources:
@@ -242,11 +245,13 @@ class Agent:
         )
 
     def tick(self) -> None:
-        """Called about once a second by the main loop: watch the clock."""
+        """Called about once a second by the main loop, and by the uploader's thread when
+        the endpoint told the time: watch the clock."""
         if self.guard is None:
             return
-        self.guard.check()
-        self._apply_clock_state()
+        with self._clock_lock:
+            self.guard.check()
+            self._apply_clock_state()
 
     def _start_source(self, sc: SourceConfig) -> None:
         assert self.intake is not None
@@ -375,6 +380,9 @@ def _clock_part(guard: ClockGuard | None) -> dict[str, Any]:
         state = guard.reason or "untrusted"
     return {
         "trusted": source != "none",
+        # Waiting for the first confirmation (one exchange) is no fault of the clock's: an
+        # endpoint that cannot be reached shows in the uploads' health instead.
+        "confirming": source == "none" and guard.confirming,
         "state": state,
         "jumps": guard.jumps,
         "source": source,

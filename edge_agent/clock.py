@@ -255,6 +255,11 @@ class ClockGuard:
         return "none" if self.uplink_offset is None else "uplink"
 
     @property
+    def confirming(self) -> bool:
+        """Waiting for a first word on the wall clock (no answer of the endpoint yet)."""
+        return self._uplink is not None and self._uplink.latest() is None and self.jumps == 0
+
+    @property
     def wall_error(self) -> float | None:
         """How far the system clock is ahead of the endpoint's time (seconds), when known."""
         latest = None if self._uplink is None else self._uplink.latest()

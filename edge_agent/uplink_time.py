@@ -23,6 +23,7 @@ import email.utils
 import ipaddress
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC
 from urllib.parse import urlsplit
@@ -128,6 +129,9 @@ class UplinkTime:
         self._next_probe = 0.0  # monotonic
         self._sampled_since_probe = False
         self.probes = 0
+        # Called (in the uploader's thread) after each new sample: the agent looks at its
+        # clock at once instead of at its next tick.
+        self.on_sample: Callable[[], None] | None = None
         self.last_probe: str | None = None  # what the last probe got, for the status page
 
     # -- fed by the uploader ---------------------------------------------------------------
@@ -144,6 +148,8 @@ class UplinkTime:
                 return
             self._samples = [*self._samples[-(_KEPT - 1) :], sample]
             self._sampled_since_probe = True
+        if self.on_sample is not None:
+            self.on_sample()
 
     def probe_due(self) -> bool:
         return self.wanted and self._clock.monotonic() >= self._next_probe
