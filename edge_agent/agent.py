@@ -359,12 +359,12 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
             "failing_for_s": None if up.failing_since is None else now_mono - up.failing_since,
             "paused": dict(up.paused),
         },
-        "clock": _clock_part(guard),
+        "clock": _clock_part(guard, agent.uplink_time),
         "errors": errors,
     }
 
 
-def _clock_part(guard: ClockGuard | None) -> dict[str, Any]:
+def _clock_part(guard: ClockGuard | None, uplink: UplinkTime | None) -> dict[str, Any]:
     """`trusted`: readings get reliable times (from the system clock or the endpoint's)."""
     if guard is None:
         return {"trusted": True, "state": "ok", "jumps": 0, "source": "system"}
@@ -373,11 +373,13 @@ def _clock_part(guard: ClockGuard | None) -> dict[str, Any]:
         state = "ok" if guard.confirmed_by is None else f"ok, confirmed by {guard.confirmed_by}"
     elif source == "uplink":
         state = (
-            f"the system clock is off ({guard.reason}); readings are stamped with the "
-            f"endpoint's time (within {guard.uplink_error or 0.0:.1f} s)"
+            f"{guard.reason}: readings are stamped with the endpoint's time (within "
+            f"{guard.uplink_error or 0.0:.1f} s)"
         )
     else:
         state = guard.reason or "untrusted"
+        if uplink is not None and uplink.last_probe is not None:
+            state += f"; {uplink.probes} probe(s) of the endpoint, the last: {uplink.last_probe}"
     return {
         "trusted": source != "none",
         # Waiting for the first confirmation (one exchange) is no fault of the clock's: an

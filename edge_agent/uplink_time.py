@@ -9,7 +9,6 @@ so a sample stays valid after NTP or a person sets the clock.
     Sample            one answer's Date: the interval the true offset lies in
     UplinkTime        the samples, whether they agree, and when to probe for one
     uplink_usable     whether an endpoint's answers may serve as a time source at all
-    PROBE_NOTE        what the probe is, for log lines
 
 The uploader feeds it every answer (`observe`) and, while the clock waits for confirmation
 and nothing else is sent, sends a probe (`probe_due`, `probe_batch`, `probed`): a request
@@ -37,7 +36,6 @@ from edge_agent.uploader import Answer, Verdict
 # Probe pacing while the clock waits: a second after the last (a second answer is needed
 # when the wall clock disagrees); the uploader's backoff comes on top after a failed one.
 PROBE_INTERVAL_S = 1.0
-PROBE_NOTE = 'a POST with an empty "data" list (no reading)'
 _KEPT = 8  # samples kept: the latest decide; older ones only show history
 
 
@@ -102,8 +100,8 @@ def _from_the_api(reply: Reply, answer: Answer, probe: bool) -> bool:
     """An answer of the API itself, never a captive portal's or a proxy's.
 
     A delivered batch (a 2xx with a JSON object). For the probe also the API refusing the
-    empty list in JSON (a 4xx other than 401/403/404/407, with a JSON object): the spec does
-    not say what the API answers to it, and that answer still comes from the API.
+    empty list in JSON (a 4xx the uploader takes for refused records, with a JSON object):
+    the spec does not say what the API answers to it, and that answer still comes from it.
     """
     if answer.verdict is Verdict.DELIVERED:
         return True
