@@ -27,6 +27,7 @@ from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.records import Reading, with_field
 from edge_agent.sources.base import Source, SourceConfig
 from edge_agent.sources.registry import source_type
+from edge_agent.uplink_time import UplinkTime, uplink_usable
 from edge_agent.uploader import Uploader
 
 log = logging.getLogger("edge_agent.agent")
@@ -132,6 +133,9 @@ class Agent:
         self.clock = clock or SystemClock()
         self.buffer = Buffer(config.buffer_path, config.buffer, self.clock)
         self.guard: ClockGuard | None = None
+        self.uplink_time: UplinkTime | None = None
+        self._time_source: tuple[str, float] | None = None  # what the buffer was told last
+        self._clock_lock = threading.Lock()  # the main loop's tick, the uploader's samples
         self.intake: AgentIntake | None = None
         self.uploader = Uploader(
             config.endpoint,
@@ -150,17 +154,22 @@ class Agent:
     def start(self) -> None:
         """Open the buffer, start the uploader, then the sources. Errors stop start-up."""
         self.buffer.open()
+        self.uplink_time = self._make_uplink_time()
         self.guard = ClockGuard(
             self.clock,
             trust_clock=self.config.agent.trust_clock,
             require_ntp_sync=self.config.agent.require_ntp_sync,
             newest_known=self.buffer.newest_known_time(),
+            uplink=self.uplink_time,
             **self._guard_options,
         )
         self.intake = AgentIntake(
             self.buffer, self.config.endpoint.record_id_field, self.clock, self.guard
         )
-        self._apply_clock_state(became_trusted=self.guard.trusted)
+        self._apply_clock_state()
+        if self.uplink_time is not None:
+            self.uplink_time.on_sample = self.tick
+        self.uploader.time_source = self.uplink_time
         self.uploader.start()
         for sc in self.config.sources:
             self._start_source(sc)
@@ -174,30 +183,75 @@ class Agent:
         for warning in exposure_warnings(self.config):
             log.warning("agent: %s", warning)
 
-    def _apply_clock_state(self, became_trusted: bool) -> None:
-        assert self.guard is not None
-        if became_trusted:
-            # Also releases readings held by an earlier boot whose clock never settled.
-            self.buffer.fix_times(self.guard.offset, self.config.agent.time_quality_field)
-        elif not self.guard.trusted:
-            self.buffer.distrust_clock()
+    def _make_uplink_time(self) -> UplinkTime | None:
+        """The endpoint's Date as a time source, unless configured off or not authentic."""
+        agent, endpoint = self.config.agent, self.config.endpoint
+        if not agent.time_from_uplink or agent.trust_clock or agent.require_ntp_sync:
+            return None
+        why = uplink_usable(endpoint)
+        if why is not None:
             log.warning(
+                "agent: the endpoint's time is not used to confirm the clock (time_from_uplink): "
+                "%s; the system clock is trusted when it is plausible, as with "
+                "time_from_uplink = false (require_ntp_sync = true waits for NTP instead)",
+                why,
+            )
+            return None
+        return UplinkTime(self.clock, endpoint.url, self.config.sources[0].datasource_id)
+
+    def _apply_clock_state(self) -> None:
+        """Tell the buffer where readings' times come from, when that changed."""
+        guard = self.guard
+        assert guard is not None
+        source = guard.source
+        offset = guard.uplink_offset if source == "uplink" else guard.offset
+        assert offset is not None
+        before = self._time_source
+        # The endpoint's offset is refined with every answer; hundredths do not matter.
+        if before is not None and before[0] == source and abs(before[1] - offset) < 0.25:
+            return
+        self._time_source = (source, offset)
+        field = self.config.agent.time_quality_field
+        if source == "system":
+            self.buffer.fix_times(offset, field)
+            if before is not None:
+                by = f" (confirmed by {guard.confirmed_by})" if guard.confirmed_by else ""
+                log.info("agent: the clock is trusted%s; correcting held readings", by)
+        elif source == "uplink":
+            self.buffer.fix_times(offset, field, "uplink")
+            if before is None or before[0] != "uplink":
+                self._say_uplink_time(guard)
+        else:
+            self.buffer.distrust_clock()
+            level = (
+                logging.INFO if guard.uplink_offset is None and before is None else logging.WARNING
+            )
+            log.log(
+                level,
                 "agent: the clock is not trusted (%s); readings are kept with their "
                 "monotonic time and held until it is, then their timestamps are corrected",
-                self.guard.reason,
+                guard.reason,
             )
 
+    def _say_uplink_time(self, guard: ClockGuard) -> None:
+        log.warning(
+            "agent: the system clock is %+.1f s off the time of %s (the Date of its answers, "
+            'within %.1f s); readings are stamped with that time and flagged %s = "uplink" '
+            "until NTP synchronises the clock (the agent does not set the system clock)",
+            guard.wall_error or 0.0,
+            self.config.endpoint.url,
+            guard.uplink_error or 0.0,
+            self.config.agent.time_quality_field,
+        )
+
     def tick(self) -> None:
-        """Called about once a second by the main loop: watch the clock."""
+        """Called about once a second by the main loop, and by the uploader's thread when
+        the endpoint told the time: watch the clock."""
         if self.guard is None:
             return
-        was_trusted = self.guard.trusted
-        became = self.guard.check()
-        if became:
-            log.info("agent: the clock is trusted again; correcting held readings")
-            self._apply_clock_state(became_trusted=True)
-        elif was_trusted and not self.guard.trusted:
-            self._apply_clock_state(became_trusted=False)
+        with self._clock_lock:
+            self.guard.check()
+            self._apply_clock_state()
 
     def _start_source(self, sc: SourceConfig) -> None:
         assert self.intake is not None
@@ -235,13 +289,13 @@ class Agent:
             new = replace(new, buffer=old.buffer, agent=agent)
         if new.status != old.status:
             log.warning("agent: [status] changes take effect at the next restart")
-        if (new.agent.trust_clock, new.agent.require_ntp_sync, new.agent.log_level) != (
-            old.agent.trust_clock,
-            old.agent.require_ntp_sync,
-            old.agent.log_level,
-        ):
+        clock_keys = ("trust_clock", "require_ntp_sync", "time_from_uplink", "log_level")
+        if [getattr(new.agent, k) for k in clock_keys] != [
+            getattr(old.agent, k) for k in clock_keys
+        ]:
             log.warning(
-                "agent: trust_clock, require_ntp_sync and log_level take effect at the next restart"
+                "agent: trust_clock, require_ntp_sync, time_from_uplink and log_level take "
+                "effect at the next restart"
             )
         self.config = new
         if self.intake is not None:
@@ -306,12 +360,38 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
             "paused": dict(up.paused),
             "uplink": asdict(agent.uploader.uplink.view()),
         },
-        "clock": {
-            "trusted": guard is None or guard.trusted,
-            "state": "ok" if guard is None or guard.trusted else (guard.reason or "untrusted"),
-            "jumps": 0 if guard is None else guard.jumps,
-        },
+        "clock": _clock_part(guard, agent.uplink_time),
         "errors": errors,
+    }
+
+
+def _clock_part(guard: ClockGuard | None, uplink: UplinkTime | None) -> dict[str, Any]:
+    """`trusted`: readings get reliable times (from the system clock or the endpoint's)."""
+    if guard is None:
+        return {"trusted": True, "state": "ok", "jumps": 0, "source": "system"}
+    source = guard.source
+    if source == "system":
+        state = "ok" if guard.confirmed_by is None else f"ok, confirmed by {guard.confirmed_by}"
+    elif source == "uplink":
+        state = (
+            f"{guard.reason}: readings are stamped with the endpoint's time (within "
+            f"{guard.uplink_error or 0.0:.1f} s)"
+        )
+    else:
+        state = guard.reason or "untrusted"
+        if uplink is not None and uplink.last_probe is not None:
+            state += f"; {uplink.probes} probe(s) of the endpoint, the last: {uplink.last_probe}"
+    return {
+        "trusted": source != "none",
+        # Waiting for the first confirmation (one exchange) is no fault of the clock's: an
+        # endpoint that cannot be reached shows in the uploads' health instead.
+        "confirming": source == "none" and guard.confirming,
+        "state": state,
+        "jumps": guard.jumps,
+        "source": source,
+        # How far the system clock is ahead of the endpoint's time, when it answered.
+        "offset_s": guard.wall_error,
+        "uplink_error_s": guard.uplink_error,
     }
 
 

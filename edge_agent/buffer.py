@@ -78,7 +78,7 @@ CHECKPOINT_INTERVAL_S = 60.0
 # Housekeeping (max_age, the last known wall time) runs at most this often.
 MAINTENANCE_INTERVAL_S = 30.0
 # SQLite's `strftime` gives 'YYYY-MM-DDTHH:MM:SS.SSS': our stamp format less the 'Z'.
-_RESTAMP = "strftime('%Y-%m-%dT%H:%M:%fZ', ?, 'unixepoch')"
+_RESTAMP = "strftime('%Y-%m-%dT%H:%M:%fZ', ?7, 'unixepoch')"
 _ENCODER = RECORD_ENCODER
 
 
@@ -225,11 +225,14 @@ class Batch:
 class TimeFix:
     """Correct held readings: this boot's by `offset`, earlier boots' by estimate, flagged.
 
-    It takes several commits when many readings are held: the writer keeps it until done."""
+    `quality`: how this boot's corrected readings are flagged (`uplink` when the offset came
+    from the endpoint's Date), None for exact. It takes several commits when many readings
+    are held: the writer keeps it until done."""
 
     offset: float
     flag_field: str
-    # Worked out at the first commit, from every held reading: (boot, offset, flag or None).
+    quality: str | None = None
+    # Worked out at the first commit, from every held reading: (boot, offset, quality or None).
     moves: list[tuple[str, float, str | None]] | None = None
     rows_per_commit: int = 0
     counted: Counter[str] = field(default_factory=Counter)  # moved so far, for the log line
@@ -273,8 +276,10 @@ class Buffer:
         self._schema_ids = _SchemaIds()
         self._time_fix: TimeFix | None = None
         self._time_fix_left: TimeFix | None = None  # writer only: held readings left to move
-        # Wall minus monotonic while the clock is trusted (the agent says when it is not).
+        # Wall minus monotonic while the clock is trusted (the agent says when it is not),
+        # or the endpoint's time minus monotonic, with the flag readings stamped by it get.
         self._offset: float | None = self._clock.wall() - self._clock.monotonic()
+        self._quality: tuple[str, str] | None = None  # (flag field, value)
         self._last_checkpoint = time.monotonic()
         self._last_maintenance = 0.0
         self._shrinking = False
@@ -451,11 +456,13 @@ class Buffer:
         with self._cond:
             self._offset = None
 
-    def fix_times(self, offset: float, flag_field: str) -> None:
-        """The clock is trusted now: correct the held readings with the next commit."""
+    def fix_times(self, offset: float, flag_field: str, quality: str | None = None) -> None:
+        """The clock is trusted now: correct the held readings with the next commit, and
+        readings stamped meanwhile as they come; `quality` flags them (`uplink`)."""
         with self._cond:
             self._offset = offset
-            self._time_fix = TimeFix(offset, flag_field)
+            self._quality = None if quality is None else (f"$.{flag_field}", quality)
+            self._time_fix = TimeFix(offset, flag_field, quality)
             self._urgent = True
             self._cond.notify_all()
 
@@ -708,7 +715,7 @@ class Buffer:
         (and what waits for room) before anything is inserted, then what fits inserted."""
         now = self._clock.wall()
         with transaction(conn):
-            if fix is not None and not self._release_held(conn, fix, now):
+            if fix is not None and not self._release_held(conn, fix):
                 self._time_fix_left = fix
             budget = self._budget(conn)
             plan = self._plan(conn, taken, budget)
@@ -796,12 +803,15 @@ class Buffer:
         if not untrusted:
             return
         if offset is not None:
-            # Stamped before the clock was trusted, committed after: correct them now.
+            # Stamped before the clock was trusted, committed after, or stamped while the
+            # endpoint's time stands in for the clock: correct (and flag) them now.
+            path, value = self._quality or (None, None)
             conn.executemany(
-                "INSERT INTO readings(datasource_id, schema_id, created, record) "
-                f"VALUES (?, ?, ?, json_set(?, '$.timestamp', {_RESTAMP}))",
+                "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES "
+                f"(?1, ?2, ?3, CASE WHEN ?5 IS NULL THEN json_set(?4, '$.timestamp', {_RESTAMP}) "
+                f"ELSE json_set(?4, '$.timestamp', {_RESTAMP}, ?5, ?6) END)",
                 [
-                    (r.datasource_id, ids[r.signature], now, r.text, mono + offset)
+                    (r.datasource_id, ids[r.signature], now, r.text, path, value, mono + offset)
                     for r in untrusted
                     if (mono := r.mono) is not None
                 ],
@@ -816,22 +826,23 @@ class Buffer:
             ],
         )
 
-    def _release_held(self, conn: sqlite3.Connection, fix: TimeFix, now: float) -> bool:
+    def _release_held(self, conn: sqlite3.Connection, fix: TimeFix) -> bool:
         """Move held readings to the queue with corrected timestamps, oldest boot first, at
         most half a commit's worth per commit (both copies exist until the commit); True
         once none is left.
 
-        This boot's: monotonic time plus the trusted offset. Earlier boots' offsets are
-        lost with them: estimate each as ending just before the next boot began, and flag
+        This boot's: monotonic time plus the trusted offset (flagged `uplink` when it came
+        from the endpoint). Earlier boots' offsets are lost with them: estimate each as
+        ending just before the next boot began (never earlier than the truth), and flag
         the records so nobody mistakes the estimate for a measurement. The estimates are
         made once, from every held reading, before the first part moves.
         """
         if fix.moves is None:
-            fix.moves = self._held_moves(conn, fix, now)
+            fix.moves = self._held_moves(conn, fix)
             fix.rows_per_commit = self._held_rows_per_commit(conn)
         limit = fix.rows_per_commit
         counted: Counter[str] = Counter()
-        for boot, offset, flag in fix.moves:
+        for boot, offset, quality in fix.moves:
             if limit <= 0:
                 break
             # json_set with the flag's path as NULL would drop nothing but also add nothing:
@@ -840,19 +851,19 @@ class Buffer:
             conn.execute(
                 "INSERT INTO readings(datasource_id, schema_id, created, record) "
                 "SELECT datasource_id, schema_id, mono + ?1, "
-                "CASE WHEN ?2 IS NULL THEN json_set(record, '$.timestamp', "
+                "CASE WHEN ?5 IS NULL THEN json_set(record, '$.timestamp', "
                 "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch')) "
                 "ELSE json_set(record, '$.timestamp', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, 'estimated') END "
+                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, ?5) END "
                 f"FROM ({part}) ORDER BY id",
-                (offset, f"$.{flag}" if flag else None, boot, limit),
+                (offset, f"$.{fix.flag_field}", boot, limit, quality),
             )
             for ds, n in conn.execute(
                 "SELECT datasource_id, count(*) FROM (SELECT datasource_id FROM held "
                 "WHERE boot = ? ORDER BY id LIMIT ?) GROUP BY 1",
                 (boot, limit),
             ):
-                counted[f"time_fixed.{'estimated' if flag else 'exact'}.{ds}"] += n
+                counted[f"time_fixed.{quality or 'exact'}.{ds}"] += n
             moved = conn.execute(
                 "DELETE FROM held WHERE id IN (SELECT id FROM held WHERE boot = ? ORDER BY id "
                 "LIMIT ?)",
@@ -865,27 +876,30 @@ class Buffer:
         if not left and fix.counted:
             log.info(
                 "buffer: the clock is trusted now; corrected the timestamps of %d held readings "
-                '(%d from earlier boots estimated and flagged %s = "estimated")',
+                '(%d from earlier boots estimated and flagged %s = "estimated"; %d by the '
+                'endpoint\'s time, flagged %s = "uplink")',
                 sum(fix.counted.values()),
                 sum(n for k, n in fix.counted.items() if ".estimated." in k),
+                fix.flag_field,
+                sum(n for k, n in fix.counted.items() if ".uplink." in k),
                 fix.flag_field,
             )
         return not left
 
     def _held_moves(
-        self, conn: sqlite3.Connection, fix: TimeFix, now: float
+        self, conn: sqlite3.Connection, fix: TimeFix
     ) -> list[tuple[str, float, str | None]]:
-        """(boot, offset, flag field or None) for each boot with held readings, oldest first."""
+        """(boot, offset, quality or None) for each boot with held readings, oldest first."""
         boots = conn.execute(
             "SELECT boot, max(mono), min(mono) FROM held GROUP BY boot ORDER BY max(id) DESC"
         ).fetchall()
-        end = now - self._clock.monotonic()  # wall time when this boot began
+        end = fix.offset  # true time when this boot began (its monotonic clock's zero)
         moves: list[tuple[str, float, str | None]] = []
         for boot, max_mono, min_mono in boots:
             if boot == self._boot:
-                moves.append((boot, fix.offset, None))
+                moves.append((boot, fix.offset, fix.quality))
                 continue
-            moves.append((boot, end - max_mono, fix.flag_field))
+            moves.append((boot, end - max_mono, "estimated"))
             end = end - (max_mono - min_mono) - 1.0
         return moves[::-1]
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from edge_agent.uplink_time import UplinkTime
 
 
 class Clock(Protocol):
@@ -50,6 +54,10 @@ def utc_stamp(epoch_seconds: float) -> str:
 # (2026-11-01T00:00:00Z) is certainly wrong, e.g. a Raspberry Pi that booted without an RTC.
 BUILD_EPOCH = 1_793_491_200.0
 
+# Two clocks agree when they are this close (seconds): the endpoint's Date and the wall
+# clock, or two answers of the endpoint (uplink_time.py).
+AGREE_S = 2.0
+
 _TIME_ERROR = 5
 _STA_UNSYNC = 0x0040
 
@@ -81,10 +89,30 @@ def kernel_ntp_synced() -> bool | None:
     return state != _TIME_ERROR and not tx.status & _STA_UNSYNC
 
 
+# Facts of the host the agent reads, each in one place, with an environment variable that
+# points it elsewhere: for tests that play a reboot or a host without NTP in real processes,
+# and for hosts where the usual place lies (README, Time).
+BOOT_ID_FILE_ENV = "EDGE_AGENT_BOOT_ID_FILE"
+NTP_SYNCED_ENV = "EDGE_AGENT_NTP_SYNCED"
+_BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def host_ntp_synced() -> bool | None:
+    """Whether the clock is NTP-synchronised: `EDGE_AGENT_NTP_SYNCED` (`yes`/`no`) when set,
+    else the kernel's answer."""
+    told = os.environ.get(NTP_SYNCED_ENV, "").strip().lower()
+    if told in ("yes", "no"):
+        return told == "yes"
+    return kernel_ntp_synced()
+
+
 def boot_id() -> str:
-    """This boot's id (Linux); monotonic readings of different boots cannot be compared."""
+    """This boot's id (Linux); monotonic readings of different boots cannot be compared.
+
+    Read from `EDGE_AGENT_BOOT_ID_FILE` when set, else from the kernel."""
+    path = os.environ.get(BOOT_ID_FILE_ENV) or _BOOT_ID_FILE
     try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return Path(path).read_text().strip() or "process-" + uuid.uuid4().hex
     except OSError:
         return "process-" + uuid.uuid4().hex
 
@@ -105,6 +133,11 @@ class ClockGuard:
     wall clock jumped against the monotonic clock (until it has been steady for `settle_s`).
     While untrusted, readings carry their monotonic time and are held; once trusted, their
     timestamps are rewritten as monotonic time plus the offset between the two clocks.
+
+    With `uplink` (time_from_uplink), the wall clock must also be confirmed, by the kernel
+    reporting NTP sync or by the endpoint's Date agreeing with it within AGREE_S; a jump asks
+    for confirmation again. While it is not trusted and the endpoint's last two answers agree,
+    `uplink_offset` is their time: the agent stamps readings with it instead of holding them.
     """
 
     def __init__(
@@ -116,7 +149,8 @@ class ClockGuard:
         newest_known: float | None = None,
         jump_tolerance_s: float = 2.0,
         settle_s: float = 10.0,
-        ntp_synced: Callable[[], bool | None] = kernel_ntp_synced,
+        ntp_synced: Callable[[], bool | None] = host_ntp_synced,
+        uplink: UplinkTime | None = None,
     ) -> None:
         self._clock = clock
         self._always = trust_clock
@@ -125,12 +159,17 @@ class ClockGuard:
         self._tolerance = jump_tolerance_s
         self._settle_s = settle_s
         self._ntp_synced = ntp_synced
+        self._uplink = None if trust_clock or require_ntp_sync else uplink
         self._lock = threading.Lock()
         self._offset = self._measure()
         self._steady_since = clock.monotonic()
         self.jumps = 0
+        self.confirmed_by: str | None = None  # what confirmed the wall clock, with `uplink`
+        self.uplink_offset: float | None = None  # true minus monotonic time, from the endpoint
+        self.uplink_error: float | None = None  # the most uplink_offset can be off by
         self.reason: str | None = None if trust_clock else self._judge()
         self.trusted = self.reason is None
+        self._use_uplink()
 
     def _measure(self) -> float:
         return self._clock.wall() - self._clock.monotonic()
@@ -142,9 +181,45 @@ class ClockGuard:
             return f"the wall clock ({utc_stamp(wall)}) is earlier than {utc_stamp(self._floor)}"
         if self._require_ntp and self._ntp_synced() is False:
             return "the kernel says the clock is not NTP-synchronised (require_ntp_sync)"
-        if self._clock.monotonic() - self._steady_since < self._settle_s and self.jumps:
+        if self._uplink is not None:
+            return self._confirmation(wall - self._clock.monotonic())
+        if not self._steady():
             return "the wall clock jumped and has not been steady for long enough"
         return None
+
+    def _steady(self) -> bool:
+        return not self.jumps or self._clock.monotonic() - self._steady_since >= self._settle_s
+
+    def _confirmation(self, offset: float) -> str | None:
+        """Why the wall clock (wall minus monotonic = `offset`) is not confirmed, or None."""
+        assert self._uplink is not None
+        if self._ntp_synced() is True and self._steady():
+            self.confirmed_by = "NTP"
+            return None
+        latest = self._uplink.latest()
+        if latest is not None and latest.distance(offset) <= AGREE_S:
+            self.confirmed_by = f"the Date of {self._uplink.url}"
+            return None
+        if latest is not None:
+            return (
+                f"the system clock is {offset - latest.offset:+.1f} s off the time of "
+                f"{self._uplink.url}"
+            )
+        if self._uplink.no_date and self._steady():
+            # Nothing can confirm it: trust it as without time_from_uplink, rather than hold
+            # every reading for ever (the agent said so once).
+            self.confirmed_by = "nothing (the endpoint sends no Date header)"
+            return None
+        return "not confirmed yet: waiting for NTP or an answer of the endpoint (time_from_uplink)"
+
+    def _use_uplink(self) -> None:
+        """The endpoint's time while the wall clock is not trusted; probe while there is none."""
+        if self._uplink is None:
+            return
+        agreed = None if self.trusted else self._uplink.agreed()
+        self.uplink_offset = None if agreed is None else agreed.offset
+        self.uplink_error = None if agreed is None else agreed.error
+        self._uplink.wanted = not self.trusted and agreed is None
 
     def check(self) -> bool:
         """Look at the clocks again (every second or so); True when it became trusted now."""
@@ -164,12 +239,31 @@ class ClockGuard:
                 self.trusted = True
             elif self.reason is not None:
                 self.trusted = False
+            self._use_uplink()
             return became
 
     @property
     def offset(self) -> float:
         """Wall minus monotonic, as measured while trusted."""
         return self._offset
+
+    @property
+    def source(self) -> str:
+        """Where readings' times come from now: "system", "uplink", or "none" (held)."""
+        if self._always or self.trusted:
+            return "system"
+        return "none" if self.uplink_offset is None else "uplink"
+
+    @property
+    def confirming(self) -> bool:
+        """Waiting for a first word on the wall clock (no answer of the endpoint yet)."""
+        return self._uplink is not None and self._uplink.latest() is None and self.jumps == 0
+
+    @property
+    def wall_error(self) -> float | None:
+        """How far the system clock is ahead of the endpoint's time (seconds), when known."""
+        latest = None if self._uplink is None else self._uplink.latest()
+        return None if latest is None else self._measure() - latest.offset
 
     def stamp(self) -> Stamp:
         with self._lock:

@@ -67,6 +67,7 @@ class AgentConfig:
     trust_clock: bool = False
     require_ntp_sync: bool = False
     time_quality_field: str = "time_quality"
+    time_from_uplink: bool = True
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ class Reply:
     retry_after: str | None
     body: bytes  # decoded, at most the limit
     complete: bool  # False: the body went on past the limit (the rest was not read)
+    date: str | None = None  # the Date header: the server's clock (uplink_time.py)
+    elapsed_s: float = 0.0  # from sending the request to the end of the answer (monotonic)
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class Exchange:
     def send(
         self, client: httpx.Client, request: httpx.Request, timeout_s: float, limit: int
     ) -> Reply | Stalled:
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         request.extensions["trace"] = self._trace
         self._sent = False
         timer = threading.Timer(timeout_s, self._cut)
@@ -105,6 +108,8 @@ class Exchange:
             response.headers.get("Retry-After"),
             body.data(),
             not body.overflowed,
+            response.headers.get("Date"),
+            time.monotonic() - started,
         )
 
     def _stalled(self, timeout_s: float, status: int | None, received: int) -> Stalled:

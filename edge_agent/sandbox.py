@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import email.utils
 import itertools
 import json
 import logging
@@ -93,6 +94,11 @@ class Faults:
     portal: bool = False
     trickle_s: float = 0.0
     huge_body_mb: int = 0
+    # The Date header of every answer, as a server whose clock is off would send it: this
+    # many seconds ahead (negative: behind), plus `date_skew_step_s` more for each answer
+    # since the faults were set, so that successive answers disagree.
+    date_skew_s: float = 0.0
+    date_skew_step_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require_rate("fail_rate", self.fail_rate)
@@ -109,6 +115,8 @@ class Faults:
             raise ConfigError(f"portal: {self.portal!r} is not true/false")
         _require_seconds("trickle_s", self.trickle_s, high=60.0)
         _require_int("huge_body_mb", self.huge_body_mb, low=0, high=1024)
+        _require_skew("date_skew_s", self.date_skew_s)
+        _require_skew("date_skew_step_s", self.date_skew_step_s)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], *, origin: str = "faults") -> Faults:
@@ -146,6 +154,12 @@ def _require_rate(name: str, value: object) -> None:
 def _require_seconds(name: str, value: object, *, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
         raise ConfigError(f"{name}: {value!r} is not a number of seconds from 0 to {high:g}")
+
+
+def _require_skew(name: str, value: object) -> None:
+    bound = 100 * 365 * 86400
+    if isinstance(value, bool) or not isinstance(value, int | float) or not abs(value) <= bound:
+        raise ConfigError(f"{name}: {value!r} is not a number of seconds within ±100 years")
 
 
 def _require_int(
@@ -541,6 +555,7 @@ class Sandbox:
         with self._lock:
             self._faults = faults
             self._rng = random.Random(faults.seed)
+            self._dates = 0  # answers dated since: date_skew_step_s counts from here
 
     def faults(self) -> Faults:
         with self._lock:
@@ -578,6 +593,13 @@ class Sandbox:
         return self._store
 
     # request handling (called from the handler threads)
+
+    def date_header(self) -> str:
+        """The Date of an answer now, skewed as the faults say (RFC 9110 format)."""
+        with self._lock:
+            skew = self._faults.date_skew_s + self._dates * self._faults.date_skew_step_s
+            self._dates += 1
+        return email.utils.formatdate(time.time() + skew, usegmt=True)
 
     def _count(self, outcome: str, body_bytes: int) -> None:
         with self._lock:
@@ -851,6 +873,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(byte)
             self.wfile.flush()
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        # send_response's Date header: the server's clock, skewed on demand.
+        return self.server.sandbox.date_header()
+
     def log_message(self, format: str, *args: Any) -> None:
         # Our own one-line-per-request log replaces http.server's access log.
         log.debug("sandbox: " + format, *args)
@@ -928,6 +954,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         metavar="MB",
         help="pad every insert answer's body (200, 400...) to this many MB",
+    )
+    add(
+        "--date-skew-s",
+        type=_skew,
+        default=0.0,
+        metavar="S",
+        help="send a Date header S seconds ahead of this machine's clock (negative: behind)",
+    )
+    add(
+        "--date-skew-step-s",
+        type=_skew,
+        default=0.0,
+        metavar="S",
+        help="skew each answer's Date S seconds more than the previous one's",
     )
     add(
         "--faults-file",
@@ -1059,7 +1099,20 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
         portal=args.portal,
         trickle_s=args.trickle_s,
         huge_body_mb=args.huge_body_mb,
+        date_skew_s=args.date_skew_s,
+        date_skew_step_s=args.date_skew_step_s,
     )
+
+
+def _skew(text: str) -> float:
+    try:
+        value = float(text)
+        _require_skew("seconds", value)
+    except (ValueError, ConfigError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds within ±100 years"
+        ) from None
+    return value
 
 
 def _rate(text: str) -> float:

@@ -119,7 +119,7 @@ def _upload_reasons(snapshot: Snapshot, unhealthy_after_s: float) -> Iterable[st
 
 def _clock_reasons(snapshot: Snapshot) -> Iterable[str]:
     clock = _part(snapshot, "clock")
-    if clock and not clock.get("trusted", True):
+    if clock and not clock.get("trusted", True) and not clock.get("confirming"):
         state = clock.get("state") or "unknown"
         yield (
             f"the system clock is not trusted (state: {state}), so new readings cannot be "
@@ -397,8 +397,15 @@ def _agent_metrics(out: _Exposition, doc: Snapshot) -> None:
     out.family(
         "clock_trusted",
         "gauge",
-        "1 if the system clock is trusted (synced), else 0.",
+        "1 if readings get reliable times (the system clock, or the endpoint's), else 0.",
         [({}, bool(clock.get("trusted", True)))],
+    )
+    offset = clock.get("offset_s")
+    out.family(
+        "clock_offset_seconds",
+        "gauge",
+        "How far the system clock is ahead of the endpoint's time (its Date), when known.",
+        [({}, offset if isinstance(offset, int | float) else None)],
     )
 
 
@@ -705,7 +712,11 @@ def _clock_text(clock: dict[str, Any]) -> str:
     if not clock:
         return "unknown"
     trusted = "trusted" if clock.get("trusted", True) else "NOT trusted"
-    return f"{clock.get('state') or 'unknown'} ({trusted})"
+    offset = clock.get("offset_s")
+    against = (
+        f"; {offset:+.1f} s against the endpoint's time" if isinstance(offset, int | float) else ""
+    )
+    return f"{clock.get('state') or 'unknown'} ({trusted}{against})"
 
 
 def _page_charts(samples: list[Sample]) -> str:

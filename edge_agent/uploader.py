@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -44,6 +44,9 @@ from edge_agent.errors import ConfigError
 from edge_agent.exchange import NO_CONNECTION, Exchange, Reply, Stalled
 from edge_agent.logs import RateLimitedLog, printable
 from edge_agent.uplink import ROUTE_CHECK_S, Uplink, probe, target_for
+
+if TYPE_CHECKING:
+    from edge_agent.uplink_time import UplinkTime
 
 log = logging.getLogger("edge_agent.uploader")
 
@@ -331,6 +334,9 @@ class Uploader:
         self.heartbeat = time.monotonic()
         self.uplink = Uplink(endpoint.reconnect_probe_s, rng=self._rng)
         self._probe = probe or self._probe_link
+        # Set by the agent before start: sees every answer, and probes while the clock
+        # waits for confirmation (edge_agent/uplink_time.py).
+        self.time_source: UplinkTime | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -460,6 +466,8 @@ class Uploader:
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
         batch = session.next_batch(self.endpoint.max_batch_records, self._byte_limit, excluded)
         if batch is None:
+            if self._probe_time():
+                return
             self._forget_expired_pauses(now)
             self._idle(min(1.0, self._next_resume(now)))
             return
@@ -471,6 +479,18 @@ class Uploader:
             self._idle(self.endpoint.flush_interval_s - (time.time() - batch.oldest_created))
             return
         self._deliver(session, batch)
+
+    def _probe_time(self) -> bool:
+        """While the clock waits for confirmation and nothing else goes out: one request
+        without readings, for the API's Date (uplink_time.py). True when one was sent."""
+        source = self.time_source
+        if source is None or self._client is None or not source.probe_due():
+            return False
+        answer = self.send_batch(self._client, source.probe_batch())
+        if not source.probed(answer):  # not the API's answer: said and paced like an upload's
+            self._failed(answer)
+            self._back_off(answer)
+        return True
 
     def _full(self, batch: Batch) -> bool:
         return (
@@ -707,7 +727,10 @@ class Uploader:
                 return Answer(Verdict.TRANSIENT, None, _stall_message(outcome))
             case Reply():
                 self.stats.requests[str(outcome.status)] += 1
-                return judge(outcome, gzip_sent, time.time())
+                answer = judge(outcome, gzip_sent, time.time())
+                if self.time_source is not None:
+                    self.time_source.observe(outcome, answer, probe=not batch.rows)
+                return answer
 
     def _request(self, client: httpx.Client, batch: Batch, gzip_sent: bool) -> httpx.Request:
         """The request for a batch; its body is the only copy of the batch's bytes it adds,

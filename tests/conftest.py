@@ -15,11 +15,19 @@ from typing import Any
 import pytest
 
 from edge_agent.agent import Agent
+from edge_agent.clock import NTP_SYNCED_ENV
 from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
 from edge_agent.testing.modbus_slave import SlaveProcess
 from tests.helpers import DATASOURCE, TOKEN, serial_source, write_config
+
+# The kernel's NTP state differs between machines (synchronised on most, never in many
+# containers), and with it what an agent does at start: confirmed at once, or after one probe
+# of the endpoint (time from the uplink). Every agent the tests start, in this process or as
+# a child, sees a synchronised clock unless its test says otherwise
+# (tests/test_uplink_time.py runs the unsynchronised paths).
+os.environ[NTP_SYNCED_ENV] = "yes"
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,20 +109,31 @@ class AgentProcess:
     """`edge-agent run` as a child process, the way systemd runs it."""
 
     def __init__(
-        self, config: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None
+        self,
+        config: Path,
+        log_path: Path,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
-        """`env`: variables added to this process's environment (NOTIFY_SOCKET...)."""
+        """`env`: variables added to this process's environment (NOTIFY_SOCKET...);
+        `prefix`: a command that runs the agent and then is it (exec: faketime, unshare)."""
         self.config = config
         self.log_path = log_path
         self.extra = extra
         self.env = env or {}
+        self.prefix = list(prefix)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
         log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config), *self.extra],
+            [
+                *self.prefix,
+                *(sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)),
+                *self.extra,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

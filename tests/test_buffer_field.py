@@ -274,6 +274,9 @@ def test_max_age_drops_old_readings_and_counts_them(tmp_path: Path) -> None:
 
 
 def _clock_agent(tmp_path: Path, sandbox: Sandbox, clock: FakeClock, **agent: object) -> Agent:
+    # A fake clock: the sandbox's Date (real time) would contradict it, so the clock is
+    # judged from the wall clock alone (time from the uplink: tests/test_uplink_time.py).
+    agent.setdefault("time_from_uplink", False)
     config = write_config(
         tmp_path / "agent.toml",
         url=sandbox.url,
