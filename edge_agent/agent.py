@@ -139,6 +139,7 @@ class Agent:
             self.buffer,
             transport=transport,
             token_source=self._read_token,
+            clock=self.clock,
         )
         self.sources: dict[str, Source] = {}
         self.started_at: float | None = None
@@ -304,6 +305,8 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
             "last_error": up.last_error,
             "failing_for_s": None if up.failing_since is None else now_mono - up.failing_since,
             "paused": dict(up.paused),
+            "records_set_aside": up.records_set_aside,
+            "suspects": up.suspects,
         },
         "clock": {
             "trusted": guard is None or guard.trusted,
