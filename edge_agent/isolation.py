@@ -11,10 +11,11 @@ module owns the bookkeeping that tells the two apart; the uploader asks it after
   request succeeded, the server is up and the failure follows the records: a failing half is
   split again, down to single records.
 - Suspects: a single record the server failed on alone. It is left out of its data source's
-  batches, which go on, and sent alone on its own schedule (doubling from `backoff_base_s` up
-  to `backoff_max_s`). A failure of it is a strike when another request succeeded since its
-  previous failure (its first failure is one). At `poison_attempts` strikes, at least
-  `poison_min_age_s` after its first failure, it is set aside (dead letters).
+  batches, which go on, and sent alone on its own schedule (doubling from `backoff_base_s`
+  up to `poison_min_age_s / 20` or `backoff_max_s`, whichever is less). A failure of it is a
+  strike when another request succeeded since its previous failure (its first failure is
+  one). At `poison_attempts` strikes, at least `poison_min_age_s` after its first failure, it
+  is set aside (dead letters). A server down for everyone gives no strike after the first.
 - Answers without a status (a network failure, a stall) are not given here: they never count.
 
 Only the uploader thread calls it. State lives in memory (a restart starts the count again)
@@ -29,7 +30,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from edge_agent.buffer import Batch, BatchRow
+from edge_agent.buffer import Batch
 from edge_agent.clock import Clock
 from edge_agent.config import EndpointConfig
 
@@ -53,7 +54,6 @@ class Rules:
     min_age_s: float
     retry_base_s: float
     retry_max_s: float
-    flush_interval_s: float
 
     @classmethod
     def of(cls, ep: EndpointConfig) -> Rules:
@@ -62,7 +62,6 @@ class Rules:
             ep.poison_min_age_s,
             ep.backoff_base_s,
             ep.backoff_max_s,
-            ep.flush_interval_s,
         )
 
 
@@ -94,33 +93,20 @@ class Isolation:
         self._suspects: dict[int, _Suspect] = {}
         self._bisection: _Bisection | None = None
         self._successes = 0
-        self._rest_sent = -math.inf
 
     @property
     def suspects(self) -> int:
         """Records sent alone because the server failed on them alone."""
         return len(self._suspects)
 
-    def plan(self, batch: Batch, full: bool) -> list[Batch]:
-        """The parts of a batch to send now, in order: the rest of it, then each due suspect
-        alone. Without suspects, the batch itself.
+    def skipped(self) -> frozenset[int]:
+        """Readings to leave out of batches: the suspects, sent alone."""
+        return frozenset(self._suspects)
 
-        The rest of a batch that is not full goes once per `flush_interval_s`: the batch
-        looks old (its first record is a suspect) but the rest is as young as it is.
-        """
-        if not self._suspects or not any(r.id in self._suspects for r in batch.rows):
-            return [batch]
+    def due(self) -> list[int]:
+        """Suspects whose turn to be sent alone has come, oldest first."""
         now = self._clock.monotonic()
-        rest = tuple(r for r in batch.rows if r.id not in self._suspects)
-        parts = []
-        if rest and (full or now - self._rest_sent >= self.rules.flush_interval_s):
-            parts.append(_part(batch, rest))
-            self._rest_sent = now
-        for r in batch.rows:
-            suspect = self._suspects.get(r.id)
-            if suspect is not None and suspect.due <= now:
-                parts.append(_part(batch, (r,)))
-        return parts
+        return sorted(rid for rid, s in self._suspects.items() if s.due <= now)
 
     def answered(self, part: Batch, status: int | None, delivered: bool) -> Step | None:
         """Note an answer to `part`; for a 5xx, say what to do with it (None: not ours)."""
@@ -205,11 +191,19 @@ class Isolation:
             suspect.strikes += 1
         suspect.tries += 1
         suspect.seen = self._successes
-        r = self.rules
-        suspect.due = now + min(r.retry_max_s, r.retry_base_s * 2 ** min(suspect.tries - 1, 30))
-        if suspect.strikes >= r.attempts and now - suspect.first_failed >= r.min_age_s:
+        suspect.due = now + self._retry_in(suspect.tries)
+        rules = self.rules
+        if suspect.strikes >= rules.attempts and now - suspect.first_failed >= rules.min_age_s:
             return Step.SET_ASIDE  # forgotten once it is in the dead letters
         return Step.HOLD
+
+    def _retry_in(self, tries: int) -> float:
+        """Doubling from backoff_base_s, capped so that a suspect is tried about 20 times
+        or more over poison_min_age_s: a server that fails at random (half the requests,
+        say) fails it at every one of those with a chance of one in a million."""
+        r = self.rules
+        cap = min(r.retry_max_s, max(r.retry_base_s, r.min_age_s / 20))
+        return float(min(cap, r.retry_base_s * 2.0 ** min(tries - 1, 30)))
 
     def watch(self, rid: int) -> tuple[int, int, float] | None:
         """Failures alone, strikes and seconds since the first failure of a suspect."""
@@ -217,7 +211,3 @@ class Isolation:
         if suspect is None:
             return None
         return suspect.tries, suspect.strikes, self._clock.monotonic() - suspect.first_failed
-
-
-def _part(batch: Batch, rows: tuple[BatchRow, ...]) -> Batch:
-    return Batch(batch.datasource_id, batch.schema_id, rows, batch.oldest_created)

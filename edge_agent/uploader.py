@@ -461,7 +461,14 @@ class Uploader:
             self._sleep(wait)
             return
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
-        batch = session.next_batch(self.endpoint.max_batch_records, self._byte_limit, excluded)
+        if self._send_suspect(session, excluded):
+            return
+        batch = session.next_batch(
+            self.endpoint.max_batch_records,
+            self._byte_limit,
+            excluded,
+            skip=self._isolation.skipped(),
+        )
         if batch is None:
             self._forget_expired_pauses(now)
             self._idle(min(1.0, self._next_resume(now)))
@@ -474,6 +481,18 @@ class Uploader:
             self._idle(self.endpoint.flush_interval_s - (time.time() - batch.oldest_created))
             return
         self._deliver(session, batch)
+
+    def _send_suspect(self, session: BufferSession, excluded: frozenset[str]) -> bool:
+        """Send one record that the server failed on alone, if its turn came (isolation.py);
+        it is left out of batches meanwhile, so its data source goes on."""
+        for rid in self._isolation.due():
+            part = session.pending_reading(rid)
+            if part is None:  # dropped meanwhile (buffer full, max_age)
+                self._isolation.forget([rid])
+            elif part.datasource_id not in excluded:
+                self._deliver(session, part)
+                return True
+        return False
 
     def _full(self, batch: Batch) -> bool:
         return (
@@ -556,9 +575,7 @@ class Uploader:
         # Halves share the batch's records (tuples of references, no copy of their text),
         # and a body exists only for the request in flight: the bytes held stay bounded by
         # the batch and one body, however deep the bisection goes.
-        todo = list(reversed(self._isolation.plan(batch, self._full(batch))))
-        if not todo:
-            self._idle(_IDLE_SLICE_S)  # only records sent alone are pending, none due yet
+        todo = [batch]
         while not self._stop.is_set():
             todo = todo or list(reversed(self._isolation.resume()))
             if not todo:
@@ -600,9 +617,11 @@ class Uploader:
             return [batch]
         if v in (Verdict.BAD_RECORDS, Verdict.TOO_LARGE):
             return self._split_or_dead_letter(session, batch, answer, split)
-        self._failed(answer)
         if step is not None and step is not Step.BACK_OFF:
+            # Not a failure of the uplink: other requests go on (a suspect's own failures
+            # were counted by the streak that made it one).
             return self._isolate(session, batch, answer, step)
+        self._failed(answer)
         if v in (Verdict.TRANSIENT, Verdict.NOT_THE_API):
             self._back_off(answer)
         elif v is Verdict.CANNOT_SEND:
