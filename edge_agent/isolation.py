@@ -90,6 +90,7 @@ class Isolation:
         self.rules = rules
         self._clock = clock
         self._streaks: Counter[int] = Counter()  # first record of a batch -> 5xx in a row
+        self._streak_began: dict[int, int] = {}  # first record -> successes at its first 5xx
         self._suspects: dict[int, _Suspect] = {}
         self._bisection: _Bisection | None = None
         self._successes = 0
@@ -120,6 +121,7 @@ class Isolation:
             return None
         if len(self._streaks) + len(self._suspects) > MAX_TRACKED:
             self._streaks.clear()
+            self._streak_began.clear()
             self._suspects.clear()
         single = part.rows[0].id if len(part.rows) == 1 else None
         if single is not None and single in self._suspects:
@@ -147,15 +149,19 @@ class Isolation:
             return
         for rid in ids:
             self._streaks.pop(rid, None)
+            self._streak_began.pop(rid, None)
             self._suspects.pop(rid, None)
 
     def _streak(self, part: Batch) -> Step:
         head = part.rows[0].id
         self._streaks[head] += 1
+        began = self._streak_began.setdefault(head, self._successes)
         if self._streaks[head] < SPLIT_AFTER:
             return Step.BACK_OFF
         if len(part.rows) == 1:
-            return self._strike(head)  # nothing to split: watch it alone
+            # Nothing to split: watch it alone, but only once another request succeeded
+            # meanwhile; in an outage every lone reading of a slow source would fail so.
+            return self._strike(head) if self._successes > began else Step.BACK_OFF
         # Worst case with one bad record, the server up: a failure per level, then its own.
         depth = math.ceil(math.log2(len(part.rows)))
         self._bisection = _Bisection(head, limit=2 * depth + 2)
@@ -179,6 +185,7 @@ class Isolation:
     def _down(self, b: _Bisection) -> Step:
         """Stop splitting; the batch needs a fresh streak before it is split again."""
         self._streaks.pop(b.head, None)
+        self._streak_began.pop(b.head, None)
         self._bisection = None
         return Step.BACK_OFF
 
