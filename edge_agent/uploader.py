@@ -618,8 +618,8 @@ class Uploader:
         if v in (Verdict.BAD_RECORDS, Verdict.TOO_LARGE):
             return self._split_or_dead_letter(session, batch, answer, split)
         if step is not None and step is not Step.BACK_OFF:
-            # Not a failure of the uplink: other requests go on (a suspect's own failures
-            # were counted by the streak that made it one).
+            # The server is up and fails on these records: no backoff, nothing to report as
+            # an uplink failure (the 5xx streak before the split backed off and counted).
             return self._isolate(session, batch, answer, step)
         self._failed(answer)
         if v in (Verdict.TRANSIENT, Verdict.NOT_THE_API):
