@@ -143,6 +143,7 @@ class Agent:
             self.buffer,
             transport=transport,
             token_source=self._read_token,
+            clock=self.clock,
         )
         self.sources: dict[str, Source] = {}
         self.started_at: float | None = None
@@ -359,6 +360,8 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
             "failing_for_s": None if up.failing_since is None else now_mono - up.failing_since,
             "paused": dict(up.paused),
             "uplink": asdict(agent.uploader.uplink.view()),
+            "records_set_aside": up.records_set_aside,
+            "suspects": up.suspects,
         },
         "clock": _clock_part(guard, agent.uplink_time),
         "errors": errors,

@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -1271,14 +1271,23 @@ class BufferSession:
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
     def next_batch(
-        self, max_records: int, max_bytes: int, exclude: frozenset[str] = frozenset()
+        self,
+        max_records: int,
+        max_bytes: int,
+        exclude: frozenset[str] = frozenset(),
+        skip: Collection[int] = (),
     ) -> Batch | None:
-        """The oldest pending reading's data source and schema, and the readings after it."""
+        """The oldest pending reading's data source and schema, and the readings after it.
+
+        `skip`: readings left out of batches (the uploader sends them alone, isolation.py).
+        """
         marks = ",".join("?" * len(exclude))
+        skipped = json.dumps(sorted(skip))
         head = self.conn.execute(
             f"SELECT id, datasource_id, schema_id, created FROM readings "
-            f"WHERE datasource_id NOT IN ({marks}) ORDER BY id LIMIT 1",
-            tuple(exclude),
+            f"WHERE datasource_id NOT IN ({marks}) "
+            f"AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT 1",
+            (*exclude, skipped),
         ).fetchone()
         if head is None:
             return None
@@ -1287,8 +1296,8 @@ class BufferSession:
         size = 0
         cur = self.conn.execute(
             "SELECT id, record FROM readings WHERE datasource_id = ? AND schema_id = ? AND id >= ? "
-            "ORDER BY id LIMIT ?",
-            (ds, schema_id, first_id, max_records),
+            "AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+            (ds, schema_id, first_id, skipped, max_records),
         )
         for rid, record in cur:
             # Keep under the byte limit, but always send at least one record: a single
@@ -1299,6 +1308,16 @@ class BufferSession:
             size += len(record) + 1
         cur.close()
         return Batch(ds, schema_id, tuple(rows), created)
+
+    def pending_reading(self, rid: int) -> Batch | None:
+        """One pending reading as a batch of its own; None once it left the buffer."""
+        row = self.conn.execute(
+            "SELECT datasource_id, schema_id, created, record FROM readings WHERE id = ?", (rid,)
+        ).fetchone()
+        if row is None:
+            return None
+        ds, schema_id, created, record = row
+        return Batch(ds, schema_id, (BatchRow(rid, record),), created)
 
     def ack(self, batch: Batch, extra_counts: dict[str, int] | None = None) -> None:
         """The batch was delivered: delete it."""

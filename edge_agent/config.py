@@ -82,6 +82,11 @@ class EndpointConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     reconnect_probe_s: float = 10.0
+    # A record the server keeps failing on alone with a 5xx (see isolation.py) is set aside
+    # after this many failures, each with another request succeeding since the one before,
+    # over at least this many seconds since its first failure alone.
+    poison_attempts: int = 5
+    poison_min_age_s: float = 600.0
     record_id_field: str | None = None
     gzip: bool = False
     verify_tls: bool = True
@@ -301,6 +306,10 @@ def _check_endpoint(ep: EndpointConfig, where: str) -> None:
     check_range(ep.backoff_base_s, 0.01, 3600.0, f"{w} backoff_base_s")
     check_range(ep.backoff_max_s, ep.backoff_base_s, 86_400.0, f"{w} backoff_max_s")
     check_range(ep.reconnect_probe_s, 0.1, 3600.0, f"{w} reconnect_probe_s")
+    # At least 2: one failure alone cannot tell a record the server chokes on from an outage
+    # that began with it; the second counts only after another request's success.
+    check_range(ep.poison_attempts, 2, 10_000, f"{w} poison_attempts")
+    check_range(ep.poison_min_age_s, 0.0, 30 * 86_400.0, f"{w} poison_min_age_s")
     for key in ("ca_file", "client_cert", "client_key"):
         value = getattr(ep, key)
         if value is not None and not Path(value).is_file():

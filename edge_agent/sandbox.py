@@ -87,6 +87,9 @@ class Faults:
     drop_after_commit: bool = False
     drop_after_commit_rate: float = 1.0
     reject_fields: dict[str, str] = field(default_factory=dict)
+    # A server-side bug set off by one odd value: 500 to every insert holding a record with a
+    # field of this value (compared as text), whatever else the request holds.
+    fail_value: str | None = None
     seed: int | None = None
     # Answers of a hostile network: a captive portal answers 200 text/html to every insert
     # (nothing stored); trickle sends headers, then the body a byte every `trickle_s`;
@@ -111,6 +114,10 @@ class Faults:
         if not isinstance(self.drop_after_commit, bool):
             raise ConfigError(f"drop_after_commit: {self.drop_after_commit!r} is not true/false")
         _require_str_mapping("reject_fields", self.reject_fields)
+        if self.fail_value is not None and (
+            not isinstance(self.fail_value, str) or not self.fail_value
+        ):
+            raise ConfigError(f"fail_value: {self.fail_value!r} is not a non-empty string")
         if not isinstance(self.portal, bool):
             raise ConfigError(f"portal: {self.portal!r} is not true/false")
         _require_seconds("trickle_s", self.trickle_s, high=60.0)
@@ -369,6 +376,14 @@ def _check_rules(records: list[dict[str, Any]], rules: Mapping[str, str]) -> Non
         for name, value in rules.items():
             if name in record and str(record[name]) == value:
                 raise _Rejected(400, f"data[{index}]: rejected by sandbox rule {name}={value}")
+
+
+def _check_fail_value(records: list[dict[str, Any]], value: str | None) -> None:
+    if value is None:
+        return
+    for record in records:
+        if any(str(v) == value for v in record.values()):
+            raise _Rejected(500, f"Internal server error (sandbox fault fail_value={value})")
 
 
 def _check_token(header: str | None, tokens: frozenset[str]) -> None:
@@ -652,6 +667,7 @@ class Sandbox:
                     f" (it serves {served})",
                 )
             records = _check_records(data)
+            _check_fail_value(records, faults.fail_value)
             _check_rules(records, faults.reject_fields)
             self._running_store().add(datasource_id, records)
         except _Rejected as exc:
@@ -935,6 +951,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="answer 400 to batches with a record where NAME is VALUE",
     )
+    add(
+        "--fail-on-value",
+        dest="fail_value",
+        metavar="VALUE",
+        help="answer 500 to inserts holding a record with a field of this value (a server bug)",
+    )
     add("--seed", type=int, help="seed for the random faults")
     add(
         "--portal",
@@ -1095,6 +1117,7 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
         drop_after_commit=args.drop_after_commit,
         drop_after_commit_rate=args.drop_after_commit_rate,
         reject_fields=dict(args.reject_fields or []),
+        fail_value=args.fail_value or None,
         seed=args.seed,
         portal=args.portal,
         trickle_s=args.trickle_s,

@@ -703,9 +703,22 @@ def _page_uploads(uploader: dict[str, Any], clock: dict[str, Any], now: float) -
         ("paused", paused_text or "no"),
         ("requests", by_status),
         ("retries", _count(uploader.get("retries", 0))),
+        ("failing on one record", _isolated_text(uploader)),
         ("clock", _clock_text(clock)),
     ]
     return f"<section><h2>Uploads</h2>{_dl(facts)}</section>"
+
+
+def _isolated_text(uploader: dict[str, Any]) -> str:
+    """Records the server fails on alone with a 5xx (isolation.py): watched, and set aside."""
+    watched = int(uploader.get("suspects") or 0)
+    set_aside = int(uploader.get("records_set_aside") or 0)
+    if not watched and not set_aside:
+        return "none"
+    return (
+        f"{_plural(watched, 'record')} sent alone, "
+        f"{_plural(set_aside, 'record')} set aside to dead letters"
+    )
 
 
 def _clock_text(clock: dict[str, Any]) -> str:
@@ -902,6 +915,8 @@ def _upload_lines(uploader: dict[str, Any], now: float) -> list[str]:
         lines.append(f"  failing for {_duration(uploader['failing_for_s'])}")
     if uploader.get("last_error"):
         lines.append(f"  last error: {uploader['last_error']}")
+    if uploader.get("suspects") or uploader.get("records_set_aside"):
+        lines.append(f"  the server fails on records alone: {_isolated_text(uploader)}")
     for scope, why in sorted((uploader.get("paused") or {}).items()):
         target = "every data source" if scope == "*" else f"data source {scope}"
         lines.append(f"  paused for {target}: {why}")

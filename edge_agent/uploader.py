@@ -38,10 +38,12 @@ import httpx
 
 from edge_agent import __version__
 from edge_agent.buffer import Batch, Buffer, BufferSession
+from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import EndpointConfig, Secret
 from edge_agent.credentials import redact
 from edge_agent.errors import ConfigError
 from edge_agent.exchange import NO_CONNECTION, Exchange, Reply, Stalled
+from edge_agent.isolation import REASON, Isolation, Rules, Step
 from edge_agent.logs import RateLimitedLog, printable
 from edge_agent.uplink import ROUTE_CHECK_S, Uplink, probe, target_for
 
@@ -276,6 +278,8 @@ class UploaderStats:
     requests: Counter[str] = field(default_factory=Counter)  # by status, "error" for network
     records_uploaded: int = 0
     records_dead_lettered: int = 0
+    records_set_aside: int = 0  # of those, records the server failed on alone with a 5xx
+    suspects: int = 0  # records sent alone now because the server failed on them alone
     retries: int = 0
     split_requests: int = 0  # requests spent on halves of refused or too large batches
     last_success: float | None = None  # wall clock
@@ -306,6 +310,7 @@ class Uploader:
         rng: random.Random | None = None,
         token_source: Callable[[], Secret] | None = None,
         probe: Callable[[EndpointConfig], str | None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.endpoint = endpoint
         self._token = token
@@ -328,7 +333,9 @@ class Uploader:
         self._carried: Counter[int] = Counter()  # reading id -> requests that carried it
         self._last_logged: dict[str, float] = {}
         self._dead_letter_log = RateLimitedLog(log, every=60.0)
+        self._set_aside_log = RateLimitedLog(log, every=60.0)
         self._exchange = Exchange()
+        self._isolation = Isolation(Rules.of(endpoint), clock or SystemClock())
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
         self.stats = UploaderStats()
         self.heartbeat = time.monotonic()
@@ -452,6 +459,7 @@ class Uploader:
         self._gzip = endpoint.gzip
         self._failures = 0
         self.uplink.reset(endpoint.reconnect_probe_s)
+        self._isolation.rules = Rules.of(endpoint)
         self._lift_pauses()
 
     def _round(self, session: BufferSession) -> None:
@@ -464,7 +472,14 @@ class Uploader:
         if self.uplink.down and not self._link_back():
             return
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
-        batch = session.next_batch(self.endpoint.max_batch_records, self._byte_limit, excluded)
+        if self._send_suspect(session, excluded):
+            return
+        batch = session.next_batch(
+            self.endpoint.max_batch_records,
+            self._byte_limit,
+            excluded,
+            skip=self._isolation.skipped(),
+        )
         if batch is None:
             if self._probe_time():
                 return
@@ -491,6 +506,18 @@ class Uploader:
             self._failed(answer)
             self._back_off(answer)
         return True
+
+    def _send_suspect(self, session: BufferSession, excluded: frozenset[str]) -> bool:
+        """Send one record that the server failed on alone, if its turn came (isolation.py);
+        it is left out of batches meanwhile, so its data source goes on."""
+        for rid in self._isolation.due():
+            part = session.pending_reading(rid)
+            if part is None:  # dropped meanwhile (buffer full, max_age)
+                self._isolation.forget([rid])
+            elif part.datasource_id not in excluded:
+                self._deliver(session, part)
+                return True
+        return False
 
     def _full(self, batch: Batch) -> bool:
         return (
@@ -574,7 +601,10 @@ class Uploader:
         # and a body exists only for the request in flight: the bytes held stay bounded by
         # the batch and one body, however deep the bisection goes.
         todo = [batch]
-        while todo and not self._stop.is_set():
+        while not self._stop.is_set():
+            todo = todo or list(reversed(self._isolation.resume()))
+            if not todo:
+                break
             part = todo.pop()
             self._carried.update(part.ids)
             answer = self.send_batch(self._client, part)
@@ -584,6 +614,8 @@ class Uploader:
             if halves is None:
                 break  # transient or paused: the rest is read again later
             todo.extend(reversed(halves))
+        self._isolation.end()
+        self.stats.suspects = self._isolation.suspects
         if split.extra_requests:
             log.info(
                 "uploader: a batch of %d records of data source %s was split: %d refused "
@@ -599,6 +631,7 @@ class Uploader:
     ) -> list[Batch] | None:
         """Settle the batch per the design's table; returns parts still to send, or None."""
         v = answer.verdict
+        step = self._isolation.answered(batch, answer.status, v is Verdict.DELIVERED)
         if v is Verdict.DELIVERED:
             self._note_confirmation(answer.message)
             session.ack(batch)
@@ -614,6 +647,10 @@ class Uploader:
         if v is Verdict.UNREACHABLE:
             self._link_down(answer)
             return None
+        if step is not None and step is not Step.BACK_OFF:
+            # The server is up and fails on these records: no backoff, nothing to report as
+            # an uplink failure (the 5xx streak before the split backed off and counted).
+            return self._isolate(session, batch, answer, step)
         self._failed(answer)
         if v in (Verdict.TRANSIENT, Verdict.NOT_THE_API):
             self._back_off(answer)
@@ -681,6 +718,46 @@ class Uploader:
         )
         return []
 
+    def _isolate(
+        self, session: BufferSession, batch: Batch, answer: Answer, step: Step
+    ) -> list[Batch]:
+        """A 5xx that may follow the records rather than the server (isolation.py)."""
+        if step is Step.SPLIT:
+            self.stats.split_requests += 2
+            return list(batch.split())
+        rid = batch.rows[0].id
+        watched = self._isolation.watch(rid)
+        if step is Step.SET_ASIDE and watched is not None:
+            self._set_aside(session, batch, answer, watched[1], watched[2])
+        elif watched is not None and watched[0] == 1:
+            self._log_limited(
+                "suspect",
+                logging.WARNING,
+                f"uploader: the server fails on a record of data source {batch.datasource_id} "
+                f"sent alone ({answer.status}: {answer.message}); the rest of the data source "
+                "goes on, the record is retried alone and set aside to dead letters after "
+                f"{self.endpoint.poison_attempts} failures over "
+                f"{self.endpoint.poison_min_age_s:g} s while other requests succeed",
+                every=TRANSIENT_REPEAT_LOG_S,
+            )
+        return []
+
+    def _set_aside(
+        self, session: BufferSession, batch: Batch, answer: Answer, strikes: int, age: float
+    ) -> None:
+        attempts = self._carried[batch.rows[0].id]
+        session.dead_letter(batch, answer.status, f"{answer.message} ({REASON})", attempts)
+        self._settled(batch)
+        self.stats.records_dead_lettered += 1
+        self.stats.records_set_aside += 1
+        self._set_aside_log(
+            logging.WARNING,
+            f"uploader: the server failed on a record of data source {batch.datasource_id} "
+            f"alone {strikes} times over {age:.0f} s while other requests succeeded "
+            f"({answer.status}: {answer.message}); it is set aside in dead letters: see "
+            "`edge-agent buffer dead-letters`, and requeue it once the server is fixed",
+        )
+
     def _note_confirmation(self, message: str) -> None:
         """Say once that the API confirmed in other words; the batch counts as delivered."""
         if message in self._confirmations or len(self._confirmations) > 20:
@@ -697,6 +774,7 @@ class Uploader:
     def _settled(self, batch: Batch) -> None:
         for rid in batch.ids:
             self._carried.pop(rid, None)
+        self._isolation.forget(batch.ids)
 
     def send_batch(self, client: httpx.Client, batch: Batch) -> Answer:
         """One request; whatever comes of it becomes an Answer here, and only here."""

@@ -357,6 +357,24 @@ def test_reject_fields_names_the_record(sandbox: Sandbox, client: httpx.Client) 
     assert sandbox.records() == []
 
 
+def test_fail_value_answers_500_to_any_insert_holding_it(
+    sandbox: Sandbox, client: httpx.Client
+) -> None:
+    sandbox.set_faults(Faults(fail_value="boom"))
+    records = [{**reading(i), "kind": "ok"} for i in range(10)]
+    assert post(client, sandbox, batch(*records)).status_code == 200
+    records[6]["kind"] = "boom"
+    failed = post(client, sandbox, batch(*records))
+    assert failed.status_code == 500
+    assert message(failed) == "Internal server error (sandbox fault fail_value=boom)"
+    assert post(client, sandbox, batch(*records[7:])).status_code == 200  # the rest is fine
+    numeric = Faults(fail_value="25.5")  # compared as text, like reject_fields
+    sandbox.set_faults(numeric)
+    assert post(client, sandbox, batch(reading(5))).status_code == 500
+    assert len(sandbox.records()) == 13
+    assert sandbox.stats()["by_status"] == {"200": 2, "500": 2}
+
+
 def test_set_faults_copies_the_callers_dict(sandbox: Sandbox, client: httpx.Client) -> None:
     rules = {"metric": "t"}
     sandbox.set_faults(Faults(reject_fields=rules))
@@ -408,6 +426,8 @@ def test_fault_flags_cover_the_hostile_network_faults() -> None:
     add_arguments(parser)
     args = parser.parse_args(["--portal", "--trickle-s", "2", "--huge-body-mb", "50"])
     assert (args.portal, args.trickle_s, args.huge_body_mb) == (True, 2.0, 50)
+    args = parser.parse_args(["--fail-on-value", "boom"])
+    assert args.fail_value == "boom"
 
 
 @pytest.mark.parametrize(
@@ -423,6 +443,8 @@ def test_fault_flags_cover_the_hostile_network_faults() -> None:
         ({"portal": 1}, "portal"),
         ({"trickle_s": -1}, "trickle_s: -1 is not a number of seconds from 0 to 60"),
         ({"huge_body_mb": 2048}, "huge_body_mb: 2048 must be from 0 to 1024"),
+        ({"fail_value": ""}, "fail_value: '' is not a non-empty string"),
+        ({"fail_value": 5}, "fail_value: 5 is not a non-empty string"),
     ],
 )
 def test_bad_faults_raise_config_error(kwargs: dict[str, Any], expected: str) -> None:
