@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from edge_agent.config import load_config
 from edge_agent.processors.durable import GRACE_S
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from tests.conftest import Mosquitto
 from tests.fakes import FakeClock
 from tests.helpers import (
     DATASOURCE,
@@ -32,6 +33,14 @@ from tests.helpers import (
     serial_source,
     wait_until,
     write_config,
+)
+from tests.test_mqtt import (  # the MQTT tests' plumbing, reused
+    DS,
+    Publisher,
+    broker,  # noqa: F401 - a fixture: a Mosquitto that logs every packet
+    broker_log_count,
+    client_id,
+    mqtt_source,
 )
 
 # A minute boundary, well after the build epoch (a clock before it is not trusted).
@@ -377,3 +386,49 @@ def test_bad_processor_config_exits_2_naming_the_key(
     for word in words:
         assert word in proc.stderr
     assert not (tmp_path / "data" / "buffer.db").exists()
+
+
+# -- MQTT ------------------------------------------------------------------------------------
+
+
+def test_a_strict_brokers_window_of_20_never_waits_for_an_aggregate_window(
+    tmp_path: Path,
+    sandbox: Sandbox,
+    broker: Mosquitto,  # noqa: F811 - the fixture imported above
+) -> None:
+    """Values go into a day-long window; each message is acknowledged once its value is
+    committed there, so 300 messages through a window of 20 all come back acknowledged
+    while the window is still open. Each device (a topic field) has its own series."""
+    source = mqtt_source(
+        broker,
+        topic_fields="sensors/{device}/+",
+        mqtt_version="3.1.1",
+        inflight_window=20,
+        processors=[
+            {"type": "aggregate", "metrics": ["vibration"], "window_s": 86400, "stats": ["count"]}
+        ],
+    )
+    config = write_config(
+        tmp_path / "agent.toml", url=sandbox.url, data_dir=tmp_path / "data", sources=[source]
+    )
+    agent = Agent(load_config(config))
+    agent.start()
+    publisher = Publisher(broker)
+    try:
+        wait_until(lambda: agent.sources["plant"].stats.connected, what="the MQTT source")
+        for i in range(300):
+            publisher.publish(f"sensors/{'ab'[i % 2]}/x", json.dumps({"vibration": i}))
+        acks = f"Received PUBACK from {client_id()} "
+        wait_until(lambda: broker_log_count(broker, acks) >= 300, 60, "the agent's PUBACKs")
+        sent = Counter(r["device"] for r in sandbox.records(DS) if "vibration_count" in r)
+        conn = sqlite3.connect(tmp_path / "data" / "buffer.db", timeout=30)
+        try:
+            rows = conn.execute("SELECT series, n FROM windows").fetchall()
+        finally:
+            conn.close()
+        for series, n in rows:
+            sent[json.loads(series)["device"]] += n
+        assert sent == {"a": 150, "b": 150}
+    finally:
+        publisher.close()
+        agent.stop()
