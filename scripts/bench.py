@@ -19,6 +19,7 @@ Rows (targets from the issue in brackets):
     drain      records/s uploaded to a local sink vs only reading and deleting them [>= 0.5]
     serial     CPU per 1,000 readings from a pty at 115200 baud vs a bare pyserial readline
     mqtt       scripts/bench_mqtt.py, when it exists
+    processors scripts/bench_processors.py: bytes on the wire per hour, 10 Hz, aggregate vs raw
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ DRAIN_REPEATS = 3
 BAUD_BYTES_S = 115_200 // 10  # 8N1: ten bits on the wire per byte
 BIG_BUFFER = 1 << 30  # max_bytes for the big backlogs, so that nothing is dropped
 BARE_IMPORTS = "import sqlite3, httpx, serial, paho.mqtt.client"
-ALL_ROWS = ("ingest", "footprint", "drain", "serial", "mqtt")
+ALL_ROWS = ("ingest", "footprint", "drain", "serial", "mqtt", "processors")
 
 
 @dataclass(frozen=True)
@@ -1087,6 +1088,24 @@ def bench_mqtt(b: Bench) -> Report:
     return rep
 
 
+def bench_processors(b: Bench) -> Report:
+    """Hook for scripts/bench_processors.py (issue 14 row b: aggregate 60 s against raw)."""
+    rep = Report()
+    json_out = b.work / "processors.json"
+    cmd = [PY, str(ROOT / "scripts" / "bench_processors.py"), "--json", str(json_out)]
+    if b.quick:
+        cmd += ["--minutes", "10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    rep.notes.append(f"6: ran `{shlex.join(cmd[1:])}` (exit status {proc.returncode}).")
+    if json_out.exists():
+        rep.figures["processors"] = json.loads(json_out.read_text())
+    rep.rows.extend(markdown_rows(proc.stdout, "6. "))
+    if not rep.rows:
+        tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        rep.rows.append(Row("6. processors", f"no table from bench_processors.py: {tail}", ""))
+    return rep
+
+
 def markdown_rows(text: str, prefix: str) -> list[Row]:
     """The data rows of the first markdown table in `text`, fitted to our columns."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("|")]
@@ -1105,6 +1124,7 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Report]] = {
     "drain": bench_drain,
     "serial": bench_serial,
     "mqtt": bench_mqtt,
+    "processors": bench_processors,
 }
 
 
