@@ -65,13 +65,16 @@ class Rig:
         self.clock = FakeClock(T0)
         self.agent: Agent | None = None
 
-    def start(self, **source: Any) -> Agent:
-        config = write_config(
+    def write(self, **source: Any) -> Path:
+        return write_config(
             self.tmp_path / "agent.toml",
             url=self.sandbox.url,
             data_dir=self.tmp_path / "data",
             sources=[serial_source(self.sensor.link, **source)],
         )
+
+    def start(self, **source: Any) -> Agent:
+        config = self.write(**source)
         self.agent = Agent(
             load_config(config), clock=self.clock, guard_options={"ntp_synced": lambda: None}
         )
@@ -245,6 +248,26 @@ def test_deadband_sends_moves_and_heartbeats_and_remembers_across_a_restart(rig:
     sent = [long(0, "level", 10.0), long(2, "level", 10.6), long(13, "level", 10.2)]
     sent.append(long(14.5, "level", 11.0))
     assert ordered(got) == ordered(sent)
+
+
+def test_a_reload_changes_processors_in_place_and_deadband_goes_on_from_its_state(
+    rig: Rig,
+) -> None:
+    rig.start(shape="long", processors=[{"type": "deadband", "metric": "level", "delta": 0.5}])
+    rig.feed([(0, "level=10"), (1, "level=11")])  # both sent
+    rig.settle(until=2, expected=2)
+    rig.write(
+        shape="long",
+        processors=[
+            {"type": "deadband", "metric": "level", "delta": 5},
+            {"type": "rename", "from": "level", "to": "height"},
+        ],
+    )
+    assert rig.agent is not None and rig.agent.reload()
+    rig.feed([(3, "level=14"), (4, "level=17")])  # 3 from 11: no; 6 from 11: sent
+    got = rig.settle(until=5, expected=3)
+    want = [long(0, "level", 10), long(1, "level", 11), long(4, "height", 17)]
+    assert ordered(got) == ordered(want)
 
 
 # -- crashes ---------------------------------------------------------------------------------
