@@ -282,6 +282,7 @@ class Agent:
             if fresh == sc and same_device:
                 continue
             running = self.sources[name]
+            # A source's intake is given at its start: gaining or losing processors restarts it.
             if (
                 fresh is not None
                 and fresh.type == sc.type

@@ -603,7 +603,7 @@ class Buffer:
             return 0.2
         wait = min(5.0, self._maintenance_interval_s)
         due = self._windows.next_end()
-        if due is not None:  # wake when the next aggregate window is to be sent
+        if due is not None and self._offset_trusted():  # wake to send the next window
             wait = min(wait, max(0.05, due + GRACE_S - self._clock.wall()))
         return wait
 
