@@ -24,8 +24,12 @@ from edge_agent.clock import Clock, ClockGuard, SystemClock
 from edge_agent.config import Config, Secret, load_config, resolve_token
 from edge_agent.credentials import exposure_warnings
 from edge_agent.errors import ConfigError, EdgeAgentError
+from edge_agent.processors.base import Place
+from edge_agent.processors.chain import ProcessingIntake
+from edge_agent.processors.durable import Carried
+from edge_agent.processors.registry import Processor, make_processors
 from edge_agent.records import Reading, with_field
-from edge_agent.sources.base import Source, SourceConfig
+from edge_agent.sources.base import Intake, Source, SourceConfig
 from edge_agent.sources.registry import source_type
 from edge_agent.uplink_time import UplinkTime, uplink_usable
 from edge_agent.uploader import Uploader
@@ -79,6 +83,7 @@ class AgentIntake:
         readings: Sequence[Reading],
         on_durable: Callable[[], None] | None = None,
         device_time: bool = False,
+        carried: Carried | None = None,
     ) -> bool:
         field = self.record_id_field
         # `trusted` is read without the guard's lock: stamp() decides under it whenever the
@@ -87,10 +92,17 @@ class AgentIntake:
         mono = None if device_time or guard.trusted else guard.stamp().mono
         if field:
             readings = [with_field(r, field, self._ids.next(), mono) for r in readings]
+            for entry in carried.windows if carried else ():  # sent raw if it comes late
+                entry.raw = with_field(entry.raw, field, self._ids.next(), None)
         elif mono is not None:
             readings = [r.with_mono(mono) for r in readings]
         # A source that acknowledges its input (MQTT) can wait for room; others cannot.
-        return self._buffer.put(readings, on_durable, can_wait=on_durable is not None)
+        return self._buffer.put(
+            readings, on_durable, can_wait=on_durable is not None, carried=carried
+        )
+
+    def clock_trusted(self) -> bool:
+        return self._guard.trusted
 
     def count(self, name: str, n: int = 1) -> None:
         self._buffer.count(name, n)
@@ -110,7 +122,7 @@ class AgentIntake:
 
 
 def make_source(
-    config: SourceConfig, device_id: str | None, intake: AgentIntake, clock: Clock
+    config: SourceConfig, device_id: str | None, intake: Intake, clock: Clock
 ) -> Source:
     declared = source_type(config.type)
     if declared is None:  # load_config admits only registered types
@@ -146,6 +158,7 @@ class Agent:
             clock=self.clock,
         )
         self.sources: dict[str, Source] = {}
+        self._processing: dict[str, ProcessingIntake] = {}  # sources with processors
         self.started_at: float | None = None
         self._guard_options = guard_options or {}
 
@@ -256,9 +269,17 @@ class Agent:
 
     def _start_source(self, sc: SourceConfig) -> None:
         assert self.intake is not None
-        source = make_source(sc, self.config.agent.device_id, self.intake, self.clock)
+        intake: Intake = self.intake
+        if sc.processors:
+            intake = self._processing[sc.name] = ProcessingIntake(self.intake, self._processors(sc))
+        source = make_source(sc, self.config.agent.device_id, intake, self.clock)
         source.start()
         self.sources[sc.name] = source
+
+    def _processors(self, sc: SourceConfig) -> list[Processor]:
+        """The source's processors; a deadband starts from the state committed last."""
+        place = Place(sc.name, sc.shape, sc.label_keys(), self.config.endpoint.record_id_field)
+        return make_processors(sc.processors, place, self.buffer.read_state)
 
     def stop(self) -> None:
         log.info("agent: stopping: sources first, then the buffer commits, then the uploader")
@@ -316,14 +337,29 @@ class Agent:
             if fresh == sc and same_device:
                 continue
             running = self.sources[name]
-            if fresh is not None and fresh.type == sc.type and running.update(fresh, device_id):
+            # A source's intake is given at its start: gaining or losing processors restarts it.
+            if (
+                fresh is not None
+                and fresh.type == sc.type
+                and bool(fresh.processors) == bool(sc.processors)
+                and running.update(fresh, device_id)
+            ):
+                self._reload_processors(fresh)
                 log.info("agent: source %s updated in place (its port stays open)", name)
                 continue
+            self._processing.pop(name, None)
             self.sources.pop(name).stop()
             log.info("agent: source %s stopped for the reload", name)
         for name, sc in after.items():
             if name not in self.sources:
                 self._start_source(sc)
+
+    def _reload_processors(self, sc: SourceConfig) -> None:
+        """New processors for a source updated in place, from the state committed so far."""
+        processing = self._processing.get(sc.name)
+        if processing is not None:
+            self.buffer.flush()  # a deadband reads its state back: what it sent is in it
+            processing.use(self._processors(sc))
 
 
 def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:

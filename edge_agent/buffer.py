@@ -44,6 +44,7 @@ from typing import Any
 from edge_agent.clock import Clock, SystemClock, boot_id, utc_stamp
 from edge_agent.config import BufferConfig
 from edge_agent.errors import BufferAccessError, BufferError, EdgeAgentError
+from edge_agent.processors.durable import GRACE_S, Carried, Windows, load_state, save_state
 from edge_agent.records import RECORD_ENCODER, Reading
 from edge_agent.records import signature as signature  # part of this module's interface
 from edge_agent.store import (
@@ -157,10 +158,17 @@ class _Pending:
     can_wait: bool = False
     seq: int = 0  # the put's number: flush() waits for everything up to a number
     nbytes: int = 0  # estimated stored bytes (`_stored_bytes`)
+    # What processors commit with the rows (processors/durable.py).
+    carried: Carried | None = None
+
+    @property
+    def items(self) -> int:
+        """Readings and window values: what counts against MAX_INTAKE."""
+        return len(self.rows) + (len(self.carried.windows) if self.carried else 0)
 
     def split(self, room: float, at_least_one: bool) -> tuple[_Pending, _Pending]:
-        """Its first rows that fit in `room`, and the rest: the callback goes with the rest,
-        so it runs only once every row is committed."""
+        """Its first rows that fit in `room`, and the rest: the callback and what processors
+        carried go with the rest, so they take effect once every row is committed."""
         sizes = [_stored_bytes(r) for r in self.rows]
         n, total = 0, 0
         while n < len(sizes) and (total + sizes[n] <= room or (n == 0 and at_least_one)):
@@ -168,7 +176,13 @@ class _Pending:
             n += 1
         head = _Pending(self.rows[:n], None, None, self.can_wait, self.seq, total)
         rest = _Pending(
-            self.rows[n:], self.on_durable, None, self.can_wait, self.seq, self.nbytes - total
+            self.rows[n:],
+            self.on_durable,
+            None,
+            self.can_wait,
+            self.seq,
+            self.nbytes - total,
+            self.carried,
         )
         return head, rest
 
@@ -183,6 +197,7 @@ class _Plan:
     waiting: list[_Pending] = field(default_factory=list)  # held back for room ("block")
     drops: Counter[str] = field(default_factory=Counter)
     refusing: bool = False  # full: refuse until there is room again
+    carried: list[Carried] = field(default_factory=list)  # to commit
 
     def settle(self, pending: _Pending, kept: _Pending) -> None:
         """`pending` is settled; `kept` is what of it is inserted (all, or its first rows)."""
@@ -190,6 +205,13 @@ class _Plan:
         self.rows += kept.rows
         if pending.dead_letter is not None and kept is pending:
             self.dead.append(pending.dead_letter)
+        if pending.carried is not None:
+            if kept is pending:
+                self.carried.append(pending.carried)
+            else:
+                self.drops.update(
+                    f"dropped.buffer_full.{e.key.datasource_id}" for e in pending.carried.windows
+                )
 
 
 @dataclass(frozen=True)
@@ -276,6 +298,7 @@ class Buffer:
         self._schema_ids = _SchemaIds()
         self._time_fix: TimeFix | None = None
         self._time_fix_left: TimeFix | None = None  # writer only: held readings left to move
+        self._windows = Windows()  # writer only: open aggregate windows
         # Wall minus monotonic while the clock is trusted (the agent says when it is not),
         # or the endpoint's time minus monotonic, with the flag readings stamped by it get.
         self._offset: float | None = self._clock.wall() - self._clock.monotonic()
@@ -346,13 +369,15 @@ class Buffer:
         on_durable: Callable[[], None] | None = None,
         timeout: float | None = None,
         can_wait: bool = False,
+        carried: Carried | None = None,
     ) -> bool:
         """Queue readings for the next group commit; `on_durable` runs after it commits.
 
         Blocks while the intake is full (the writer is behind). Returns False if `timeout`
         passed first or the buffer is closing; the readings were then not taken. With
         `can_wait`, a full buffer under `when_full = "block"` holds them back (and delays
-        `on_durable`) instead of dropping them.
+        `on_durable`) instead of dropping them. `carried`: what the source's processors
+        commit with the readings, in the same transaction.
         """
         rows = list(readings)  # each knows its text and signature
         sizes = [_stored_bytes(r) for r in rows]
@@ -366,6 +391,10 @@ class Buffer:
                     # The disk refuses writes: count these as dropped rather than block a
                     # serial port, whose device would overflow its buffer uncounted.
                     self._counts.update(f"dropped.write_failed.{r.datasource_id}" for r in rows)
+                    if carried is not None:
+                        self._counts.update(
+                            f"dropped.write_failed.{e.key.datasource_id}" for e in carried.windows
+                        )
                     return True
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -374,7 +403,10 @@ class Buffer:
             if self._stopping:
                 return False
             self._put_seq += 1
-            self._queue(_Pending(rows, on_durable, None, can_wait, self._put_seq, sum(sizes)))
+            extra = 0 if carried is None else carried.nbytes
+            pending = _Pending(rows, on_durable, None, can_wait, self._put_seq, sum(sizes) + extra)
+            pending.carried = carried
+            self._queue(pending)
             return True
 
     def _queue(self, pending: _Pending) -> None:
@@ -383,7 +415,7 @@ class Buffer:
         cap = self._commit_cap()
         before = self._intake_bytes
         self._intake.append(pending)
-        self._intake_count += len(pending.rows)
+        self._intake_count += pending.items
         self._intake_bytes += pending.nbytes
         if len(self._intake) == 1 or before < cap <= self._intake_bytes:
             self._cond.notify_all()
@@ -514,6 +546,7 @@ class Buffer:
                 continue
             try:
                 self._configure_wal(conn)
+                self._windows.load(conn)
                 while self._commit_next(conn):
                     self._maintain(conn)
                 self._checkpoint(conn)
@@ -580,7 +613,11 @@ class Buffer:
             return 0.5  # room comes back only when the uploader deletes: look again soon
         if self._shrinking:
             return 0.2
-        return min(5.0, self._maintenance_interval_s)
+        wait = min(5.0, self._maintenance_interval_s)
+        due = self._windows.next_end()
+        if due is not None and self._offset_trusted():  # wake to send the next window
+            wait = min(wait, max(0.05, due + GRACE_S - self._clock.wall()))
+        return wait
 
     def _cut(self, cap: float) -> list[_Pending]:
         """Take pendings from the front of the intake up to `cap` estimated bytes, splitting
@@ -611,7 +648,8 @@ class Buffer:
         if got is None:
             return False
         taken, counts, fix = got
-        if not taken and not counts and fix is None and not self._waiting:
+        idle = not taken and not counts and fix is None and not self._waiting
+        if idle and not self._windows_due():
             return True
         try:
             if not self._keep_wal_within(conn):
@@ -629,12 +667,13 @@ class Buffer:
             self._wait_or_stop(1.0)
             return True
         self._schema_ids.keep()
+        self._windows.keep()
         self._recovered()
         self._continue_time_fix()
         self._refusing = plan.refusing
         self._waiting = deque(plan.waiting)
         with self._cond:
-            self._intake_count -= sum(len(p.rows) for p in plan.done)
+            self._intake_count -= sum(p.items for p in plan.done)
             firsts = [q[0].seq for q in (self._waiting, self._intake) if q]
             self._committed_seq = min(firsts) - 1 if firsts else self._put_seq
             self._cond.notify_all()
@@ -719,6 +758,8 @@ class Buffer:
                 self._time_fix_left = fix
             budget = self._budget(conn)
             plan = self._plan(conn, taken, budget)
+            made: Counter[str] = Counter()  # not `counts`: a rollback requeues those
+            plan.rows += self._commit_carried(conn, plan, now, made)
             before = used_bytes(conn)
             self._insert(conn, plan.rows, now)
             self._learn(used_bytes(conn) - before, plan.rows)
@@ -731,10 +772,46 @@ class Buffer:
             if self.config.when_full == "drop_oldest" and used_bytes(conn) > budget:
                 # The estimate came out low: make up for it now.
                 self._drop_oldest(conn, used_bytes(conn) - budget + budget // 50, plan.drops)
-            bump(conn, counts + plan.drops)
+            bump(conn, counts + plan.drops + made)
         self.full = bool(plan.drops or plan.waiting)
         self._note_drops(plan.drops, f"the buffer is full (when_full = {self.config.when_full})")
         return plan
+
+    def _commit_carried(
+        self, conn: sqlite3.Connection, plan: _Plan, now: float, counts: Counter[str]
+    ) -> list[Reading]:
+        """What this commit's processors carried (deadband state, values for windows), and
+        the windows due now: returns the aggregate readings (and late values) to insert."""
+        self._windows.begin()
+        save_state(conn, [row for c in plan.carried for row in c.state])
+        entries = [e for c in plan.carried for e in c.windows]
+        rows = self._windows.apply(conn, entries, counts) if entries else []
+        if self._windows_due():
+            rows += self._windows.close(conn, self._windows_until(now, plan), counts)
+        return rows
+
+    def _windows_due(self) -> bool:
+        """An open window ended more than GRACE_S ago, and the clock is trusted."""
+        due = self._windows.next_end()
+        return due is not None and self._offset_trusted() and due + GRACE_S <= self._clock.wall()
+
+    def _windows_until(self, now: float, plan: _Plan) -> float:
+        """Windows that ended by this time may be sent: GRACE_S ago, and before the window
+        of any value still waiting to be committed."""
+        until = now - GRACE_S
+        with self._cond:
+            pendings = [*self._intake, *plan.waiting]
+            ends = [p.carried.earliest_end() for p in pendings if p.carried is not None]
+        hold = min((e for e in ends if e is not None), default=None)
+        return until if hold is None else min(until, hold - 0.001)
+
+    def read_state(self, scope: str) -> dict[str, str]:
+        """The committed processor state of `scope` (a deadband reads its own at start)."""
+        conn = connect(self.path, self.config.sync)
+        try:
+            return load_state(conn, scope)
+        finally:
+            conn.close()
 
     def _plan(self, conn: sqlite3.Connection, taken: list[_Pending], budget: int) -> _Plan:
         """Apply `when_full` before inserting: drop the oldest readings to make room, or keep
@@ -754,9 +831,13 @@ class Buffer:
         # What waited joins only within a commit's worth (what came now was cut to one).
         allow: float = self.budget.commit_bytes
         blocking = self.config.when_full == "block"
-        queued = [*self._waiting, *(p for p in taken if p.can_wait and p.rows)] if blocking else []
+        queued = (
+            [*self._waiting, *(p for p in taken if p.can_wait and (p.rows or p.carried))]
+            if blocking
+            else []
+        )
         for p in taken:
-            if blocking and p.can_wait and p.rows:
+            if blocking and p.can_wait and (p.rows or p.carried):
                 continue
             fits = p if p.nbytes * ratio <= room else p.split(room / ratio, False)[0]
             plan.drops.update(

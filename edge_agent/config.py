@@ -27,6 +27,7 @@ from edge_agent.credentials import (
     token_problem,
 )
 from edge_agent.errors import ConfigError
+from edge_agent.processors.registry import processor_keys
 from edge_agent.sources.base import SourceConfig
 from edge_agent.tables import build, check_range, file_keys, reject_unknown
 
@@ -156,6 +157,7 @@ def all_keys() -> dict[str, list[str]]:
         source_keys += [k for k in file_keys(declared.config) if k not in source_keys]
         keys.update(declared.config.nested_keys())
     keys["sources"] = source_keys
+    keys["sources.processors"] = processor_keys()
     return keys
 
 

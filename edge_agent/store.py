@@ -4,6 +4,9 @@ Schema history (the version is kept in `meta`):
     1   readings, schemas, dead_letters, counters, meta
     2   + held: readings stamped while the wall clock was not trusted, kept with their
           monotonic time and boot id until their timestamps can be corrected
+    +   processor_state, windows (`_add_processor_state`, `_add_windows`): what processors
+          commit with the readings (deadband's last values, aggregate windows still open);
+          tables added where missing, readable by an older agent, which ignores them
 
 Running totals (`_add_pending_totals`, added to a file of any version at open):
     pending_totals  readings and bytes of records pending, per data source and schema
@@ -261,6 +264,28 @@ def _migrate_1_to_2(db: sqlite_utils.Database) -> None:
     )
 
 
+def _add_processor_state(conn: sqlite3.Connection) -> None:
+    """Processor state by scope (`deadband/<source>/<metric>`) and key (a series)."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS processor_state (scope TEXT NOT NULL, key TEXT NOT NULL, "
+        "value TEXT NOT NULL, PRIMARY KEY (scope, key)) WITHOUT ROWID"
+    )
+
+
+def _add_windows(conn: sqlite3.Connection) -> None:
+    """Open aggregate windows: running figures per series, metric and window (never sent).
+
+    The value columns have no type, so that an integer stays an integer (a count, a min).
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS windows (datasource_id TEXT NOT NULL, series TEXT NOT NULL, "
+        "metric TEXT NOT NULL, start REAL NOT NULL, window_s INTEGER NOT NULL, "
+        "spec TEXT NOT NULL, n INTEGER NOT NULL, total REAL NOT NULL, low, high, "
+        "first, first_at REAL NOT NULL, last, last_at REAL NOT NULL, "
+        "PRIMARY KEY (datasource_id, series, metric, start, window_s))"
+    )
+
+
 # Step n turns a version-n file into version n+1. A new file runs them all.
 _MIGRATIONS = {1: _migrate_1_to_2}
 
@@ -418,6 +443,8 @@ def create_or_migrate(conn: sqlite3.Connection) -> int | None:
             _MIGRATIONS[current](db)
             current += 1
         _add_pending_totals(conn)
+        _add_processor_state(conn)
+        _add_windows(conn)
         set_meta(conn, "schema_version", str(SCHEMA_VERSION))
     if version is not None and version < SCHEMA_VERSION:
         log.info("buffer: migrated the database from schema %d to %d", version, SCHEMA_VERSION)

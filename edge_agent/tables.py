@@ -34,20 +34,29 @@ def reject_unknown(
 def file_keys(cls: type[Any]) -> list[str]:
     """The keys a config dataclass takes from a file: its fields, less those hidden from repr
     (values resolved at load time, such as a password read from its file)."""
-    return [f.name for f in dataclasses.fields(cls) if f.repr]
+    return [key_of(f) for f in dataclasses.fields(cls) if f.repr]
+
+
+def key_of(f: dataclasses.Field[Any]) -> str:
+    """The key a field is written as in a file: its name, or `metadata["key"]` for a key
+    that cannot be a Python name (`from`)."""
+    return str(f.metadata.get("key", f.name))
 
 
 def build(cls: type[T], table: Mapping[str, Any], file: str, section: str) -> T:
     """One dataclass from one table; raises ConfigError naming file, table and key."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    fields = {key_of(f): f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     reject_unknown(table, file_keys(cls), file, section)
     where = f"{file}: {section}"
     hints = typing.get_type_hints(cls)
-    values = {key: convert(value, hints[key], f"{where} {key}") for key, value in table.items()}
+    values = {
+        fields[key].name: convert(value, hints[fields[key].name], f"{where} {key}")
+        for key, value in table.items()
+    }
     missing = [
-        name
-        for name, f in fields.items()
-        if name not in values
+        key
+        for key, f in fields.items()
+        if f.name not in values
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]

@@ -1,6 +1,7 @@
 """Benchmarks of the agent, each row measured against a baseline in the same run.
 
-    ./scripts/bench [--quick] [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi]
+    ./scripts/bench [--quick]
+                    [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi,processors]
                     [--json FILE]
 
 Prints a description of the machine, the command line and ONE markdown table. The machine is
@@ -30,6 +31,7 @@ Rows (targets from the issue in brackets):
                cpu.cfs_quota_us or systemd-run, whichever works here) with serial at 115200
                baud, MQTT at 500 msg/s and the uplink draining a backlog [nothing dropped];
                its CPU share and memory; bench_mqtt's ratio in the same confinement
+    processors scripts/bench_processors.py: bytes on the wire per hour, 10 Hz, aggregate vs raw
 """
 
 from __future__ import annotations
@@ -69,7 +71,17 @@ DRAIN_REPEATS = 3
 BAUD_BYTES_S = 115_200 // 10  # 8N1: ten bits on the wire per byte
 BIG_BUFFER = 1 << 30  # max_bytes for the big backlogs, so that nothing is dropped
 BARE_IMPORTS = "import sqlite3, httpx, serial, paho.mqtt.client"
-ALL_ROWS = ("ingest", "footprint", "drain", "serial", "mqtt", "modbus", "health", "pi")
+ALL_ROWS = (
+    "ingest",
+    "footprint",
+    "drain",
+    "serial",
+    "mqtt",
+    "modbus",
+    "health",
+    "pi",
+    "processors",
+)
 HEALTH_REQUESTS = 50
 PI_MQTT_RATE = 500  # messages/s
 PI_QUOTA = (25_000, 100_000)  # microseconds of CPU per period: a quarter of one core
@@ -1256,6 +1268,23 @@ def bench_modbus(b: Bench) -> Report:
         "Every round is in the JSON figures."
     )
     rep.figures["modbus"] = result
+
+
+def bench_processors(b: Bench) -> Report:
+    """Hook for scripts/bench_processors.py (issue 14 row b: aggregate 60 s against raw)."""
+    rep = Report()
+    json_out = b.work / "processors.json"
+    cmd = [PY, str(ROOT / "scripts" / "bench_processors.py"), "--json", str(json_out)]
+    if b.quick:
+        cmd += ["--minutes", "10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
+    rep.notes.append(f"6: ran `{shlex.join(cmd[1:])}` (exit status {proc.returncode}).")
+    if json_out.exists():
+        rep.figures["processors"] = json.loads(json_out.read_text())
+    rep.rows.extend(markdown_rows(proc.stdout, "6. "))
+    if not rep.rows:
+        tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        rep.rows.append(Row("6. processors", f"no table from bench_processors.py: {tail}", ""))
     return rep
 
 
@@ -1912,6 +1941,7 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Report]] = {
     "modbus": bench_modbus,
     "health": bench_health,
     "pi": bench_pi,
+    "processors": bench_processors,
 }
 
 

@@ -15,11 +15,13 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal, Protocol, Self
 
 from edge_agent.errors import ConfigError
 from edge_agent.parsers import LineKind
+from edge_agent.processors.base import ProcessorConfig
+from edge_agent.processors.registry import build_processors
 from edge_agent.records import Reading
 from edge_agent.tables import build
 
@@ -44,10 +46,16 @@ class SourceConfig:
     format: LineKind = "json"
     shape: Shape = "long"
     tags: Mapping[str, str] = field(default_factory=dict)
+    processors: tuple[ProcessorConfig, ...] = ()  # [[sources.processors]], in order
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], file: str, section: str) -> Self:
-        source = build(cls, table, file, section)
+        plain = {k: v for k, v in table.items() if k != "processors"}
+        source = build(cls, plain, file, section)
+        if "processors" in table:
+            source = replace(
+                source, processors=build_processors(table["processors"], file, section)
+            )
         label = f"{file}: {section}"
         if not _NAME_RE.match(source.name):
             raise ConfigError(
@@ -70,6 +78,11 @@ class SourceConfig:
     def nested_keys(cls) -> dict[str, list[str]]:
         """Keys of tables nested in this type's `[[sources]]` (`sources.registers`...)."""
         return {}
+
+    def label_keys(self) -> frozenset[str]:
+        """Keys of this source's records that say where a value comes from (tags, the
+        device id), not values: processors leave them alone and tell series apart by them."""
+        return frozenset(self.tags) | {"device_id"}
 
     def with_secrets(self, environ: Mapping[str, str], where: str) -> Self:
         """This config with its passwords read (from the environment or their files)."""

@@ -58,6 +58,12 @@ class MqttConfig(SourceConfig):
     def check(self, where: str, table: Mapping[str, Any]) -> None:
         _check_mqtt(self, where)
 
+    def label_keys(self) -> frozenset[str]:
+        if self.topic_fields is None:
+            return super().label_keys()
+        names = {n for n in topic_field_levels(self.topic_fields) if n is not None}
+        return super().label_keys() | names
+
     def with_secrets(self, environ: Mapping[str, str], where: str) -> Self:
         if self.password_env is None and self.password_file is None:
             return self
