@@ -71,6 +71,8 @@ class Rig:
             url=self.sandbox.url,
             data_dir=self.tmp_path / "data",
             sources=[serial_source(self.sensor.link, **source)],
+            # The test's clock is not the sandbox's: its Date must not correct this one.
+            agent={"time_from_uplink": False},
         )
 
     def start(self, **source: Any) -> Agent:
