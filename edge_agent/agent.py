@@ -12,8 +12,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -29,8 +29,17 @@ from edge_agent.processors.chain import ProcessingIntake
 from edge_agent.processors.durable import Carried
 from edge_agent.processors.registry import Processor, make_processors
 from edge_agent.records import Reading, with_field
-from edge_agent.sources.base import Intake, Source, SourceConfig
+from edge_agent.sources.base import Intake, Source, SourceConfig, SourceStats
 from edge_agent.sources.registry import source_type
+from edge_agent.status.snapshot import (
+    AgentPart,
+    BufferPart,
+    ClockPart,
+    ErrorPart,
+    Snapshot,
+    SourcePart,
+    UploaderPart,
+)
 from edge_agent.uplink_time import UplinkTime, uplink_usable
 from edge_agent.uploader import Uploader
 
@@ -362,8 +371,11 @@ class Agent:
             processing.use(self._processors(sc))
 
 
-def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """Everything the status page, /metrics and `edge-agent status` show, as plain data."""
+def snapshot(agent: Agent, errors: Iterable[Mapping[str, Any]]) -> Snapshot:
+    """Everything the status page, /metrics and `edge-agent status` show, built in one place.
+
+    `errors`: the recent warnings and errors (`RecentErrors.lines()`).
+    """
     session = BufferSession(agent.config.buffer_path)
     try:
         st = session.stats()
@@ -371,43 +383,57 @@ def snapshot(agent: Agent, errors: list[dict[str, Any]]) -> dict[str, Any]:
         session.close()
     up = agent.uploader.stats
     now_mono = time.monotonic()
-    guard = agent.guard
-    return {
-        "agent": {
-            "version": __version__,
-            "device_id": agent.config.agent.device_id,
-            "config": str(agent.config.path),
-            # Which buffer this agent owns: `edge-agent status` checks that the agent answering
-            # on the status address is the one of its config, not another on the same port.
-            "buffer": str(agent.config.buffer_path.resolve()),
-            "uptime_s": 0.0 if agent.started_at is None else now_mono - agent.started_at,
-        },
-        "sources": [
-            {"name": name, "type": _source_type(agent, name), **asdict(src.stats)}
+    config = agent.config
+    return Snapshot(
+        agent=AgentPart(
+            version=__version__,
+            device_id=config.agent.device_id,
+            config=str(config.path),
+            buffer=str(config.buffer_path.resolve()),
+            uptime_s=0.0 if agent.started_at is None else now_mono - agent.started_at,
+        ),
+        sources=tuple(
+            _source_part(agent, name, src.stats)
             for name, src in list(agent.sources.items())  # a reload may change the dict
-        ],
-        "buffer": st.as_dict(agent.config.buffer.max_bytes, agent.clock.wall()),
-        "uploader": {
-            "records_uploaded": up.records_uploaded,
-            "requests": dict(up.requests.copy()),
-            "retries": up.retries,
-            "last_success": up.last_success,
-            "last_error": up.last_error,
-            "failing_for_s": None if up.failing_since is None else now_mono - up.failing_since,
-            "paused": dict(up.paused),
-            "uplink": asdict(agent.uploader.uplink.view()),
-            "records_set_aside": up.records_set_aside,
-            "suspects": up.suspects,
-        },
-        "clock": _clock_part(guard, agent.uplink_time),
-        "errors": errors,
-    }
+        ),
+        buffer=BufferPart.of(st, config.buffer.max_bytes, agent.clock.wall()),
+        uploader=UploaderPart(
+            records_uploaded=up.records_uploaded,
+            requests=dict(up.requests.copy()),
+            retries=up.retries,
+            last_success=up.last_success,
+            last_error=up.last_error,
+            failing_for_s=None if up.failing_since is None else now_mono - up.failing_since,
+            paused=dict(up.paused),
+            uplink=agent.uploader.uplink.view(),
+            records_set_aside=up.records_set_aside,
+            suspects=up.suspects,
+        ),
+        clock=_clock_part(agent.guard, agent.uplink_time),
+        errors=tuple(ErrorPart(e["time"], e["component"], e["message"]) for e in errors),
+    )
 
 
-def _clock_part(guard: ClockGuard | None, uplink: UplinkTime | None) -> dict[str, Any]:
+def _source_part(agent: Agent, name: str, stats: SourceStats) -> SourcePart:
+    return SourcePart(
+        name=name,
+        type=_source_type(agent, name),
+        connected=stats.connected,
+        lines=stats.lines,
+        readings=stats.readings,
+        parse_errors=stats.parse_errors,
+        reconnects=stats.reconnects,
+        timeouts=stats.timeouts,
+        missed_polls=stats.missed_polls,
+        last_error=stats.last_error,
+        last_data=stats.last_data,
+    )
+
+
+def _clock_part(guard: ClockGuard | None, uplink: UplinkTime | None) -> ClockPart:
     """`trusted`: readings get reliable times (from the system clock or the endpoint's)."""
     if guard is None:
-        return {"trusted": True, "state": "ok", "jumps": 0, "source": "system"}
+        return ClockPart(True, False, "ok", 0, "system", None, None)
     source = guard.source
     if source == "system":
         state = "ok" if guard.confirmed_by is None else f"ok, confirmed by {guard.confirmed_by}"
@@ -420,18 +446,18 @@ def _clock_part(guard: ClockGuard | None, uplink: UplinkTime | None) -> dict[str
         state = guard.reason or "untrusted"
         if uplink is not None and uplink.last_probe is not None:
             state += f"; {uplink.probes} probe(s) of the endpoint, the last: {uplink.last_probe}"
-    return {
-        "trusted": source != "none",
+    return ClockPart(
+        trusted=source != "none",
         # Waiting for the first confirmation (one exchange) is no fault of the clock's: an
         # endpoint that cannot be reached shows in the uploads' health instead.
-        "confirming": source == "none" and guard.confirming,
-        "state": state,
-        "jumps": guard.jumps,
-        "source": source,
+        confirming=source == "none" and guard.confirming,
+        state=state,
+        jumps=guard.jumps,
+        source=source,
         # How far the system clock is ahead of the endpoint's time, when it answered.
-        "offset_s": guard.wall_error,
-        "uplink_error_s": guard.uplink_error,
-    }
+        offset_s=guard.wall_error,
+        uplink_error_s=guard.uplink_error,
+    )
 
 
 def _source_type(agent: Agent, name: str) -> str:

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__, lock, sandbox
 from edge_agent.buffer import BufferSession, BufferStats, Imported, Recount
@@ -32,6 +32,9 @@ from edge_agent.errors import (
     EdgeAgentError,
 )
 from edge_agent.logs import setup_logging
+
+if TYPE_CHECKING:
+    from edge_agent.status import OfflineStatus, Status
 
 log = logging.getLogger("edge_agent.cli")
 
@@ -329,13 +332,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     address = config.status.address
     doc = fetch_status(address) if address else None
     if doc is not None and not _same_buffer(doc, config):
-        other = doc.get("agent", {}).get("config", "another configuration")
+        other = doc.snapshot.agent.config or "another configuration"
         doc, why = None, f"the agent answering on {address} runs {other}, not this configuration"
     else:
         why = None
     if doc is not None:
         _print_status(doc, args.json)
-        return 0 if doc.get("health", {}).get("healthy") else 1
+        return 0 if doc.health.healthy else 1
     holder = lock.running_holder(config.buffer_path)
     if holder is None:
         reason = "the agent is not running (no process holds its buffer)"
@@ -357,39 +360,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     return code
 
 
-def _same_buffer(doc: dict[str, Any], config: Config) -> bool:
+def _same_buffer(doc: Status, config: Config) -> bool:
     """Whether the agent that answered owns this configuration's buffer (another agent may
     listen on the default port). An agent too old to say is taken at its word."""
-    theirs = doc.get("agent", {}).get("buffer")
+    theirs = doc.snapshot.agent.buffer
     return theirs is None or Path(theirs) == config.buffer_path.resolve()
 
 
-def _print_status(doc: dict[str, Any], as_json: bool) -> None:
+def _print_status(doc: Status | OfflineStatus, as_json: bool) -> None:
     from edge_agent.status import render_status_text
 
     if as_json:
-        print(json.dumps(doc, indent=2))
+        print(json.dumps(doc.to_json(), indent=2))
     else:
         sys.stdout.write(render_status_text(doc))
 
 
-def _offline_status(config: Config, reasons: list[str]) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "offline": True,
-        "agent": {"config": str(config.path), "device_id": config.agent.device_id},
-        "health": {"healthy": False, "reasons": reasons},
-    }
+def _offline_status(config: Config, reasons: list[str]) -> OfflineStatus:
+    from edge_agent.status import BufferPart, OfflineStatus
+
+    where = str(config.path)
     try:
         session = BufferSession(config.buffer_path)
     except EdgeAgentError as exc:
-        doc["health"]["reasons"] = [*reasons, str(exc)]
-        return doc
+        return OfflineStatus(where, config.agent.device_id, (*reasons, str(exc)), None)
     try:
         st = session.stats()
     finally:
         session.close()
-    doc["buffer"] = st.as_dict(config.buffer.max_bytes, time.time())
-    return doc
+    buffer = BufferPart.of(st, config.buffer.max_bytes, time.time())
+    return OfflineStatus(where, config.agent.device_id, tuple(reasons), buffer)
 
 
 # -- check -------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A local stand-in for the Madevo insert API, with fault injection.
 
-This module owns the sandbox: an HTTP server (stdlib `ThreadingHTTPServer`, one thread per
+This module owns the sandbox: an HTTP server (`httpserver.QuietServer`, one thread per
 request) that answers `POST /restapi/datasource/insert` the way the real API does, keeps what it
 accepted in SQLite, and injects faults on demand (status codes, random 503s, latency, a size
 limit, dropped connections after commit, per-field rejections) and answers a hostile network
@@ -41,13 +41,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import parse_qs
 
 from edge_agent.errors import ConfigError
+from edge_agent.httpserver import QuietHandler, QuietServer, bind_failure
 from edge_agent.logs import printable
 
 INSERT_PATH = "/restapi/datasource/insert"
@@ -783,25 +783,16 @@ def _admin_json(body: bytes) -> dict[str, Any]:
 # --------------------------------------------------------------------------- HTTP plumbing
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(QuietServer):
     allow_reuse_address = True  # a new sandbox can take the same port right after stop()
-    daemon_threads = True
 
     def __init__(self, address: tuple[str, int], sandbox: Sandbox) -> None:
         self.sandbox = sandbox
-        super().__init__(address, _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A client that hangs up mid-answer is normal under fault injection, not a traceback.
-        log.debug("sandbox: connection from %s failed", client_address, exc_info=True)
+        super().__init__(address, _Handler, log, "sandbox")
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(QuietHandler):
     server: _Server
-    # HTTP/1.0 closes every connection after its answer, so stop() really cuts clients off
-    # instead of leaving pooled keep-alive connections served by old threads.
-    protocol_version = "HTTP/1.0"
-    timeout = 10  # a client that opens a connection and never sends cannot pin a thread
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -892,10 +883,6 @@ class _Handler(BaseHTTPRequestHandler):
     def date_time_string(self, timestamp: float | None = None) -> str:
         # send_response's Date header: the server's clock, skewed on demand.
         return self.server.sandbox.date_header()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Our own one-line-per-request log replaces http.server's access log.
-        log.debug("sandbox: " + format, *args)
 
 
 def _one_by_one(data: bytes) -> Iterator[bytes]:
@@ -1037,7 +1024,8 @@ def _serve(args: argparse.Namespace) -> int:
             sandbox.start()
         except OSError as exc:
             print(
-                f"edge-agent sandbox: error: cannot listen on {args.host}:{args.port}: {exc}",
+                f"edge-agent sandbox: error: cannot listen on {args.host}:{args.port}: "
+                f"{bind_failure(exc)}",
                 file=sys.stderr,
             )
             return 1

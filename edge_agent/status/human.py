@@ -1,0 +1,82 @@
+"""Figures in words, shared by the page, the terminal text and the health rules."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from edge_agent.status.snapshot import ClockPart, UploaderPart
+
+
+def duration(seconds: float) -> str:
+    s = max(0.0, float(seconds))
+    if s < 10:
+        return f"{s:.1f} s"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 3600:
+        return f"{s // 60:.0f} min"
+    minutes = int(s // 60)
+    if s < 2 * 86400:
+        return f"{minutes // 60} h {minutes % 60} min"
+    return f"{minutes // 1440} d {minutes % 1440 // 60} h"
+
+
+def size(n: float) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def count(n: int) -> str:
+    return f"{n:,}"
+
+
+def when(wall: float | None, now: float) -> str:
+    if wall is None:
+        return "never"
+    return f"{stamp(wall)} ({duration(now - wall)} ago)"
+
+
+def stamp(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(wall))
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    return f"{count(n)} {word if n == 1 else words or word + 's'}"
+
+
+def drops(counters: Mapping[str, int]) -> list[tuple[str, str, int]]:
+    """(reason, name, count) of every dropped.<reason>.<name> counter."""
+    out = []
+    for key, value in sorted(counters.items()):
+        parts = key.split(".", 2)
+        if len(parts) == 3 and parts[0] == "dropped":
+            out.append((parts[1], parts[2], int(value)))
+    return out
+
+
+def scope(name: str) -> str:
+    """A paused scope: a data source id, or "*" for all of them."""
+    return "every data source" if name == "*" else f"data source {name}"
+
+
+def isolated(uploader: UploaderPart) -> str:
+    """Records the server fails on alone with a 5xx (isolation.py): watched, and set aside."""
+    watched, set_aside = uploader.suspects, uploader.records_set_aside
+    if not watched and not set_aside:
+        return "none"
+    return (
+        f"{plural(watched, 'record')} sent alone, "
+        f"{plural(set_aside, 'record')} set aside to dead letters"
+    )
+
+
+def clock(part: ClockPart) -> str:
+    trusted = "trusted" if part.trusted else "NOT trusted"
+    offset = part.offset_s
+    against = f"; {offset:+.1f} s against the endpoint's time" if offset is not None else ""
+    return f"{part.state or 'unknown'} ({trusted}{against})"
