@@ -21,11 +21,11 @@ from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import Secret
 from edge_agent.isolation import REASON, Isolation, Rules, Step
 from edge_agent.sandbox import Faults, Sandbox
-from edge_agent.status import render_page, render_status_text
+from edge_agent.status import Health, Status, render_page, render_status_text
 from edge_agent.uploader import Uploader
 from tests.fakes import FakeClock
 from tests.helpers import DATASOURCE, TOKEN, wait_until
-from tests.test_status import NOW, make_snapshot
+from tests.test_status import NOW, changed, make_snapshot
 from tests.test_uploader import Harness, endpoint, open_harness, record
 
 BOOM = "boom"  # the value the sandbox's server bug chokes on
@@ -247,9 +247,9 @@ def test_both_halves_failing_means_down_and_needs_a_fresh_streak() -> None:
 
 def test_the_status_page_and_text_show_records_the_server_fails_on_alone() -> None:
     snap = make_snapshot()
-    doc = {**snap, "health": {"healthy": True, "reasons": []}}
+    doc = Status(snap, Health(True, (), ()))
     assert "the server fails on records alone" not in render_status_text(doc, NOW)
-    snap["uploader"].update(suspects=1, records_set_aside=2)
+    doc = Status(changed(snap, uploader={"suspects": 1, "records_set_aside": 2}), doc.health)
     shown = "1 record sent alone, 2 records set aside to dead letters"
     assert f"<dt>failing on one record</dt><dd>{shown}</dd>" in render_page(doc, [], NOW)
     assert f"  the server fails on records alone: {shown}" in render_status_text(doc, NOW)

@@ -34,7 +34,7 @@ from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.status import StatusServer
 from tests.conftest import free_port
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_status import _chromium, _run_chromium, make_snapshot
+from tests.test_status import _chromium, _run_chromium, changed, make_snapshot
 
 # systemd's WatchdogSec=2: the agent must ping at least every 2 s, and aims for every 1 s.
 WATCHDOG_USEC = 2_000_000
@@ -479,8 +479,7 @@ def test_status_does_not_take_another_agents_answer_for_its_own(
     tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
 ) -> None:
     """Another agent on the (default) port answers: its health is not this one's."""
-    other = make_snapshot()
-    other["agent"]["buffer"] = "/var/lib/another-agent/buffer.db"
+    other = changed(make_snapshot(), agent={"buffer": "/var/lib/another-agent/buffer.db"})
     server = StatusServer("127.0.0.1:0", lambda: other).start()
     try:
         config = with_status(agent_config(tmp_path, sandbox, pty_sensor), server.port)

@@ -6,7 +6,6 @@ copy of a dict the test changes.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,19 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent.errors import EdgeAgentError
+from edge_agent.sources.base import SourceStats
 from edge_agent.status import (
+    AgentPart,
+    BufferPart,
+    ClockPart,
+    ErrorPart,
+    Health,
     History,
+    Snapshot,
+    SourcePart,
+    Status,
     StatusServer,
+    UploaderPart,
     fetch_status,
     health,
     parse_listen,
@@ -34,85 +44,112 @@ from edge_agent.status import (
     status_document,
     status_json_url,
 )
+from edge_agent.uplink import UplinkView
 from tests.helpers import wait_until
 
 NOW = float(int(time.time()))  # the page says how long ago things were, from the real clock
 
 
-def make_snapshot() -> dict[str, Any]:
+def make_snapshot() -> Snapshot:
     """A healthy agent with one serial source that has seen some trouble."""
-    return {
-        "agent": {
-            "version": "0.1.0",
-            "device_id": "gw-001",
-            "config": "/etc/edge-agent/config.toml",
-            "uptime_s": 4000.0,
-        },
-        "sources": [
-            {
-                "name": "weather",
-                "type": "serial",
-                "connected": True,
-                "lines": 10,
-                "readings": 20,
-                "parse_errors": 1,
-                "reconnects": 2,
-                "last_error": None,
-                "last_data": NOW - 1,
-            },
-            {
-                "name": "tank-level",
-                "type": "mqtt",
-                "connected": True,
-                "lines": 7,
-                "readings": 7,
-                "parse_errors": 0,
-                "reconnects": 0,
-                "last_error": None,
-                "last_data": NOW - 3,
-            },
-        ],
-        "buffer": {
-            "pending": {"67890": 12, "67891": 3},
-            "pending_total": 15,
-            "pending_bytes": 3456,
-            "oldest_age_s": 2.5,
-            "file_bytes": 1_000_000,
-            "max_bytes": 268_435_456,
-            "dead_letters": 4,
-            "counters": {
+    return Snapshot(
+        agent=AgentPart(
+            version="0.1.0",
+            device_id="gw-001",
+            config="/etc/edge-agent/config.toml",
+            buffer=None,
+            uptime_s=4000.0,
+        ),
+        sources=(
+            source_part(
+                "weather",
+                "serial",
+                lines=10,
+                readings=20,
+                parse_errors=1,
+                reconnects=2,
+                last_data=NOW - 1,
+            ),
+            source_part("tank-level", "mqtt", lines=7, readings=7, last_data=NOW - 3),
+        ),
+        buffer=BufferPart(
+            pending={"67890": 12, "67891": 3},
+            pending_total=15,
+            pending_bytes=3456,
+            held=0,
+            oldest_age_s=2.5,
+            datasources={},
+            file_bytes=1_000_000,
+            max_bytes=268_435_456,
+            dead_letters=4,
+            counters={
                 "dropped.buffer_full.67890": 3,
                 "dropped.unparseable.weather": 1,
                 "uploaded.67890": 100,
                 "dead_letters.67890": 2,
             },
-        },
-        "uploader": {
-            "records_uploaded": 100,
-            "requests": {"200": 5, "503": 1, "error": 2},
-            "retries": 3,
-            "last_success": NOW - 5,
-            "last_error": None,
-            "failing_for_s": None,
-            "paused": {},
-        },
-        "clock": {"trusted": True, "state": "synced"},
-        "errors": [
-            {"time": NOW - 60, "component": "uploader", "message": "503 Service Unavailable"},
-        ],
-    }
+        ),
+        uploader=UploaderPart(
+            records_uploaded=100,
+            requests={"200": 5, "503": 1, "error": 2},
+            retries=3,
+            last_success=NOW - 5,
+            last_error=None,
+            failing_for_s=None,
+            paused={},
+            uplink=None,
+            records_set_aside=0,
+            suspects=0,
+        ),
+        clock=ClockPart(
+            trusted=True,
+            confirming=False,
+            state="synced",
+            jumps=0,
+            source="system",
+            offset_s=None,
+            uplink_error_s=None,
+        ),
+        errors=(ErrorPart(NOW - 60, "uploader", "503 Service Unavailable"),),
+    )
+
+
+def source_part(name: str, kind: str, **stats: Any) -> SourcePart:
+    """A connected source with its counters at zero unless given."""
+    return SourcePart(name=name, type=kind, **{**asdict(SourceStats(connected=True)), **stats})
+
+
+def changed(snap: Snapshot, **parts: dict[str, Any]) -> Snapshot:
+    """`snap` with fields of its parts replaced: changed(snap, uploader={"retries": 4})."""
+    return replace(
+        snap, **{name: replace(getattr(snap, name), **values) for name, values in parts.items()}
+    )
+
+
+def with_source(snap: Snapshot, index: int, **values: Any) -> Snapshot:
+    """`snap` with fields of its source number `index` replaced."""
+    sources = list(snap.sources)
+    sources[index] = replace(sources[index], **values)
+    return replace(snap, sources=tuple(sources))
+
+
+@dataclass
+class State:
+    """What the test server's snapshot function returns; a test replaces `snap` to change it."""
+
+    snap: Snapshot
 
 
 @pytest.fixture
-def state() -> dict[str, Any]:
-    return make_snapshot()
+def state() -> State:
+    return State(make_snapshot())
 
 
 @pytest.fixture
-def server(state: dict[str, Any]) -> Iterator[StatusServer]:
+def server(state: State) -> Iterator[StatusServer]:
     srv = StatusServer(
         "127.0.0.1:0",
-        lambda: copy.deepcopy(state),
+        lambda: state.snap,
         unhealthy_after_s=60.0,
         history=History(interval_s=0.05),
     )
@@ -134,8 +171,10 @@ def test_a_working_agent_is_healthy() -> None:
 
 def test_a_disconnected_source_is_named_with_its_error() -> None:
     snap = make_snapshot()
-    snap["sources"][0].update(connected=False, last_error="cannot open /dev/ttyUSB0: no such file")
-    snap["sources"][1].update(connected=False)
+    snap = with_source(
+        snap, 0, connected=False, last_error="cannot open /dev/ttyUSB0: no such file"
+    )
+    snap = with_source(snap, 1, connected=False)
     healthy, reasons = health(snap, 60.0)
     assert not healthy
     assert reasons == [
@@ -146,9 +185,9 @@ def test_a_disconnected_source_is_named_with_its_error() -> None:
 
 def test_uploads_failing_longer_than_the_limit_are_unhealthy() -> None:
     snap = make_snapshot()
-    snap["uploader"].update(failing_for_s=60.0, last_error="503 Service Unavailable")
+    snap = changed(snap, uploader={"failing_for_s": 60.0, "last_error": "503 Service Unavailable"})
     assert health(snap, 60.0) == (True, [])  # not longer than the limit yet
-    snap["uploader"]["failing_for_s"] = 125.0
+    snap = changed(snap, uploader={"failing_for_s": 125.0})
     healthy, reasons = health(snap, 60.0)
     assert not healthy
     assert reasons == [
@@ -159,12 +198,12 @@ def test_uploads_failing_longer_than_the_limit_are_unhealthy() -> None:
 
 def test_paused_uploads_are_unhealthy_for_everything_or_one_data_source() -> None:
     snap = make_snapshot()
-    snap["uploader"]["paused"] = {"99999": "403: forbidden for this token"}
+    snap = changed(snap, uploader={"paused": {"99999": "403: forbidden for this token"}})
     # The uploader's own message says what happens to the readings: not repeated here.
     assert health(snap, 60.0)[1] == [
         "uploads to data source 99999 are paused: 403: forbidden for this token"
     ]
-    snap["uploader"]["paused"] = {"*": "token rejected by the server (401)"}
+    snap = changed(snap, uploader={"paused": {"*": "token rejected by the server (401)"}})
     assert health(snap, 60.0)[1] == [
         "uploads are stopped for every data source: token rejected by the server (401)"
     ]
@@ -172,7 +211,7 @@ def test_paused_uploads_are_unhealthy_for_everything_or_one_data_source() -> Non
 
 def test_an_untrusted_clock_is_unhealthy() -> None:
     snap = make_snapshot()
-    snap["clock"] = {"trusted": False, "state": "unsynced"}
+    snap = changed(snap, clock={"trusted": False, "state": "unsynced"})
     healthy, reasons = health(snap, 60.0)
     assert not healthy
     assert len(reasons) == 1
@@ -182,12 +221,10 @@ def test_an_untrusted_clock_is_unhealthy() -> None:
 # -- /healthz, /status.json, 404 ---------------------------------------------------------
 
 
-def test_healthz_answers_200_then_503_with_reasons(
-    server: StatusServer, state: dict[str, Any]
-) -> None:
+def test_healthz_answers_200_then_503_with_reasons(server: StatusServer, state: State) -> None:
     ok = get(server, "/healthz")
     assert (ok.status_code, ok.json()) == (200, {"status": "ok"})
-    state["sources"][0].update(connected=False, last_error="port disappeared")
+    state.snap = with_source(state.snap, 0, connected=False, last_error="port disappeared")
     bad = get(server, "/healthz")
     assert bad.status_code == 503
     assert bad.json() == {
@@ -196,13 +233,11 @@ def test_healthz_answers_200_then_503_with_reasons(
     }
 
 
-def test_status_json_is_the_snapshot_with_its_health(
-    server: StatusServer, state: dict[str, Any]
-) -> None:
-    state["clock"] = {"trusted": False, "state": "unsynced"}
+def test_status_json_is_the_snapshot_with_its_health(server: StatusServer, state: State) -> None:
+    state.snap = changed(state.snap, clock={"trusted": False, "state": "unsynced"})
     doc = get(server, "/status.json").json()
-    assert doc["sources"] == state["sources"]
-    assert doc["buffer"] == state["buffer"]
+    assert doc["sources"] == state.snap.to_json()["sources"]
+    assert doc["buffer"] == state.snap.to_json()["buffer"]
     assert doc["health"]["healthy"] is False
     assert "clock" in doc["health"]["reasons"][0]
 
@@ -237,8 +272,8 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics[(f"edge_agent_{name}", frozenset(labels.items()))]
 
 
-def test_metrics_match_the_snapshot(server: StatusServer, state: dict[str, Any]) -> None:
-    state["uploader"]["paused"] = {"99999": "forbidden"}
+def test_metrics_match_the_snapshot(server: StatusServer, state: State) -> None:
+    state.snap = changed(state.snap, uploader={"paused": {"99999": "forbidden"}})
     m = scrape(server)
     assert value(m, "source_readings_total", source="weather") == 20
     assert value(m, "source_readings_total", source="tank-level") == 7
@@ -268,11 +303,13 @@ def test_metrics_match_the_snapshot(server: StatusServer, state: dict[str, Any])
     assert value(m, "info", version="0.1.0", device_id="gw-001") == 1
 
 
-def test_metrics_follow_changes(server: StatusServer, state: dict[str, Any]) -> None:
-    state["sources"][0].update(connected=False, readings=25)
-    state["clock"]["trusted"] = False
-    state["buffer"]["oldest_age_s"] = None
-    state["uploader"]["last_success"] = None
+def test_metrics_follow_changes(server: StatusServer, state: State) -> None:
+    state.snap = changed(
+        with_source(state.snap, 0, connected=False, readings=25),
+        clock={"trusted": False},
+        buffer={"oldest_age_s": None},
+        uploader={"last_success": None},
+    )
     m = scrape(server)
     assert value(m, "source_connected", source="weather") == 0
     assert value(m, "source_readings_total", source="weather") == 25
@@ -283,29 +320,29 @@ def test_metrics_follow_changes(server: StatusServer, state: dict[str, Any]) -> 
 
 
 def test_the_uplink_state_is_in_metrics_on_the_page_and_in_the_terminal(
-    server: StatusServer, state: dict[str, Any]
+    server: StatusServer, state: State
 ) -> None:
     summary = "down since 2027-01-15 08:00:00 UTC, next probe in 7.0 s"
-    state["uploader"]["uplink"] = {
-        "state": "down",
-        "since": NOW - 120,
-        "next_probe_in_s": 7.0,
-        "backing_off_until": None,
-        "summary": summary,
-    }
+    uplink = UplinkView(
+        state="down", since=NOW - 120, next_probe_in_s=7.0, backing_off_until=None, summary=summary
+    )
+    state.snap = changed(state.snap, uploader={"uplink": uplink})
     m = scrape(server)
     assert value(m, "uplink_state", state="down") == 1
     assert value(m, "uplink_state", state="up") == 0
     assert value(m, "uplink_state", state="refusing") == 0
     assert summary in get(server, "/").text
     assert get(server, "/status.json").json()["uploader"]["uplink"]["summary"] == summary
-    assert f"  uplink: {summary}" in render_status_text(state, NOW).splitlines()
+    text = render_status_text(status_document(state.snap, 60.0), NOW)
+    assert f"  uplink: {summary}" in text.splitlines()
 
 
-def test_label_values_are_escaped(server: StatusServer, state: dict[str, Any]) -> None:
+def test_label_values_are_escaped(server: StatusServer, state: State) -> None:
     awkward = 'ds "quoted" back\\slash\nnewline'
-    state["buffer"]["pending"] = {awkward: 7}
-    state["buffer"]["counters"] = {f"dropped.unparseable.{awkward}": 2}
+    state.snap = changed(
+        state.snap,
+        buffer={"pending": {awkward: 7}, "counters": {f"dropped.unparseable.{awkward}": 2}},
+    )
     raw = get(server, "/metrics").text
     assert 'datasource="ds \\"quoted\\" back\\\\slash\\nnewline"' in raw
     m = scrape(server)
@@ -313,11 +350,9 @@ def test_label_values_are_escaped(server: StatusServer, state: dict[str, Any]) -
     assert value(m, "source_dropped_total", reason="unparseable", source=awkward) == 2
 
 
-def test_every_drop_is_labelled_by_what_it_counts_per(
-    server: StatusServer, state: dict[str, Any]
-) -> None:
+def test_every_drop_is_labelled_by_what_it_counts_per(server: StatusServer, state: State) -> None:
     """The buffer counts drops per data source id, sources per source name: one label each."""
-    state["buffer"]["counters"] = {
+    counters = {
         "dropped.buffer_full.67890": 1,
         "dropped.max_age.67890": 2,
         "dropped.write_failed.67891": 3,
@@ -325,6 +360,7 @@ def test_every_drop_is_labelled_by_what_it_counts_per(
         "dropped.unparseable.weather": 5,
         "dropped.oversize.plant": 6,
     }
+    state.snap = changed(state.snap, buffer={"counters": counters})
     m = scrape(server)
     for reason, ds, n in [
         ("buffer_full", "67890", 1),
@@ -365,11 +401,14 @@ def test_process_metrics_describe_the_serving_process(server: StatusServer) -> N
 
 
 def test_the_banner_says_failing_uploads_under_the_limit_not_all_is_well(
-    state: dict[str, Any],
+    state: State,
 ) -> None:
-    state["uploader"].update(failing_for_s=17.0, last_success=None, last_error="timed out")
-    doc = status_document(state, 300.0)
-    assert doc["health"]["healthy"] is True
+    state.snap = changed(
+        state.snap,
+        uploader={"failing_for_s": 17.0, "last_success": None, "last_error": "timed out"},
+    )
+    doc = status_document(state.snap, 300.0)
+    assert doc.health.healthy is True
     page = render_page(doc, [], NOW)
     assert "Healthy so far: uploads failing for 17 s, unhealthy after 5 min" in page
     assert "uploads go through" not in page
@@ -381,28 +420,26 @@ def test_the_banner_says_failing_uploads_under_the_limit_not_all_is_well(
     assert "15 readings waiting, oldest 2.5 s" in line and "no upload yet" in line
 
 
-def test_the_banner_of_a_healthy_agent_says_what_it_knows(state: dict[str, Any]) -> None:
-    doc = status_document(state, 300.0)
+def test_the_banner_of_a_healthy_agent_says_what_it_knows(state: State) -> None:
+    doc = status_document(state.snap, 300.0)
     page = render_page(doc, [], NOW)
     assert "Healthy: 2 sources connected, last upload 5.0 s ago" in page
     assert render_status_line(doc, NOW) == (
         "Healthy; 15 readings waiting, oldest 2.5 s; last upload 5.0 s ago"
     )
-    state["uploader"]["last_success"] = None
+    state.snap = changed(state.snap, uploader={"last_success": None})
     assert "Healthy: 2 sources connected, no upload yet" in render_page(
-        status_document(state, 300.0), [], NOW
+        status_document(state.snap, 300.0), [], NOW
     )
-    state["uploader"]["failing_for_s"] = 301.0
-    line = render_status_line(status_document(state, 300.0), NOW)
+    state.snap = changed(state.snap, uploader={"failing_for_s": 301.0})
+    line = render_status_line(status_document(state.snap, 300.0), NOW)
     assert line.startswith("Unhealthy: uploads have been failing for 5 min")
 
 
 # -- the page ----------------------------------------------------------------------------
 
 
-def test_page_shows_sources_buffer_uploads_and_charts(
-    server: StatusServer, state: dict[str, Any]
-) -> None:
+def test_page_shows_sources_buffer_uploads_and_charts(server: StatusServer, state: State) -> None:
     wait_until(lambda: len(server.history) >= 3, 5, "three history samples")
     page = get(server, "/")
     assert page.status_code == 200
@@ -419,9 +456,9 @@ def test_page_shows_sources_buffer_uploads_and_charts(
     assert "Buffered readings" in text and "Upload rate" in text
 
 
-def test_page_draws_empty_charts_before_any_sample(state: dict[str, Any]) -> None:
+def test_page_draws_empty_charts_before_any_sample(state: State) -> None:
     # An interval longer than the test: only the sample taken at start, so no rate yet.
-    srv = StatusServer("127.0.0.1:0", lambda: state, history=History(interval_s=3600.0))
+    srv = StatusServer("127.0.0.1:0", lambda: state.snap, history=History(interval_s=3600.0))
     srv.start()
     try:
         text = get(srv, "/").text
@@ -430,16 +467,14 @@ def test_page_draws_empty_charts_before_any_sample(state: dict[str, Any]) -> Non
     assert text.count("<svg") == 2
     assert "no data yet" in text  # the rate needs two samples
     assert "one sample so far" in text
-    empty = render_page({**state, "health": {"healthy": True, "reasons": []}}, [], NOW)
+    empty = render_page(Status(state.snap, Health(True, (), ())), [], NOW)
     assert empty.count("no data yet") == 2
     assert "<polyline" not in empty
 
 
-def test_page_escapes_text_from_devices_and_servers(
-    server: StatusServer, state: dict[str, Any]
-) -> None:
-    state["sources"][0].update(connected=False, last_error="<script>alert(1)</script>")
-    state["uploader"]["last_error"] = '503 <b>"down"</b>'
+def test_page_escapes_text_from_devices_and_servers(server: StatusServer, state: State) -> None:
+    state.snap = with_source(state.snap, 0, connected=False, last_error="<script>alert(1)</script>")
+    state.snap = changed(state.snap, uploader={"last_error": '503 <b>"down"</b>'})
     text = get(server, "/").text
     assert "<script>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
@@ -472,7 +507,7 @@ def status_log() -> Iterator[_Records]:
 def test_a_failing_snapshot_answers_500_and_is_logged_once(status_log: _Records) -> None:
     broken = {"now": True}
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot() -> Snapshot:
         if broken["now"]:
             raise RuntimeError("database is locked")
         return make_snapshot()
@@ -534,8 +569,10 @@ def test_a_server_starts_once(server: StatusServer) -> None:
 # -- history -----------------------------------------------------------------------------
 
 
-def uploaded(n: int, pending: int = 0) -> dict[str, Any]:
-    return {"buffer": {"pending_total": pending}, "uploader": {"records_uploaded": n}}
+def uploaded(n: int, pending: int = 0) -> Snapshot:
+    return changed(
+        make_snapshot(), buffer={"pending_total": pending}, uploader={"records_uploaded": n}
+    )
 
 
 def test_history_computes_the_upload_rate_between_samples() -> None:
@@ -572,10 +609,10 @@ def test_history_refuses_a_nonsense_interval() -> None:
 
 def test_status_text_for_the_terminal() -> None:
     snap = make_snapshot()
-    snap["sources"][0].update(connected=False, last_error="port disappeared")
-    snap["uploader"]["paused"] = {"*": "token rejected (401)"}
+    snap = with_source(snap, 0, connected=False, last_error="port disappeared")
+    snap = changed(snap, uploader={"paused": {"*": "token rejected (401)"}})
     healthy, reasons = health(snap, 60.0)
-    text = render_status_text({**snap, "health": {"healthy": healthy, "reasons": reasons}}, NOW)
+    text = render_status_text(Status(snap, Health(healthy, tuple(reasons), ())), NOW)
     lines = text.splitlines()
     assert lines[0].startswith("edge-agent 0.1.0 on gw-001, up 1 h 6 min")
     assert "health: UNHEALTHY" in lines
@@ -598,8 +635,8 @@ def test_status_text_for_the_terminal() -> None:
 def test_fetch_status_reads_a_running_agent(server: StatusServer) -> None:
     doc = fetch_status(server.url)
     assert doc is not None
-    assert doc["agent"]["device_id"] == "gw-001"
-    assert doc["health"] == {"healthy": True, "reasons": [], "concerns": []}
+    assert doc.to_json()["agent"]["device_id"] == "gw-001"
+    assert doc.to_json()["health"] == {"healthy": True, "reasons": [], "concerns": []}
     assert render_status_text(doc).startswith("edge-agent 0.1.0 on gw-001")
 
 
@@ -644,7 +681,7 @@ def _run_chromium(binary: str, profile: Path, *args: str) -> subprocess.Complete
     return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
 
 
-def test_the_page_renders_in_a_browser(tmp_path: Path, state: dict[str, Any]) -> None:
+def test_the_page_renders_in_a_browser(tmp_path: Path, state: State) -> None:
     binary = _chromium()
     # An hour of history: the uplink went down for 15 min, the buffer filled, then drained.
     history = History()
@@ -657,11 +694,16 @@ def test_the_page_renders_in_a_browser(tmp_path: Path, state: dict[str, Any]) ->
             sent = min(30 + max(0, pending - 40), 120)
             pending, total = pending - sent + 30, total + sent
         history.sample(uploaded(total, pending), start + i * 10)
-    state["buffer"]["pending_total"] = pending
-    state["uploader"]["records_uploaded"] = total
-    state["sources"][1].update(connected=False, last_error="broker refused: <not authorised>")
-    state["uploader"].update(failing_for_s=400.0, last_error="503 Service Unavailable")
-    srv = StatusServer("127.0.0.1:0", lambda: copy.deepcopy(state), 60.0, history)
+    state.snap = changed(
+        with_source(state.snap, 1, connected=False, last_error="broker refused: <not authorised>"),
+        buffer={"pending_total": pending},
+        uploader={
+            "records_uploaded": total,
+            "failing_for_s": 400.0,
+            "last_error": "503 Service Unavailable",
+        },
+    )
+    srv = StatusServer("127.0.0.1:0", lambda: state.snap, 60.0, history)
     srv.start()
     try:
         shot = tmp_path / "status-page.png"
