@@ -6,6 +6,7 @@ copy of a dict the test changes.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ from edge_agent.status import (
     status_document,
     status_json_url,
 )
+from edge_agent.status.snapshot import OPTIONAL, Part, SnapshotFormatError
 from edge_agent.uplink import UplinkView
 from tests.helpers import wait_until
 
@@ -728,3 +730,54 @@ def test_the_page_renders_in_a_browser(tmp_path: Path, state: State) -> None:
     for fact in ("weather", "tank-level", "gw-001", "&lt;not authorised&gt;"):
         assert fact in dom.stdout
     assert "<svg" in dom.stdout and "<polyline" in dom.stdout
+
+
+# -- the document as JSON, both ways -----------------------------------------------------
+
+
+def test_the_status_document_reads_back_as_it_was_written() -> None:
+    uplink = UplinkView("up", None, None, None, "up")
+    snap = changed(make_snapshot(), uploader={"uplink": uplink}, agent={"buffer": "/b.db"})
+    doc = status_document(with_source(snap, 1, last_data=None), 60.0)
+    wire = json.loads(json.dumps(doc.to_json()))
+    assert Status.from_json(wire) == doc
+
+
+def test_a_value_of_the_wrong_type_is_refused_naming_where_it_is() -> None:
+    wire = status_document(make_snapshot(), 60.0).to_json()
+    wire["uploader"]["retries"] = "3"
+    with pytest.raises(SnapshotFormatError, match=r"Snapshot\.uploader\.retries is str, not an"):
+        Status.from_json(wire)
+    wire["uploader"]["retries"] = 3
+    wire["sources"][1]["connected"] = None
+    with pytest.raises(SnapshotFormatError, match=r"Snapshot\.sources\[1\]\.connected is null"):
+        Status.from_json(wire)
+
+
+def test_an_older_agents_document_reads_with_what_it_did_not_say_empty() -> None:
+    wire = status_document(make_snapshot(), 60.0).to_json()
+    del wire["agent"]["buffer"], wire["uploader"]["suspects"], wire["health"]["concerns"]
+    doc = Status.from_json(wire)
+    assert doc.snapshot.agent.buffer is None
+    assert doc.snapshot.uploader.suspects == 0
+    assert doc.health.concerns == ()
+
+
+@dataclass(frozen=True)
+class _Budget(Part):
+    used: int
+    budget: int
+
+
+@dataclass(frozen=True)
+class _WithBudget(Snapshot):
+    budget: _Budget | None = field(default=None, metadata=OPTIONAL)
+
+
+def test_an_optional_part_is_left_out_of_the_json_until_it_is_set() -> None:
+    plain = _WithBudget(**{f: getattr(make_snapshot(), f) for f in Snapshot.__dataclass_fields__})
+    assert "budget" not in plain.to_json()
+    assert _WithBudget.from_json(plain.to_json()) == plain
+    with_budget = replace(plain, budget=_Budget(used=10, budget=100))
+    assert with_budget.to_json()["budget"] == {"used": 10, "budget": 100}
+    assert _WithBudget.from_json(with_budget.to_json()) == with_budget

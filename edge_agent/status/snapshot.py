@@ -12,7 +12,7 @@ agent), checking each value's type against the part's annotation.
     OfflineStatus  what `edge-agent status` can say from the buffer alone
 
 Adding a part (a drain view, a byte budget): a frozen dataclass of plain fields, one line in
-`Snapshot` (`drain: DrainPart | None = optional_part()`), and filling it in
+`Snapshot` (`drain: DrainPart | None = field(default=None, metadata=OPTIONAL)`), and filling it in
 `agent.snapshot()`. An optional part left at None is not in the JSON, so the document of an
 agent without it keeps its shape; the JSON reader needs nothing new.
 """
@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Self
 
 from edge_agent.uplink import UplinkView
@@ -31,26 +32,23 @@ if TYPE_CHECKING:
     from edge_agent.buffer import BufferStats
 
 Json = dict[str, Any]
-_OPTIONAL = "optional part"
-
-
-def optional_part() -> Any:
-    """A Snapshot field that may be absent: left out of the JSON while None."""
-    return field(default=None, metadata={_OPTIONAL: True})
+# The metadata of a Snapshot field that may be absent: left out of the JSON while None.
+#     drain: DrainPart | None = field(default=None, metadata=OPTIONAL)
+OPTIONAL: Mapping[str, bool] = types.MappingProxyType({"optional part": True})
 
 
 class SnapshotFormatError(ValueError):
     """A status document whose value at `path` is missing or of the wrong type."""
 
 
-class _Part:
+class Part:
     """JSON both ways for a frozen dataclass of plain fields and other parts."""
 
     def to_json(self) -> Json:
         out: Json = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             value = getattr(self, f.name)
-            if value is None and f.metadata.get(_OPTIONAL):
+            if value is None and f.metadata.get("optional part"):
                 continue
             out[f.name] = _plain(value)
         return out
@@ -64,7 +62,7 @@ class _Part:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, _Part):
+    if isinstance(value, Part):
         return value.to_json()
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -79,7 +77,7 @@ def _plain(value: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class AgentPart(_Part):
+class AgentPart(Part):
     version: str
     device_id: str | None
     config: str
@@ -90,7 +88,7 @@ class AgentPart(_Part):
 
 
 @dataclass(frozen=True)
-class SourcePart(_Part):
+class SourcePart(Part):
     name: str
     type: str
     connected: bool
@@ -105,7 +103,7 @@ class SourcePart(_Part):
 
 
 @dataclass(frozen=True)
-class DatasourcePart(_Part):
+class DatasourcePart(Part):
     """One data source's pending readings."""
 
     pending: int
@@ -114,7 +112,7 @@ class DatasourcePart(_Part):
 
 
 @dataclass(frozen=True)
-class BufferPart(_Part):
+class BufferPart(Part):
     pending: dict[str, int]  # data source -> readings waiting
     pending_total: int
     pending_bytes: int
@@ -151,7 +149,7 @@ def _age(created: float | None, now: float) -> float | None:
 
 
 @dataclass(frozen=True)
-class UploaderPart(_Part):
+class UploaderPart(Part):
     records_uploaded: int
     requests: dict[str, int]  # by HTTP status, "error", "stalled"
     retries: int
@@ -165,7 +163,7 @@ class UploaderPart(_Part):
 
 
 @dataclass(frozen=True)
-class ClockPart(_Part):
+class ClockPart(Part):
     trusted: bool  # readings get reliable times (from the system clock or the endpoint's)
     # Waiting for the first confirmation (one exchange) is no fault of the clock's.
     confirming: bool
@@ -177,7 +175,7 @@ class ClockPart(_Part):
 
 
 @dataclass(frozen=True)
-class ErrorPart(_Part):
+class ErrorPart(Part):
     """One of the recent warnings and errors (logs.RecentErrors)."""
 
     time: float
@@ -186,7 +184,7 @@ class ErrorPart(_Part):
 
 
 @dataclass(frozen=True)
-class Snapshot(_Part):
+class Snapshot(Part):
     """Everything the status page, /metrics and `edge-agent status` show."""
 
     agent: AgentPart
@@ -201,7 +199,7 @@ class Snapshot(_Part):
 
 
 @dataclass(frozen=True)
-class Health(_Part):
+class Health(Part):
     healthy: bool
     reasons: tuple[str, ...]  # what makes it unhealthy, one sentence each
     concerns: tuple[str, ...]  # what goes wrong but has not made it unhealthy yet
