@@ -893,9 +893,9 @@ class _Handler(BaseHTTPRequestHandler):
         # send_response's Date header: the server's clock, skewed on demand.
         return self.server.sandbox.date_header()
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         # Our own one-line-per-request log replaces http.server's access log.
-        log.debug("sandbox: " + format, *args)
+        log.debug("sandbox: " + fmt, *args)
 
 
 def _one_by_one(data: bytes) -> Iterator[bytes]:

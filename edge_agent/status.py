@@ -1176,8 +1176,8 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client went away; nothing to tell it
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("status: %s " + format, self.address_string(), *args)
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("status: %s " + fmt, self.address_string(), *args)
 
 
 # -- the client --------------------------------------------------------------------------
