@@ -117,10 +117,18 @@ class RateLimitedLog:
     quiet spell says how many were held back; without it, lines keep their text exactly.
     """
 
-    def __init__(self, logger: logging.Logger, every: float = 60.0, *, tally: bool = True):
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float = 60.0,
+        *,
+        tally: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._logger = logger
         self._every = every
         self._tally = tally
+        self._clock = clock
         self._last: dict[Hashable, float] = {}
         self._suppressed: dict[Hashable, int] = {}
 
@@ -138,7 +146,7 @@ class RateLimitedLog:
         if not force and not self._due(key):
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
-        self._last[key] = time.monotonic()
+        self._last[key] = self._clock()
         suppressed = self._suppressed.pop(key, 0)
         if suppressed and self._tally:
             message += f" ({suppressed} more like this since the last report)"
@@ -146,7 +154,7 @@ class RateLimitedLog:
 
     def hold(self, key: Hashable = None) -> None:
         """Count a line under `key` as logged now: the next one waits `every` seconds."""
-        self._last[key] = time.monotonic()
+        self._last[key] = self._clock()
 
     def forget(self, where: Callable[[Hashable], bool] | None = None) -> None:
         """The next line under each key for which `where` holds (every key without it) is a
@@ -157,7 +165,7 @@ class RateLimitedLog:
 
     def _due(self, key: Hashable) -> bool:
         last = self._last.get(key)
-        return last is None or time.monotonic() - last >= self._every
+        return last is None or self._clock() - last >= self._every
 
 
 class RecentErrors(logging.Handler):
