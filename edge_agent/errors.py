@@ -1,7 +1,7 @@
 """The agent's one exception tree, grouped by what the agent does about each error.
 
-    EdgeAgentError             anything else the agent raises on purpose (export file, status
-    │                          page): the command prints it and exits 1
+    EdgeAgentError             anything else the agent raises on purpose (an export file, the
+    │                          status page, a stopped writer): a command prints it and exits 1
     ├── ConfigError            bad configuration: stop at start-up (exit 2), keep the old one
     │                          on reload
     ├── SourceError            a sensor or broker failed: the source logs, backs off, reopens

@@ -1,7 +1,7 @@
 """What the agent and the MQTT link say to each other over their socket pair.
 
 Both ends send these frozen dataclasses through multiprocessing.connection (pickled) and read
-them with `match`, so mypy checks each side against the other. Every one names its channel
+them with `match`, so mypy checks each side against the other. All but Exit name a channel
 (an int the agent chose; it never names two clients in one link process's life).
 
     agent -> link   Open(channel, settings)       a new paho client for one source
