@@ -43,7 +43,7 @@ from typing import Any
 
 from edge_agent.clock import Clock, SystemClock, boot_id, utc_stamp
 from edge_agent.config import BufferConfig
-from edge_agent.errors import BufferAccessError, BufferError, EdgeAgentError
+from edge_agent.errors import BufferAccessError, BufferStoreError, EdgeAgentError
 from edge_agent.processors.durable import GRACE_S, Carried, Windows, load_state, save_state
 from edge_agent.records import RECORD_ENCODER, Reading
 from edge_agent.records import signature as signature  # part of this module's interface
@@ -538,7 +538,7 @@ class Buffer:
         while True:
             try:
                 conn = connect(self.path, self.config.sync)
-            except BufferError as exc:
+            except BufferStoreError as exc:
                 self._report(exc)
                 if self._wait_or_stop(backoff):
                     break
@@ -713,9 +713,9 @@ class Buffer:
             )
         else:
             text = access_problem(self.path, exc, "write to the buffer database")
-        self._report(BufferError(text))
+        self._report(BufferStoreError(text))
 
-    def _report(self, error: BufferError) -> None:
+    def _report(self, error: BufferStoreError) -> None:
         """Count a failed write; log the first of an incident (until writing works again)."""
         first = self._error is None
         self._error = error
@@ -1333,7 +1333,9 @@ class BufferSession:
 
     def __init__(self, path: Path, sync: str = "full") -> None:
         if not path.exists():
-            raise BufferError(f"no buffer database at {path}; has the agent run with this config?")
+            raise BufferStoreError(
+                f"no buffer database at {path}; has the agent run with this config?"
+            )
         self.path = path
         self.conn = connect(path, sync)
         self._wal_limit: int | None = None

@@ -26,8 +26,8 @@ from edge_agent.config import Config, load_config, parse_duration, resolve_token
 from edge_agent.credentials import exposure_warnings
 from edge_agent.errors import (
     BufferAccessError,
-    BufferError,
     BufferInUseError,
+    BufferStoreError,
     ConfigError,
     EdgeAgentError,
 )
@@ -288,7 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         owner = lock.hold(config.buffer_path, "run", create=True)
     except BufferInUseError:
         raise
-    except BufferError as exc:
+    except BufferStoreError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 2  # a start-up error
     try:

@@ -53,6 +53,10 @@ class Secret:
 
     __str__ = __repr__
 
+    def __reduce__(self) -> tuple[type[Secret], tuple[str]]:
+        # Pickled with its value: the broker password crosses to the MQTT link process.
+        return (Secret, (self._value,))
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Secret) and other._value == self._value
 

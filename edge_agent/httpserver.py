@@ -51,9 +51,9 @@ class QuietHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
     timeout = 10  # a client that connects and sends nothing cannot pin a thread
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         # Our own log lines replace http.server's access log on stderr.
-        self.server.log.debug("%s: %s " + format, self.server.what, self.address_string(), *args)
+        self.server.log.debug("%s: %s " + fmt, self.server.what, self.address_string(), *args)
 
 
 def bind_failure(exc: OSError) -> str:

@@ -22,7 +22,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.errors import BufferAccessError, BufferError, BufferInUseError
+from edge_agent.errors import BufferAccessError, BufferInUseError, BufferStoreError
 from edge_agent.store import access_problem
 
 LOCK_SUFFIX = ".lock"
@@ -49,7 +49,7 @@ class BufferLock:
 def hold(buffer_path: Path, doing: str, *, create: bool = False) -> BufferLock:
     """Take the buffer's lock without waiting, for `doing` ("run", "buffer move"...).
 
-    Raises BufferInUseError naming the holder when another process has it, BufferError when
+    Raises BufferInUseError naming the holder when another process has it, BufferStoreError when
     the lock file cannot be opened. `create` makes the data directory if it is missing
     (`run` does; an operator command on a buffer that does not exist has nothing to lock).
     """
@@ -104,16 +104,16 @@ def _open_existing(path: Path) -> int:
     except PermissionError:
         pass
     except FileNotFoundError:
-        raise BufferError(
+        raise BufferStoreError(
             f"no buffer database at {path.parent}; has the agent run with this config?"
         ) from None
     except OSError as exc:
-        raise BufferError(f"cannot open the lock file {path}: {exc.strerror}") from None
+        raise BufferStoreError(f"cannot open the lock file {path}: {exc.strerror}") from None
     try:
         # flock needs no write access: another user (root made it, say) may still lock it.
         return os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise BufferError(
+        raise BufferStoreError(
             f"cannot open the lock file {path}: {exc.strerror} (user {user}); run this as "
             "the agent's user (e.g. `sudo -u edge-agent ...`) or as root"
         ) from None
@@ -126,7 +126,7 @@ def _note_pid(fd: int) -> None:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError as exc:
         if exc.errno not in (errno.EBADF, errno.EINVAL, errno.EACCES):
-            raise BufferError(f"cannot write to the lock file: {exc.strerror}") from None
+            raise BufferStoreError(f"cannot write to the lock file: {exc.strerror}") from None
 
 
 def _user() -> str:

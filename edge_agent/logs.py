@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from edge_agent.credentials import redact
@@ -110,24 +110,62 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
 
 
 class RateLimitedLog:
-    """Logs the first occurrence at once, then at most one summary line per `every` seconds."""
+    """Logs the first line of a kind at once, then at most one per `every` seconds.
 
-    def __init__(self, logger: logging.Logger, every: float = 60.0) -> None:
+    Lines are of one kind unless a `key` tells kinds apart (a data source and a status, a
+    verdict): each key has its own pace. With `tally` (the default), the next line after a
+    quiet spell says how many were held back; without it, lines keep their text exactly.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float = 60.0,
+        *,
+        tally: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._logger = logger
         self._every = every
-        self._last = -every
-        self._suppressed = 0
+        self._tally = tally
+        self._clock = clock
+        self._last: dict[Hashable, float] = {}
+        self._suppressed: dict[Hashable, int] = {}
 
-    def __call__(self, level: int, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last < self._every:
-            self._suppressed += 1
+    def __call__(
+        self,
+        level: int,
+        message: str,
+        *,
+        key: Hashable = None,
+        force: bool = False,
+        exc_info: BaseException | None = None,
+    ) -> None:
+        """Log `message` unless a line under `key` was logged less than `every` seconds ago
+        (`force`: log it anyway, and count it as logged now)."""
+        if not force and not self._due(key):
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
-        if self._suppressed:
-            message += f" ({self._suppressed} more like this since the last report)"
-        self._logger.log(level, message)
-        self._last = now
-        self._suppressed = 0
+        self._last[key] = self._clock()
+        suppressed = self._suppressed.pop(key, 0)
+        if suppressed and self._tally:
+            message += f" ({suppressed} more like this since the last report)"
+        self._logger.log(level, message, exc_info=exc_info)
+
+    def hold(self, key: Hashable = None) -> None:
+        """Count a line under `key` as logged now: the next one waits `every` seconds."""
+        self._last[key] = self._clock()
+
+    def forget(self, where: Callable[[Hashable], bool] | None = None) -> None:
+        """The next line under each key for which `where` holds (every key without it) is a
+        new incident, logged at once."""
+        for key in [k for k in self._last if where is None or where(k)]:
+            del self._last[key]
+            self._suppressed.pop(key, None)
+
+    def _due(self, key: Hashable) -> bool:
+        last = self._last.get(key)
+        return last is None or self._clock() - last >= self._every
 
 
 class RecentErrors(logging.Handler):

@@ -44,7 +44,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge_agent.errors import BufferAccessError, BufferError
+from edge_agent.errors import BufferAccessError, BufferStoreError
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -70,7 +70,7 @@ def connect(path: Path, sync: str = "full") -> sqlite3.Connection:
     `auto_vacuum` takes effect only in a file that has no table yet (a new one); it must be
     set before `journal_mode`, which writes the file's first page.
 
-    Raises BufferError for a damaged file, BufferAccessError for anything else.
+    Raises BufferStoreError for a damaged file, BufferAccessError for anything else.
     """
     try:
         conn = sqlite3.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -94,10 +94,10 @@ def is_corrupt(exc: BaseException) -> bool:
     return code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
 
 
-def open_error(path: Path, exc: sqlite3.Error) -> BufferError:
+def open_error(path: Path, exc: sqlite3.Error) -> BufferStoreError:
     """The error for a file that could not be opened or used: damaged, or out of reach."""
     if is_corrupt(exc):
-        return BufferError(f"the buffer database {path} is damaged: {exc}")
+        return BufferStoreError(f"the buffer database {path} is damaged: {exc}")
     return BufferAccessError(access_problem(path, exc, "open the buffer database"))
 
 
@@ -424,7 +424,7 @@ def create_or_migrate(conn: sqlite3.Connection) -> int | None:
     """Bring the file to SCHEMA_VERSION; returns the version it had (None: it was new)."""
     version = schema_version(conn)
     if version is not None and version > SCHEMA_VERSION:
-        raise BufferError(
+        raise BufferStoreError(
             f"the buffer database was written by a newer agent (schema {version}, this agent "
             f"knows {SCHEMA_VERSION}); upgrade the agent, or move the database aside to start "
             "a new one (its pending readings stay in the moved file)"
@@ -470,7 +470,7 @@ def open_checked(path: Path, sync: str) -> Path | None:
         moved = _move_aside(path, problem)
         problem = _check(path, sync)
         if problem is not None:
-            raise BufferError(f"cannot create a new buffer database at {path}: {problem}")
+            raise BufferStoreError(f"cannot create a new buffer database at {path}: {problem}")
     rebuild_for_auto_vacuum(path, sync)
     return moved
 
@@ -484,14 +484,14 @@ def _check(path: Path, sync: str) -> str | None:
         conn = connect(path, sync)
     except BufferAccessError:
         raise
-    except BufferError as exc:
+    except BufferStoreError as exc:
         return str(exc.__cause__)
     try:
         result = conn.execute("PRAGMA quick_check").fetchone()[0]
         if result != "ok":
             return f"quick_check: {result}"
         create_or_migrate(conn)
-    except BufferError:
+    except BufferStoreError:
         raise
     except sqlite3.DatabaseError as exc:
         if is_corrupt(exc):

@@ -331,9 +331,18 @@ class Uploader:
         self._token_checked = 0.0
         self._token_problem: str | None = None  # why the last re-read failed, said once
         self._carried: Counter[int] = Counter()  # reading id -> requests that carried it
-        self._last_logged: dict[str, float] = {}
         self._dead_letter_log = RateLimitedLog(log, every=60.0)
         self._set_aside_log = RateLimitedLog(log, every=60.0)
+        # Lines that say again what is still going on, their text unchanged: the traceback
+        # of an unexpected error, a pause (by data source and status: a 404 followed by a
+        # 401 is news worth a line at once), a failure (by verdict: a portal answering after
+        # a run of 503s is news too), a failed probe, a 413, a record the server fails on.
+        self._unexpected_log = RateLimitedLog(log, REPEAT_LOG_S, tally=False)
+        self._pause_log = RateLimitedLog(log, REPEAT_LOG_S, tally=False)
+        self._failed_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
+        self._probe_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
+        self._too_large_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
+        self._suspect_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
         self._exchange = Exchange()
         self._isolation = Isolation(Rules.of(endpoint), clock or SystemClock())
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
@@ -417,13 +426,11 @@ class Uploader:
         self.stats.last_error = _UNEXPECTED
         if self.stats.failing_since is None:
             self.stats.failing_since = time.monotonic()
-        if self._due("unexpected", REPEAT_LOG_S):
-            log.error(
-                "uploader: %s (%s); retrying every 5 s",
-                _UNEXPECTED,
-                type(exc).__name__,
-                exc_info=exc,
-            )
+        self._unexpected_log(
+            logging.ERROR,
+            f"uploader: {_UNEXPECTED} ({type(exc).__name__}); retrying every 5 s",
+            exc_info=exc,
+        )
 
     def _build_client(self, ep: EndpointConfig) -> httpx.Client:
         try:
@@ -586,8 +593,7 @@ class Uploader:
     def _lift_pauses(self) -> None:
         self._paused_until.clear()
         self.stats.paused.clear()
-        for key in [k for k in self._last_logged if k.startswith("pause:")]:
-            del self._last_logged[key]
+        self._pause_log.forget()
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -694,12 +700,10 @@ class Uploader:
             # goes out, and the server then refuses only that record.
             self._byte_limit = max(1, min(self._byte_limit, batch.nbytes // 2))
             # Once a minute at most: one batch may halve several times in a row.
-            self._log_limited(
-                "too-large",
+            self._too_large_log(
                 logging.WARNING,
                 f"uploader: {self.endpoint.url} refused {batch.nbytes} bytes as too large "
                 f"(413: {answer.message}); batches are now kept under {self._byte_limit} bytes",
-                every=TRANSIENT_REPEAT_LOG_S,
             )
         if len(batch.rows) > 1:
             split.extra_requests += 2
@@ -730,15 +734,13 @@ class Uploader:
         if step is Step.SET_ASIDE and watched is not None:
             self._set_aside(session, batch, answer, watched[1], watched[2])
         elif watched is not None and watched[0] == 1:
-            self._log_limited(
-                "suspect",
+            self._suspect_log(
                 logging.WARNING,
                 f"uploader: the server fails on a record of data source {batch.datasource_id} "
                 f"sent alone ({answer.status}: {answer.message}); the rest of the data source "
                 "goes on, the record is retried alone and set aside to dead letters after "
                 f"{self.endpoint.poison_attempts} failures over "
                 f"{self.endpoint.poison_min_age_s:g} s while other requests succeed",
-                every=TRANSIENT_REPEAT_LOG_S,
             )
         return []
 
@@ -833,11 +835,13 @@ class Uploader:
         for key in ("*", datasource_id):
             self._paused_until.pop(key, None)
             self.stats.paused.pop(key, None)
-            for logged in [k for k in self._last_logged if k.startswith(f"pause:{key}:")]:
-                del self._last_logged[logged]
+        # Keyed (data source or "*", status): both pauses are over, their next line is news.
+        self._pause_log.forget(
+            lambda logged: isinstance(logged, tuple) and logged[0] in ("*", datasource_id)
+        )
         self._failures = 0
         self.uplink.answered()
-        self._last_logged.pop("unexpected", None)  # the next one is a new incident
+        self._unexpected_log.forget()  # the next one is a new incident
         self.stats.records_uploaded += records
         self.stats.last_success = time.time()
         self.stats.failing_since = None
@@ -866,14 +870,12 @@ class Uploader:
         self.stats.retries += 1
         delay = self.backoff_delay(self._failures, answer.retry_after)
         what = f"{answer.status} {answer.message}" if answer.status else answer.message
-        # Keyed by verdict: a portal answering after a run of 503s is news worth a line.
-        self._log_limited(
-            f"failed:{answer.verdict.value}",
+        self._failed_log(
             logging.WARNING,
             f"uploader: upload to {self.endpoint.url} failed ({what}); readings are kept, "
             f"retrying in {delay:.1f} s (failure {self._failures})",
+            key=answer.verdict,
             force=self._failures == 1,
-            every=TRANSIENT_REPEAT_LOG_S,
         )
         self.uplink.refusing(delay)
         self._sleep(delay)
@@ -887,16 +889,15 @@ class Uploader:
         self.stats.retries += 1
         self.uplink.unreachable()
         target = target_for(self.endpoint, self._transport is None)
-        self._log_limited(
-            "failed:unreachable",
+        self._failed_log(
             logging.WARNING,
             f"uploader: upload to {self.endpoint.url} failed ({answer.message}); readings are "
             f"kept, retrying as soon as the link is back (probing {target} every "
             f"{self.uplink.probe_every_s:g} s)",
+            key=Verdict.UNREACHABLE,
             force=first,
-            every=TRANSIENT_REPEAT_LOG_S,
         )
-        self._last_logged["probe"] = time.monotonic()  # the next line about it in a minute
+        self._probe_log.hold()  # the next line about it in a minute
 
     def _link_back(self) -> bool:
         """While the link is down: probe when due; True once a probe got through."""
@@ -908,12 +909,10 @@ class Uploader:
         target = target_for(self.endpoint, self._transport is None)
         if why is not None:
             self.uplink.probe_failed()
-            self._log_limited(
-                "probe",
+            self._probe_log(
                 logging.WARNING,
                 f"uploader: {target} still cannot be reached ({why}); readings are kept, "
                 f"{self.uplink.view().summary}",
-                every=TRANSIENT_REPEAT_LOG_S,
             )
             return False
         down_s = self.uplink.probe_succeeded()
@@ -929,28 +928,4 @@ class Uploader:
     def _pause(self, key: str, answer: Answer, message: str) -> None:
         self._paused_until[key] = time.monotonic() + PAUSE_S
         self.stats.paused[key] = message
-        # Keyed by status too: a 404 followed by a 401 is news worth a line at once.
-        self._log_limited(f"pause:{key}:{answer.status}", logging.ERROR, "uploader: " + message)
-
-    def _log_limited(
-        self,
-        key: str,
-        level: int,
-        message: str,
-        force: bool = False,
-        every: float = REPEAT_LOG_S,
-    ) -> None:
-        if force:
-            self._last_logged[key] = time.monotonic()
-        elif not self._due(key, every):
-            return
-        log.log(level, message)
-
-    def _due(self, key: str, every: float) -> bool:
-        """Whether a line under `key` may be logged again (and if so, it counts as logged)."""
-        now = time.monotonic()
-        last = self._last_logged.get(key)
-        if last is not None and now - last < every:
-            return False
-        self._last_logged[key] = now
-        return True
+        self._pause_log(logging.ERROR, "uploader: " + message, key=(key, answer.status))

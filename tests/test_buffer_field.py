@@ -23,7 +23,7 @@ from edge_agent.agent import Agent
 from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.clock import BUILD_EPOCH
 from edge_agent.config import BufferConfig, load_config
-from edge_agent.errors import BufferError
+from edge_agent.errors import BufferStoreError
 from edge_agent.records import Reading
 from edge_agent.sandbox import Sandbox
 from edge_agent.store import SCHEMA_VERSION, _create_v1, set_meta
@@ -83,7 +83,7 @@ def test_an_older_agent_refuses_a_newer_buffer(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "buffer.db", isolation_level=None)
     set_meta(conn, "schema_version", "99")
     conn.close()
-    with pytest.raises(BufferError, match="written by a newer agent \\(schema 99"):
+    with pytest.raises(BufferStoreError, match="written by a newer agent \\(schema 99"):
         Buffer(tmp_path / "buffer.db", BufferConfig()).open()
     assert (tmp_path / "buffer.db").exists()  # kept, not moved aside
 

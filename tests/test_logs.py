@@ -1,4 +1,5 @@
-"""Log lines: journald priorities when stderr is the journal, plain timestamped lines otherwise.
+"""Log lines: journald priorities when stderr is the journal, plain timestamped lines otherwise;
+repeated lines paced by the rate limit.
 
 The agent runs as a real process; its stderr is a file whose device and inode stand in for the
 journal's stream (systemd passes them in JOURNAL_STREAM, and journald reads `<N>` at the start
@@ -7,10 +8,14 @@ of each line as the entry's priority).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
+import pytest
+
+from edge_agent.logs import RateLimitedLog
 from edge_agent.sandbox import Sandbox
 from tests.helpers import AgentProcess, serial_source, write_config
 
@@ -66,3 +71,37 @@ def test_no_priorities_when_stderr_is_not_the_journal(tmp_path: Path, sandbox: S
         assert not any(line.startswith("<") for line in lines), lines
         stamped = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (INFO|WARNING|ERROR) "
         assert all(re.match(stamped, line) for line in lines), lines
+
+
+def test_rate_limited_lines_pace_each_key_and_tally_what_they_held_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [1000.0]
+    logger = logging.getLogger("tests.rate_limit")  # not under edge_agent, which may not propagate
+    tallied = RateLimitedLog(logger, 60.0, clock=lambda: now[0])
+    exact = RateLimitedLog(logger, 60.0, tally=False, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        for _ in range(3):
+            tallied(logging.WARNING, "a")
+            exact(logging.WARNING, "x", key="one")
+        exact(logging.WARNING, "y", key="two")  # its own pace
+        exact(logging.WARNING, "forced", key="one", force=True)
+        now[0] += 59.0
+        tallied(logging.WARNING, "a")
+        exact(logging.WARNING, "x", key="one")  # 59 s after the forced line
+        now[0] += 1.0
+        tallied(logging.WARNING, "a")
+        exact(logging.WARNING, "x", key="two")
+        exact.hold("three")
+        exact(logging.WARNING, "held", key="three")
+        exact.forget(lambda key: key == "one")
+        exact(logging.WARNING, "news", key="one")
+    assert [r.getMessage() for r in caplog.records] == [
+        "a",
+        "x",
+        "y",
+        "forced",
+        "a (3 more like this since the last report)",
+        "x",
+        "news",
+    ]

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_agent.agent import Agent
 from edge_agent.buffer import BufferSession
 from edge_agent.clock import utc_stamp
-from edge_agent.config import load_config
+from edge_agent.config import Secret, load_config
 from edge_agent.errors import ConfigError, ParseError
 from edge_agent.sandbox import Faults, Sandbox
+from edge_agent.sources.mqtt.protocol import LinkSettings, Open
 from edge_agent.sources.mqtt.source import MqttSource, device_stamp
 from tests.conftest import Mosquitto
 from tests.helpers import AgentProcess, wait_until, write_config
@@ -640,6 +642,41 @@ def test_config_defaults_and_password_kept_secret(tmp_path: Path) -> None:
     assert (src.max_payload_bytes, src.max_values_per_message) == (262_144, 1000)
     assert src.password is not None and src.password.reveal() == "hunter2"
     assert "hunter2" not in repr(config)
+
+
+def test_the_password_crosses_to_the_link_as_a_secret_that_no_repr_shows() -> None:
+    settings = LinkSettings(
+        host="127.0.0.1",
+        port=1883,
+        tls=False,
+        ca_file=None,
+        client_cert=None,
+        client_key=None,
+        username="alice",
+        password=Secret("hunter2"),
+        client_id="edge-agent-gw-plant",
+        mqtt_version="5",
+        keepalive_s=60,
+        session_expiry_s=604_800,
+        window=1000,
+        qos=1,
+        topics=("sensors/#",),
+        reconnect_max_s=60,
+        max_payload_bytes=262_144,
+    )
+    ours, theirs = socket.socketpair()
+    agent, link = Connection(ours.detach()), Connection(theirs.detach())
+    with agent, link:
+        agent.send(Open(7, settings))
+        match link.recv():
+            case Open(7, LinkSettings(password=Secret() as password) as received):
+                assert password.reveal() == "hunter2"
+                assert received == settings
+            case other:
+                pytest.fail(f"the link received {type(other).__name__}, not Open")
+    assert "username='alice'" in repr(settings)
+    for shown in (repr(Open(7, settings)), str(settings), repr(settings.password)):
+        assert "hunter2" not in shown
 
 
 def test_defaults_speak_mqtt_5_with_a_window_of_1000_and_3_1_1_keeps_20(tmp_path: Path) -> None:

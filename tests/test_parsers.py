@@ -455,11 +455,13 @@ flat_objects = st.dictionaries(
 
 
 @PROPERTY
-@given(document=flat_objects, prefix=st.sampled_from(["", " ", "\ufeff"]), ascii=st.booleans())
+@given(
+    document=flat_objects, prefix=st.sampled_from(["", " ", "\ufeff"]), ensure_ascii=st.booleans()
+)
 def test_the_fast_json_path_gives_what_the_full_path_gives(
-    document: dict[str, object], prefix: str, ascii: bool
+    document: dict[str, object], prefix: str, ensure_ascii: bool
 ) -> None:
-    payload = (prefix + json.dumps(document, ensure_ascii=ascii)).encode()
+    payload = (prefix + json.dumps(document, ensure_ascii=ensure_ascii)).encode()
     fast = _flat_json_object(payload)
     try:
         full: dict[str, Value] | None = _parse_payload_fully(payload, "json")

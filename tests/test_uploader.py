@@ -677,7 +677,7 @@ class _Answering(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         pass
 
 
@@ -900,7 +900,7 @@ class _TrickleHeaders(BaseHTTPRequestHandler):
             except OSError:
                 return  # the client gave up: what the test waits for
 
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         pass
 
 

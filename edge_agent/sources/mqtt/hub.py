@@ -29,45 +29,69 @@ import socket
 import subprocess
 import sys
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
 
 from edge_agent.errors import SourceError
-from edge_agent.sources.mqtt.link import LinkSettings, Taken
+from edge_agent.sources.mqtt.protocol import (
+    Ack,
+    Closed,
+    Command,
+    Event,
+    Exit,
+    LinkSettings,
+    Open,
+    Stop,
+    Taken,
+)
 
 _LINK_MODULE = "edge_agent.sources.mqtt.link"
 _START_S = 10.0  # how long starting the process may take before a source gives up and retries
 _EXIT_S = 5.0  # how long the link may take to exit once no channel is left
 
-Event = tuple[Any, ...]
+
+@dataclass(frozen=True)
+class Ended:
+    """The link process ended (or never started) while the channel was open; nothing follows."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing happened: whoever waits on a channel's events looks at its stop flag."""
+
+
+# What a channel's `events` queue holds: the link's events for it, and the hub's own two.
+ChannelEvent = Event | Ended | Wake
 
 
 class Channel:
     """One source's client in the link. `events` holds what the link sent for it, in order,
-    without the channel number, then ("ended", reason) if the link process dies."""
+    then Ended if the link process dies."""
 
     def __init__(self, process: _LinkProcess, number: int) -> None:
         self.number = number
         self.pid = process.pid
-        self.events: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.events: queue.SimpleQueue[ChannelEvent] = queue.SimpleQueue()
         self._process = process
         self._stop_sent = False
 
     def acknowledge(self, taken: list[Taken]) -> None:
         """Queue acknowledgements (never waits on the link's socket: the buffer's writer
         thread calls this)."""
-        self._process.send(("ack", self.number, taken))
+        self._process.send(Ack(self.number, taken))
 
     def stop(self, drain_s: float) -> None:
         """Ask the link to flush this client, wait up to `drain_s` for its acknowledgements,
-        disconnect it and answer ("closed",)."""
+        disconnect it and answer Closed."""
         if not self._stop_sent:
             self._stop_sent = True
-            self._process.send(("stop", self.number, float(drain_s)))
+            self._process.send(Stop(self.number, float(drain_s)))
 
     def wake(self) -> None:
         """Wake whoever waits on `events` (the source, when it is told to stop)."""
-        self.events.put(("wake",))
+        self.events.put(Wake())
 
     def close(self) -> None:
         """Forget this channel; the link drops its client at once if it still runs."""
@@ -81,7 +105,7 @@ class _LinkProcess:
 
     def __init__(self, hub: LinkHub) -> None:
         self._hub = hub
-        self._outbox: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards channels and dead
         self.channels: dict[int, Channel] = {}
         self.dead = False
@@ -100,8 +124,8 @@ class _LinkProcess:
             self.dead = True
             raise SourceError(self._start_error)
 
-    def send(self, item: Event) -> None:
-        self._outbox.put(item)
+    def send(self, command: Command) -> None:
+        self._outbox.put(command)
 
     def add(self, channel: Channel) -> bool:
         with self._lock:
@@ -116,7 +140,7 @@ class _LinkProcess:
 
     def exit(self) -> None:
         """End the process (no channel is left) and wait until it has."""
-        self._outbox.put(("exit",))
+        self._outbox.put(Exit())
         self._outbox.put(None)
         self._reader.join(_EXIT_S + 2.0)
 
@@ -159,13 +183,14 @@ class _LinkProcess:
                 event = conn.recv()
             except (EOFError, OSError):
                 return
-            kind, number, *rest = event
+            if not isinstance(event, Event):  # a bug in the link: end it, the sources reopen
+                raise TypeError(f"the MQTT link sent {type(event).__name__}, not an event")
             with self._lock:
-                channel = self.channels.get(number)
-                if kind == "closed":
-                    self.channels.pop(number, None)
+                channel = self.channels.get(event.channel)
+                if isinstance(event, Closed):
+                    self.channels.pop(event.channel, None)
             if channel is not None:
-                channel.events.put((kind, *rest))
+                channel.events.put(event)
 
     def _end(self, proc: subprocess.Popen[bytes]) -> None:
         """The process ended (or is told to): reap it, tell every channel still open."""
@@ -180,7 +205,7 @@ class _LinkProcess:
             proc.wait()
         reason = _ended(proc.returncode)
         for channel in channels:
-            channel.events.put(("ended", reason))
+            channel.events.put(Ended(reason))
 
     def _send_all(self, conn: Connection) -> None:
         """Send commands and acknowledgements in the order they were queued; its own thread,
@@ -228,9 +253,9 @@ class LinkHub:
             self._numbers += 1
             channel = Channel(process, self._numbers)
         if not process.add(channel):
-            channel.events.put(("ended", "it ended as the channel opened"))
+            channel.events.put(Ended("it ended as the channel opened"))
             return channel
-        process.send(("open", channel.number, settings))
+        process.send(Open(channel.number, settings))
         return channel
 
     def ended(self, process: _LinkProcess) -> None:

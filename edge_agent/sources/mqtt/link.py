@@ -12,26 +12,7 @@ committed. Everything else (parsing, logging, counting, deciding) stays in the a
 process for all sources: each more source costs a paho client and its thread, not the ~25 MiB
 of another interpreter with paho imported.
 
-Messages on the socket pair (multiprocessing.connection, pickled tuples), each naming the
-channel (an int the agent chose; it never names two clients in one process's life):
-
-    agent -> link   ("open", channel, LinkSettings)  a new client for one source
-                    ("ack", channel, [(generation, mid, qos, held), ...])
-                    ("stop", channel, drain_seconds) take no more, flush, disconnect, then
-                                                     "closed"
-                    ("exit",)                        no channel left: the process ends
-    link -> agent   ("messages", channel, [(topic, payload, size, received, generation, mid,
-                                            qos), ...])
-                    ("connected", channel, failed, reason_name, session_present)
-                    ("connect_failed", channel)
-                    ("disconnected", channel, reason_name)
-                    ("subscribed", channel, [(topic, failed, reason_name, reason_value), ...])
-                    ("retained", channel, topic)     the first retained message skipped
-                    ("flushed", channel)             after "stop": what was taken has been sent
-                                                     (a straggler may follow)
-                    ("closed", channel)              after "stop": once all is acknowledged or
-                                                     the drain time is over; nothing follows
-                    ("error", channel, text)         the client could not be made (TLS files)
+Messages on the socket pair: the typed commands and events of protocol.py, one channel each.
 
 The link dies with the agent (PR_SET_PDEATHSIG, and the socket closing): a message it took
 and the agent never committed is not acknowledged, so the broker sends it again. It ignores
@@ -63,15 +44,36 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, assert_never
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+from edge_agent.sources.mqtt.protocol import (
+    Ack,
+    Closed,
+    Command,
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    Event,
+    Exit,
+    Flushed,
+    Granted,
+    LinkSettings,
+    Message,
+    Messages,
+    Open,
+    Retained,
+    SetupFailed,
+    Stop,
+    Subscribed,
+    Taken,
+)
 
 log = logging.getLogger("edge_agent.mqtt_link")
 
@@ -83,35 +85,6 @@ FORWARD_BYTES = 1 << 20  # payload bytes that make a batch be forwarded at once
 INFLIGHT_BYTES = 8 << 20
 KEPT_BYTES = 1024  # of a payload over max_payload_bytes: what the agent dead-letters
 _PR_SET_PDEATHSIG = 1
-
-# A message as forwarded: topic (its bytes if they are not UTF-8), payload (its first
-# KEPT_BYTES if it is over max_payload_bytes), the payload's size, receive time (wall clock),
-# and what acknowledges it: connection generation, packet id, QoS.
-Message = tuple[str | bytes, bytes, int, float, int, int, int]
-# What the agent sends back to acknowledge a message: generation, mid, QoS, and the payload
-# bytes forwarded (which the window counts).
-Taken = tuple[int, int, int, int]
-
-
-@dataclass(frozen=True)
-class LinkSettings:
-    host: str
-    port: int
-    tls: bool
-    ca_file: str | None
-    client_cert: str | None
-    client_key: str | None
-    username: str | None
-    password: str | None = field(repr=False)  # never in a log line
-    client_id: str
-    mqtt_version: str  # "3.1.1" or "5"
-    keepalive_s: int
-    session_expiry_s: int
-    window: int
-    qos: int
-    topics: tuple[str, ...]
-    reconnect_max_s: int
-    max_payload_bytes: int
 
 
 def new_client(settings: LinkSettings) -> mqtt.Client:
@@ -126,7 +99,8 @@ def new_client(settings: LinkSettings) -> mqtt.Client:
         manual_ack=True,
     )
     if settings.username:
-        client.username_pw_set(settings.username, settings.password)
+        password = settings.password.reveal() if settings.password is not None else None
+        client.username_pw_set(settings.username, password)
     if settings.tls:
         client.tls_set(
             ca_certs=settings.ca_file, certfile=settings.client_cert, keyfile=settings.client_key
@@ -237,9 +211,9 @@ class _Wire:
         self.conn = conn
         self.lock = threading.Lock()
 
-    def send(self, item: tuple[Any, ...]) -> None:
+    def send(self, event: Event) -> None:
         with self.lock:
-            self.conn.send(item)
+            self.conn.send(event)
 
 
 class Link:
@@ -282,9 +256,6 @@ class Link:
             target=self._forward_stragglers, name=f"stragglers-{self.channel}", daemon=True
         ).start()
 
-    def _send(self, kind: str, *rest: Any) -> None:
-        self._wire.send((kind, self.channel, *rest))
-
     # -- commands from the agent (the main thread) ------------------------------------------
 
     def acknowledge(self, taken: list[Taken]) -> None:
@@ -307,14 +278,14 @@ class Link:
         (the straggler thread forwards it until _stopped)."""
         self._window.close()
         self._forward()
-        self._send("flushed")
+        self._wire.send(Flushed(self.channel))
         self._window.wait_empty(drain_s)
         self._stopped.set()
         self._forward()
         self.client.disconnect()
         self.client.loop_stop()
         on_closed()
-        self._send("closed")
+        self._wire.send(Closed(self.channel))
 
     # -- forwarding -------------------------------------------------------------------------
 
@@ -326,7 +297,7 @@ class Link:
                 out, self._out = self._out, []
                 self._out_bytes = 0
             if out:
-                self._wire.conn.send(("messages", self.channel, out))
+                self._wire.conn.send(Messages(self.channel, out))
 
     def _forward_stragglers(self) -> None:
         while not self._stopped.is_set():
@@ -345,7 +316,7 @@ class Link:
             # that would get today's timestamp, and is sent again at every reconnect.
             if not self._retained_noted:
                 self._retained_noted = True
-                self._send("retained", topic_text(topic))
+                self._wire.send(Retained(self.channel, topic_text(topic)))
             if message.qos > 0:
                 client.ack(message.mid, message.qos)
             return
@@ -357,7 +328,7 @@ class Link:
         generation = window.take(len(payload))
         if generation is None:
             return  # stopping: not acknowledged, the broker keeps it for the next session
-        item = (topic, payload, size, time.time(), generation, message.mid, message.qos)
+        item: Message = (topic, payload, size, time.time(), generation, message.mid, message.qos)
         with self._lock:
             self._out.append(item)
             self._out_bytes += len(payload)
@@ -377,7 +348,9 @@ class Link:
         properties: Properties | None,
     ) -> None:
         self._window.new_connection()
-        self._send("connected", reason.is_failure, reason.getName(), flags.session_present)
+        self._wire.send(
+            Connected(self.channel, reason.is_failure, reason.getName(), flags.session_present)
+        )
         if reason.is_failure:
             return
         topics = list(self._settings.topics)
@@ -386,7 +359,7 @@ class Link:
             self._subscriptions[mid] = topics
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._send("connect_failed")
+        self._wire.send(ConnectFailed(self.channel))
 
     def _on_disconnect(
         self,
@@ -398,7 +371,7 @@ class Link:
     ) -> None:
         self._window.new_connection()
         if not self._stopped.is_set():
-            self._send("disconnected", reason.getName())
+            self._wire.send(Disconnected(self.channel, reason.getName()))
 
     def _on_subscribe(
         self,
@@ -410,10 +383,10 @@ class Link:
     ) -> None:
         topics = self._subscriptions.pop(mid, [])
         results = [
-            (topic, reason.is_failure, reason.getName(), int(reason.value))
+            Granted(topic, reason.is_failure, reason.getName(), int(reason.value))
             for topic, reason in zip(topics, reasons, strict=False)
         ]
-        self._send("subscribed", results)
+        self._wire.send(Subscribed(self.channel, results))
 
 
 def _forget(links: dict[int, Link], channel: int) -> None:
@@ -429,28 +402,30 @@ def serve(conn: Connection) -> None:
             command = conn.recv()
         except (EOFError, OSError):
             return  # the agent is gone: what it did not acknowledge comes again
+        if not isinstance(command, Command):
+            raise ValueError(f"unknown command from the agent: {type(command).__name__}")
         match command:
-            case ("ack", int(channel), list(taken)):
+            case Ack(channel, taken):
                 link = links.get(channel)
                 if link is not None:
                     link.acknowledge(taken)
-            case ("open", int(channel), LinkSettings() as settings):
+            case Open(channel, settings):
                 try:
                     link = Link(wire, channel, settings)
                 except (ssl.SSLError, OSError, ValueError) as exc:
                     text = f"cannot set up TLS ({exc}); check ca_file, client_cert and client_key"
-                    wire.send(("error", channel, text))
+                    wire.send(SetupFailed(channel, text))
                     continue
                 links[channel] = link
                 link.start()
-            case ("stop", int(channel), float(drain_s)):
+            case Stop(channel, drain_s):
                 link = links.get(channel)
                 if link is not None:
                     link.stop(drain_s, functools.partial(_forget, links, channel))
-            case ("exit",):
+            case Exit():
                 return
             case _:
-                raise ValueError(f"unknown command from the agent: {command[0]!r}")
+                assert_never(command)
 
 
 def _topic(message: mqtt.MQTTMessage) -> str | bytes:
@@ -489,8 +464,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # Run the module under its own name: the LinkSettings the agent pickles unpickle as that
-    # module's class, which `serve` matches, not as a copy in __main__.
+    # Run the module under its own name, not as a copy in __main__: one module per name, as
+    # the classes of protocol.py that the agent pickles expect.
     from edge_agent.sources.mqtt import link
 
     sys.exit(link.main(sys.argv[1:]))

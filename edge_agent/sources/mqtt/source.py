@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import assert_never
 
 from edge_agent.clock import utc_stamp
 from edge_agent.errors import OversizeError, ParseError, SourceError
@@ -55,8 +55,23 @@ from edge_agent.parsers import PayloadKind, Value, coerce, parse_payload
 from edge_agent.records import Reading, RecordBuilder
 from edge_agent.sources.base import Intake, SourceConfig, ThreadedSource
 from edge_agent.sources.mqtt.config import MqttConfig, broker_address, topic_field_levels
-from edge_agent.sources.mqtt.hub import HUB, Channel
-from edge_agent.sources.mqtt.link import LinkSettings, Message, Taken, new_client, topic_text
+from edge_agent.sources.mqtt.hub import HUB, Channel, ChannelEvent, Ended, Wake
+from edge_agent.sources.mqtt.link import new_client, topic_text
+from edge_agent.sources.mqtt.protocol import (
+    Closed,
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    Flushed,
+    Granted,
+    LinkSettings,
+    Message,
+    Messages,
+    Retained,
+    SetupFailed,
+    Subscribed,
+    Taken,
+)
 
 log = logging.getLogger("edge_agent.sources.mqtt")
 
@@ -377,7 +392,7 @@ class MqttSource(ThreadedSource):
             client_cert=cfg.client_cert,
             client_key=cfg.client_key,
             username=cfg.username,
-            password=cfg.password.reveal() if cfg.password is not None else None,
+            password=cfg.password,
             client_id=self.client_id,
             mqtt_version=version,
             keepalive_s=cfg.keepalive_s,
@@ -458,7 +473,7 @@ class MqttSource(ThreadedSource):
         """Let what the link took commit and be acknowledged, so it is not sent to us again.
 
         The link forwards what it took, waits (up to _DRAIN_S) for the acknowledgements, then
-        disconnects the client and says "closed": read until then."""
+        disconnects the client and says Closed: read until then."""
         channel.stop(_DRAIN_S)
         deadline = time.monotonic() + _DRAIN_S + 1.0
         while (remaining := deadline - time.monotonic()) > 0:
@@ -466,41 +481,45 @@ class MqttSource(ThreadedSource):
                 event = channel.events.get(timeout=remaining)
             except queue.Empty:
                 return
-            if event[0] in ("closed", "ended"):
+            if isinstance(event, Closed | Ended):
                 return
             self._handle(event, channel)
             self._intake.commit_soon()
 
-    def _handle(self, event: tuple[Any, ...], channel: Channel) -> Outcome:
+    def _handle(self, event: ChannelEvent, channel: Channel) -> Outcome:
         """One event from the link; what to do next if this channel cannot go on."""
         match event:
-            case ("messages", batch):
+            case Messages(_, batch):
                 self._read_batch(batch, channel)
-            case ("connected", failed, name, session_present):
-                return self._on_connect(failed, name, session_present)
-            case ("connect_failed",):
+            case Connected(_, failed, reason, session_present):
+                return self._on_connect(failed, reason, session_present)
+            case ConnectFailed():
                 self._note_down(
                     SourceError(
                         f"cannot reach the broker at {self._host}:{self._port} (refused, "
                         "unreachable or TLS handshake failed)"
                     )
                 )
-            case ("disconnected", name):
-                self._on_disconnect(name)
-            case ("subscribed", results):
+            case Disconnected(_, reason):
+                self._on_disconnect(reason)
+            case Subscribed(_, results):
                 self._on_subscribe(results)
-            case ("retained", topic):
+            case Retained(_, topic):
                 log.info(
                     "%s: skipping retained messages (old values the broker sends on subscribe, "
                     "e.g. on %r); live messages are read as they come",
                     self.label,
                     topic,
                 )
-            case ("error", text):
-                return str(text)
-            case ("ended", reason):
+            case SetupFailed(_, text):
+                return text
+            case Ended(reason):
                 return f"the MQTT link process ended unexpectedly ({reason})"
-        return None  # "flushed", "closed", "wake": nothing to do
+            case Flushed() | Closed() | Wake():
+                pass  # nothing to do
+            case _:
+                assert_never(event)
+        return None
 
     # -- events from the link -----------------------------------------------------------------
 
@@ -588,22 +607,22 @@ class MqttSource(ThreadedSource):
             )
         self._note_down(SourceError(f"lost the connection to the broker ({name}){hint}"))
 
-    def _on_subscribe(self, results: list[tuple[str, bool, str, int]]) -> None:
-        for topic, failed, name, value in results:
-            if failed:
+    def _on_subscribe(self, results: list[Granted]) -> None:
+        for granted in results:
+            if granted.failed:
                 error = SourceError(
-                    f"the broker refused the subscription to {topic!r}: {name} "
-                    f"(code {value}); check the broker's ACL for "
+                    f"the broker refused the subscription to {granted.topic!r}: "
+                    f"{granted.reason} (code {granted.code}); check the broker's ACL for "
                     f"{self.config.username or 'this client'}"
                 )
                 self.stats.last_error = str(error)
                 log.error("%s: %s", self.label, error)
-            elif value < self._qos:
+            elif granted.code < self._qos:
                 log.warning(
                     "%s: the broker granted QoS %d for %r: messages can be lost on the way",
                     self.label,
-                    value,
-                    topic,
+                    granted.code,
+                    granted.topic,
                 )
 
     # -- messages -----------------------------------------------------------------------------
@@ -618,7 +637,7 @@ class MqttSource(ThreadedSource):
         readings: list[Reading] = []
         taken: list[Taken] = []
         for topic, payload, size, received, generation, mid, qos in batch:
-            ack = (generation, mid, qos, len(payload))
+            ack: Taken = (generation, mid, qos, len(payload))
             try:
                 readings += read(topic, payload, size, received)
             except ParseError as exc:
@@ -629,7 +648,7 @@ class MqttSource(ThreadedSource):
                 self._put(readings, taken, channel)
                 readings, taken = [], []
         self.stats.lines += len(batch)
-        self.stats.last_data = batch[-1][3]
+        self.stats.last_data = received  # the last message's: the link sends no empty batch
         self.heartbeat = time.monotonic()
         self._put(readings, taken, channel)
         if self._outstanding >= self._settings.window:
