@@ -21,9 +21,9 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.store import _create_v1, _migrate_1_to_2, set_meta
-from tests.conftest import Mosquitto
+from edge_agent.testing.harness import Mosquitto, Publisher
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_mqtt import DS, Publisher, client_id, mqtt_source, wait_subscribed
+from tests.test_mqtt import DS, client_id, mqtt_source, wait_subscribed
 
 # Seconds of serial flood: 3 in CI; EDGE_AGENT_SLOW_COUNT=300 makes it a minute, by hand.
 FLOOD_S = max(3.0, int(os.environ.get("EDGE_AGENT_SLOW_COUNT", "0")) / 5)

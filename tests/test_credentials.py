@@ -27,8 +27,8 @@ from edge_agent.errors import ConfigError
 from edge_agent.logs import RecentErrors
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.testing.harness import free_port
 from edge_agent.uploader import Uploader
-from tests.conftest import free_port
 from tests.helpers import DATASOURCE, TOKEN, AgentProcess, serial_source, wait_until, write_config
 from tests.test_service import edge_agent_status, received_seqs, with_status
 

@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import Mosquitto, free_port
+from edge_agent.testing.harness import Mosquitto, free_port
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:

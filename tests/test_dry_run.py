@@ -11,16 +11,12 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder, PtySensor
-from tests.conftest import Mosquitto
+from edge_agent.testing.harness import Mosquitto, Publisher
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_mqtt import Publisher
 
 
 def dry_run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -41,14 +37,6 @@ def config_for(tmp_path: Path, sandbox: Sandbox, source: dict[str, object]) -> P
         sources=[source],
         token_file=tmp_path / "no-token-here",
     )
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def test_once_prints_what_would_be_sent_and_sends_and_keeps_nothing(

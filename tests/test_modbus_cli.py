@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +63,6 @@ def meter(slaves: Callable[..., SlaveProcess], tmp_path: Path) -> SlaveProcess:
     slave.command("set holding 10 int32 little 655")
     slave.command("set input 100 float32 big nan")
     return slave
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def test_modbus_read_polls_once_and_prints_each_decoded_value(

@@ -8,10 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from edge_agent.buffer import Buffer, BufferSession, wal_reserve
 from edge_agent.config import BufferConfig
@@ -19,7 +16,7 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.store import used_bytes
-from tests.conftest import free_port
+from edge_agent.testing.harness import free_port
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
 
 OTHER = "67891"
@@ -68,14 +65,6 @@ def write_lines(sensor: PtySensor, start: int, count: int) -> int:
         assert sensor.write_line(kv_line(seq, time.time()))
         time.sleep(0.002)
     return start + count
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def agent_config(

@@ -25,7 +25,7 @@ from edge_agent.config import load_config
 from edge_agent.processors.durable import GRACE_S
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
-from tests.conftest import Mosquitto
+from edge_agent.testing.harness import Mosquitto, Publisher
 from tests.fakes import FakeClock
 from tests.helpers import (
     DATASOURCE,
@@ -36,7 +36,6 @@ from tests.helpers import (
 )
 from tests.test_mqtt import (  # the MQTT tests' plumbing, reused
     DS,
-    Publisher,
     broker,  # noqa: F401 - a fixture: a Mosquitto that logs every packet
     broker_log_count,
     client_id,

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.service import Service
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.status import StatusServer
-from tests.conftest import free_port
+from edge_agent.testing.harness import free_port
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
 from tests.test_status import _chromium, _run_chromium, make_snapshot
 
@@ -81,14 +80,6 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def received_seqs(sandbox: Sandbox) -> set[int]:

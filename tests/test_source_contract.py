@@ -24,10 +24,10 @@ from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder, PtySensor
 from edge_agent.sources.registry import source_types
+from edge_agent.testing.harness import Mosquitto, Publisher
 from edge_agent.testing.modbus_slave import SlaveProcess
-from tests.conftest import Mosquitto
 from tests.helpers import DATASOURCE, wait_until, write_config
-from tests.test_mqtt import Publisher, client_id, wait_subscribed
+from tests.test_mqtt import client_id, wait_subscribed
 
 NAME = "dut"
 

@@ -34,9 +34,9 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor
 from edge_agent.status import health
+from edge_agent.testing.harness import free_port
 from edge_agent.uplink import PROBE_JITTER
 from edge_agent.uploader import split_bound
-from tests.conftest import free_port
 from tests.helpers import (
     DATASOURCE,
     TOKEN,
