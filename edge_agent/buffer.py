@@ -1341,6 +1341,12 @@ class BufferSession:
     def close(self) -> None:
         self.conn.close()
 
+    def __enter__(self) -> BufferSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _keep_wal_within(self) -> None:
         """After a write: truncate the WAL once it passed the limit the agent's writer keeps
         (its own checkpoints run only when it commits, and a drain deletes for a long time

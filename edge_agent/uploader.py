@@ -335,7 +335,11 @@ class Uploader:
         self._dead_letter_log = RateLimitedLog(log, every=60.0)
         self._set_aside_log = RateLimitedLog(log, every=60.0)
         self._exchange = Exchange()
-        self._isolation = Isolation(Rules.of(endpoint), clock or SystemClock())
+        # The wall time (a batch's age, an answer's Retry-After date) comes from the agent's
+        # clock, which stamped the readings; timers (sleeps, pauses, the heartbeat) measure
+        # real seconds on time.monotonic, as the events they wait on do.
+        self._clock = clock or SystemClock()
+        self._isolation = Isolation(Rules.of(endpoint), self._clock)
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
         self.stats = UploaderStats()
         self.heartbeat = time.monotonic()
@@ -488,10 +492,10 @@ class Uploader:
             return
         # A reading "from the future" means the wall clock went back since it was stored:
         # send it rather than wait out the jump.
-        age = time.time() - batch.oldest_created
+        age = self._clock.wall() - batch.oldest_created
         young = 0 <= age < self.endpoint.flush_interval_s
         if young and not self._full(batch):
-            self._idle(self.endpoint.flush_interval_s - (time.time() - batch.oldest_created))
+            self._idle(self.endpoint.flush_interval_s - age)
             return
         self._deliver(session, batch)
 
@@ -805,7 +809,7 @@ class Uploader:
                 return Answer(Verdict.TRANSIENT, None, _stall_message(outcome))
             case Reply():
                 self.stats.requests[str(outcome.status)] += 1
-                answer = judge(outcome, gzip_sent, time.time())
+                answer = judge(outcome, gzip_sent, self._clock.wall())
                 if self.time_source is not None:
                     self.time_source.observe(outcome, answer, probe=not batch.rows)
                 return answer
@@ -839,7 +843,7 @@ class Uploader:
         self.uplink.answered()
         self._last_logged.pop("unexpected", None)  # the next one is a new incident
         self.stats.records_uploaded += records
-        self.stats.last_success = time.time()
+        self.stats.last_success = self._clock.wall()
         self.stats.failing_since = None
         self.stats.last_error = None
 

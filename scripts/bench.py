@@ -387,9 +387,8 @@ def worker_footprint(argv: list[str]) -> None:
     agent.stop()
     sensor.stop()
     sensor.unplug()
-    session = BufferSession(agent.config.buffer_path)
-    pending = session.pending_count()
-    session.close()
+    with BufferSession(agent.config.buffer_path) as session:
+        pending = session.pending_count()
     write_json(
         a.out,
         {
@@ -1328,10 +1327,9 @@ def _health_run(b: Bench, d: Path) -> dict[str, Any]:
             raise RuntimeError(f"the agent's status endpoint did not answer (see {d}/agent.log)")
         codes = [_get(url) for _ in range(5)]  # warm: first connections, the page cache
         healthz = _timed(lambda: codes.append(_get(url)), HEALTH_REQUESTS)
-        session = BufferSession(d / "buffer.db")
-        stats = _timed(session.stats, HEALTH_REQUESTS)
-        pending = session.pending_count()
-        session.close()
+        with BufferSession(d / "buffer.db") as session:
+            stats = _timed(session.stats, HEALTH_REQUESTS)
+            pending = session.pending_count()
     finally:
         agent.terminate(60)
     cli_s, _ = _cli_seconds(config)

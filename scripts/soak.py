@@ -514,16 +514,13 @@ def buffered_seqs(db: Path, ds: str) -> set[int]:
     """Sequence numbers of `ds` the agent's buffer holds: pending, held or dead-lettered."""
     if not db.exists():
         return set()
-    session = BufferSession(db)
-    try:
+    with BufferSession(db) as session:
         rows = session.conn.execute(
             f"SELECT {_SEQ} FROM readings WHERE datasource_id = ?1 "
             f"UNION ALL SELECT {_SEQ} FROM held WHERE datasource_id = ?1 "
             f"UNION ALL SELECT {_SEQ} FROM dead_letters WHERE datasource_id = ?1",
             (ds,),
         ).fetchall()
-    finally:
-        session.close()
     return {int(seq) for (seq,) in rows if isinstance(seq, int)}
 
 
