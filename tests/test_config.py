@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.config import Secret, all_keys, load_config
+from edge_agent.config import Secret, load_config
 from edge_agent.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,17 +179,6 @@ def test_check_describes_without_the_token(tmp_path: Path) -> None:
     assert "source weather: serial /dev/ttyUSB0 at 9600 baud" in proc.stdout
     assert "POST https://api.example.com/restapi/datasource/insert" in proc.stdout
     assert "s3cret" not in proc.stdout + proc.stderr
-
-
-def test_every_config_key_is_documented_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text()
-    missing = [
-        f"[{section}] {key}"
-        for section, keys in all_keys().items()
-        for key in keys
-        if f"`{key}`" not in readme
-    ]
-    assert not missing, f"README.md does not document: {', '.join(missing)}"
 
 
 def test_example_configs_load(tmp_path: Path) -> None:
