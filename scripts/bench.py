@@ -62,6 +62,7 @@ from typing import Any
 from edge_agent.testing.harness import (
     AgentProcess,
     Mosquitto,
+    PeakSampler,
     Publisher,
     free_port,
     mosquitto_binary,
@@ -207,27 +208,11 @@ def worker_args(argv: list[str], *options: tuple[str, type, Any]) -> argparse.Na
 # --- workers: ingest ---------------------------------------------------------------------
 
 
-class FileSizePeak:
-    """Samples a file's size every 100 ms in a thread and keeps the largest."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> FileSizePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            with contextlib.suppress(FileNotFoundError):
-                self.peak = max(self.peak, self.path.stat().st_size)
+def file_size(path: Path) -> int:
+    """The size of a file that may not exist yet (0)."""
+    with contextlib.suppress(FileNotFoundError):
+        return path.stat().st_size
+    return 0
 
 
 def worker_ingest(argv: list[str]) -> None:
@@ -245,7 +230,8 @@ def worker_ingest(argv: list[str]) -> None:
     buf.open()
     io0 = proc_io()
     produced, slowest_put = 0, 0.0
-    with FileSizePeak(path.with_name(path.name + "-wal")) as wal:
+    wal_path = path.with_name(path.name + "-wal")
+    with PeakSampler(lambda: file_size(wal_path), 0.1) as wal:
         t0 = time.monotonic()
         end = t0 + a.seconds
         while (now := time.monotonic()) < end:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_agent.buffer import BufferSession
 from edge_agent.testing.harness import (
     DATASOURCE,
     TOKEN,
@@ -22,6 +24,7 @@ __all__ = [
     "DATASOURCE",
     "TOKEN",
     "AgentProcess",
+    "counters",
     "serial_connected",
     "serial_source",
     "wait_until",
@@ -44,3 +47,9 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
 def serial_connected(agent: Agent, name: str = "weather") -> bool:
     """Whether the agent's serial source `name` has its port open."""
     return agent.sources[name].stats.connected
+
+
+def counters(db: Path) -> dict[str, int]:
+    """The counters of the buffer database `db` (dropped, ...), read beside the agent."""
+    with BufferSession(db) as session:
+        return session.stats().counters

@@ -17,7 +17,14 @@ from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.store import used_bytes
 from edge_agent.testing.harness import free_port
-from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
+from tests.helpers import (
+    DATASOURCE,
+    AgentProcess,
+    counters,
+    serial_source,
+    wait_until,
+    write_config,
+)
 
 OTHER = "67891"
 
@@ -46,14 +53,6 @@ def seqs(db: Path, ds: str | None = None) -> list[int]:
     finally:
         conn.close()
     return [json.loads(r)["seq"] for (r,) in rows]
-
-
-def counters(db: Path) -> dict[str, int]:
-    session = BufferSession(db)
-    try:
-        return session.stats().counters
-    finally:
-        session.close()
 
 
 def received(sandbox: Sandbox, ds: str = DATASOURCE) -> list[int]:

@@ -47,6 +47,31 @@ def listening(port: int) -> bool:
     return True
 
 
+class PeakSampler:
+    """Inside `with`: calls `measure` every `interval` s in its own thread; keeps the largest."""
+
+    def __init__(self, measure: Callable[[], int], interval: float = 0.2) -> None:
+        self.measure = measure
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.measure())
+            self.samples += 1
+
+
 # --- config files -----------------------------------------------------------------------------
 
 
