@@ -15,17 +15,12 @@ from pathlib import Path
 
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder, PtySensor
-from edge_agent.testing.harness import Mosquitto, Publisher
+from edge_agent.testing.harness import Mosquitto, Publisher, run_cli
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
 
 
 def dry_run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--once", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("run", "--once", "--config", str(config), *args)
 
 
 def config_for(tmp_path: Path, sandbox: Sandbox, source: dict[str, object]) -> Path:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edge_agent.testing.harness import run_cli
 from edge_agent.testing.modbus_slave import SlaveProcess
 from tests.helpers import AgentProcess, write_config
 
@@ -27,9 +27,7 @@ METER = [
 
 
 def edge_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60
-    )
+    return run_cli(*args)
 
 
 def modbus_source(port: Path | str, **extra: Any) -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.store import used_bytes
-from edge_agent.testing.harness import free_port
+from edge_agent.testing.harness import free_port, run_cli
 from tests.helpers import (
     DATASOURCE,
     AgentProcess,
@@ -30,9 +29,7 @@ OTHER = "67891"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=120
-    )
+    return run_cli(*args, timeout=120)
 
 
 def fill(db: Path, count: int, ds: str = DATASOURCE, start: int = 0) -> None:

@@ -300,6 +300,24 @@ class Publisher:
         self.client.on_publish = None  # no cycle: paho's sockets close when it is collected
 
 
+def run_cli(
+    *args: str,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`edge-agent ARGS` (this interpreter's) run to its end, its output captured as text;
+    `env`: the whole environment (default: this process's)."""
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
+
+
 # --- the agent as a process -------------------------------------------------------------------
 
 
