@@ -335,9 +335,11 @@ class Uploader:
         self._dead_letter_log = RateLimitedLog(log, every=60.0)
         self._set_aside_log = RateLimitedLog(log, every=60.0)
         self._exchange = Exchange()
-        # The wall time (a batch's age, an answer's Retry-After date) comes from the agent's
-        # clock, which stamped the readings; timers (sleeps, pauses, the heartbeat) measure
-        # real seconds on time.monotonic, as the events they wait on do.
+        # Wall times it reports or judges (the last success, an answer's Retry-After date)
+        # come from the agent's clock. What decides when to wait stays on real time: timers
+        # (sleeps, pauses, the heartbeat) on time.monotonic, as the events they wait on, and
+        # a batch's age on time.time, so that the flush interval passes even under a clock
+        # a test holds still.
         self._clock = clock or SystemClock()
         self._isolation = Isolation(Rules.of(endpoint), self._clock)
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
@@ -492,10 +494,10 @@ class Uploader:
             return
         # A reading "from the future" means the wall clock went back since it was stored:
         # send it rather than wait out the jump.
-        age = self._clock.wall() - batch.oldest_created
+        age = time.time() - batch.oldest_created
         young = 0 <= age < self.endpoint.flush_interval_s
         if young and not self._full(batch):
-            self._idle(self.endpoint.flush_interval_s - age)
+            self._idle(self.endpoint.flush_interval_s - (time.time() - batch.oldest_created))
             return
         self._deliver(session, batch)
 
