@@ -7,6 +7,9 @@ module owns that format, in its three forms:
     SecondStamps    utc_stamp for a stream of times, the date and time of day made once a second
     sql_utc_stamp   the same stamp made by SQLite, from an SQL expression of epoch seconds
 
+and the two other forms a time takes: `readable_utc` for people (log lines), `file_stamp` in a
+file name.
+
 Components take a `Clock` so tests can drive time without sleeping.
 """
 
@@ -86,6 +89,16 @@ def sql_utc_stamp(epoch_seconds: str) -> str:
     """SQL that makes `utc_stamp`'s format from the SQL expression `epoch_seconds`
     (SQLite's `%f` is seconds with milliseconds: `SS.SSS`)."""
     return f"strftime('%Y-%m-%dT%H:%M:%fZ', {epoch_seconds}, 'unixepoch')"
+
+
+def readable_utc(epoch_seconds: float) -> str:
+    """`2025-01-01 12:00:00 UTC`: a time for people, to the second."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch_seconds))
+
+
+def file_stamp(epoch_seconds: float) -> str:
+    """`20250101T120000Z`: a time in a file name."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(epoch_seconds))
 
 
 # The agent cannot have been built after the clock it runs under: a wall clock before this
