@@ -55,26 +55,40 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 
 @pytest.fixture
-def serial_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
-    """Agents with one serial source ("weather") on the given port, run in this process."""
-    agents: list[Agent] = []
+def make_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
+    """Agents run in this process, stopped at the end of the test: each with the given
+    sources, its config in `config` (default `<data>.toml`) and its buffer in `<data>/`."""
+    running: list[Agent] = []
 
-    def make(**source: object) -> Agent:
-        port = Path(str(source.pop("port")))
-        config = write_config(
-            tmp_path / "agent.toml",
+    def make(
+        *sources: dict[str, Any], data: str = "data", device: str = "gw-test", config: str = ""
+    ) -> Agent:
+        path = write_config(
+            tmp_path / (config or f"{data}.toml"),
             url=sandbox.url,
-            data_dir=tmp_path / "data",
-            sources=[serial_source(port, **source)],
+            data_dir=tmp_path / data,
+            sources=list(sources),
+            agent={"device_id": device},
         )
-        agent = Agent(load_config(config))
+        agent = Agent(load_config(path))
         agent.start()
-        agents.append(agent)
+        running.append(agent)
         return agent
 
     yield make
-    for agent in agents:
+    for agent in running:
         agent.stop()
+
+
+@pytest.fixture
+def serial_agent(make_agent: Callable[..., Agent]) -> Callable[..., Agent]:
+    """Agents with one serial source ("weather") on the given port, run in this process."""
+
+    def make(**source: object) -> Agent:
+        port = Path(str(source.pop("port")))
+        return make_agent(serial_source(port, **source), config="agent.toml")
+
+    return make
 
 
 @pytest.fixture

@@ -95,29 +95,6 @@ def publisher(broker: Mosquitto) -> Iterator[Publisher]:
     p.close()
 
 
-@pytest.fixture
-def make_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
-    """Agents run in this process, stopped at the end of the test."""
-    running: list[Agent] = []
-
-    def make(*sources: dict[str, Any], data: str = "data", device: str = "gw-test") -> Agent:
-        config = write_config(
-            tmp_path / f"{data}.toml",
-            url=sandbox.url,
-            data_dir=tmp_path / data,
-            sources=list(sources),
-            agent={"device_id": device},
-        )
-        agent = Agent(load_config(config))
-        agent.start()
-        running.append(agent)
-        return agent
-
-    yield make
-    for agent in running:
-        agent.stop()
-
-
 class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.INFO)
