@@ -41,7 +41,7 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
-from edge_agent.clock import Clock, SystemClock, boot_id, utc_stamp
+from edge_agent.clock import Clock, SystemClock, boot_id, sql_utc_stamp, utc_stamp
 from edge_agent.config import BufferConfig
 from edge_agent.errors import BufferAccessError, BufferStoreError, EdgeAgentError
 from edge_agent.processors.durable import GRACE_S, Carried, Windows, load_state, save_state
@@ -78,8 +78,8 @@ MAX_INTAKE = 50_000
 CHECKPOINT_INTERVAL_S = 60.0
 # Housekeeping (max_age, the last known wall time) runs at most this often.
 MAINTENANCE_INTERVAL_S = 30.0
-# SQLite's `strftime` gives 'YYYY-MM-DDTHH:MM:SS.SSS': our stamp format less the 'Z'.
-_RESTAMP = "strftime('%Y-%m-%dT%H:%M:%fZ', ?7, 'unixepoch')"
+_RESTAMP = sql_utc_stamp("?7")
+_FIXED = sql_utc_stamp("mono + ?1")  # a held reading's time: its monotonic + the boot's offset
 _ENCODER = RECORD_ENCODER
 
 
@@ -932,10 +932,8 @@ class Buffer:
             conn.execute(
                 "INSERT INTO readings(datasource_id, schema_id, created, record) "
                 "SELECT datasource_id, schema_id, mono + ?1, "
-                "CASE WHEN ?5 IS NULL THEN json_set(record, '$.timestamp', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch')) "
-                "ELSE json_set(record, '$.timestamp', "
-                "strftime('%Y-%m-%dT%H:%M:%fZ', mono + ?1, 'unixepoch'), ?2, ?5) END "
+                f"CASE WHEN ?5 IS NULL THEN json_set(record, '$.timestamp', {_FIXED}) "
+                f"ELSE json_set(record, '$.timestamp', {_FIXED}, ?2, ?5) END "
                 f"FROM ({part}) ORDER BY id",
                 (offset, f"$.{fix.flag_field}", boot, limit, quality),
             )
@@ -1342,6 +1340,12 @@ class BufferSession:
 
     def close(self) -> None:
         self.conn.close()
+
+    def __enter__(self) -> BufferSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _keep_wal_within(self) -> None:
         """After a write: truncate the WAL once it passed the limit the agent's writer keeps

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent import __version__, lock, sandbox
+from edge_agent import __version__, lock
 from edge_agent.buffer import BufferSession, BufferStats, Imported, Recount
 from edge_agent.clock import utc_stamp
 from edge_agent.config import Config, load_config, parse_duration, resolve_token
@@ -88,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"edge-agent {__version__}",
         help="print the version and exit",
     )  # fmt: skip
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_LazyParser
+    )
 
     run = _command(sub, "run", "run the agent in the foreground")
     _config_arg(run)
@@ -121,15 +124,12 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     check.set_defaults(func=cmd_check)
 
-    from edge_agent import demo  # here: demo imports the simulator, which only it needs
-
+    # The demo and the sandbox (with the simulator and the test slave) are imported only when
+    # their command runs or shows its help: `run` never loads them.
     dem = _command(sub, "demo", "30-second demo: simulated sensor -> agent -> sandbox")
-    demo.add_arguments(dem)
-    dem.set_defaults(func=demo.run)
-
+    dem.arguments_from = "edge_agent.demo"
     sbx = _command(sub, "sandbox", "a local insert API endpoint for tests and rehearsals")
-    sandbox.add_arguments(sbx)
-    sbx.set_defaults(func=sandbox.run)
+    sbx.arguments_from = "edge_agent.sandbox"
 
     status = _command(
         sub, "status", "is the agent healthy? (exit 0 healthy, 1 unhealthy, 3 not running, "
@@ -232,9 +232,33 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser; with `arguments_from` set, that module's `add_arguments` and
+    `run` are imported and added only when the subcommand is parsed or its help shown."""
+
+    arguments_from = ""
+
+    def _load(self) -> None:
+        if self.arguments_from:
+            module = importlib.import_module(self.arguments_from)
+            self.arguments_from = ""
+            module.add_arguments(self)
+            self.set_defaults(func=module.run)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
+
+
+def _command(sub: Any, name: str, help_text: str) -> _LazyParser:
     """A subcommand whose --help ends with the exit codes."""
-    parser: argparse.ArgumentParser = sub.add_parser(
+    parser: _LazyParser = sub.add_parser(
         name,
         help=help_text,
         description=help_text[0].upper() + help_text[1:] + ".",
@@ -384,10 +408,8 @@ def _offline_status(config: Config, reasons: list[str]) -> OfflineStatus:
         session = BufferSession(config.buffer_path)
     except EdgeAgentError as exc:
         return OfflineStatus(where, config.agent.device_id, (*reasons, str(exc)), None)
-    try:
+    with session:
         st = session.stats()
-    finally:
-        session.close()
     buffer = BufferPart.of(st, config.buffer.max_bytes, time.time())
     return OfflineStatus(where, config.agent.device_id, tuple(reasons), buffer)
 
@@ -500,23 +522,17 @@ def _agent_stopped(args: argparse.Namespace, doing: str) -> Iterator[BufferSessi
     path = _inspection_config(args.config).buffer_path
     owner = lock.hold(path, doing)
     try:
-        session = BufferSession(path)
-        try:
+        with BufferSession(path) as session:
             yield session
-        finally:
-            session.close()
     finally:
         owner.release()
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
     config = _inspection_config(args.config)
-    session = BufferSession(config.buffer_path)
-    try:
+    with BufferSession(config.buffer_path) as session:
         recount = session.recount() if args.recount else None
         st = session.stats()
-    finally:
-        session.close()
     doc = st.as_dict(config.buffer.max_bytes, time.time())
     if recount is not None:
         doc["recount"] = {
@@ -562,11 +578,8 @@ def _print_recount(recount: Recount) -> None:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    session = _session(args)
-    try:
+    with _session(args) as session:
         rows = session.dead_letters(args.limit)
-    finally:
-        session.close()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -588,11 +601,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    session = _session(args)
-    try:
+    with _session(args) as session:
         done = session.requeue_dead_letters(None if args.all else args.ids)
-    finally:
-        session.close()
     unsendable = ", ".join(str(i) for i in done.unsendable)
     if done.missing or (done.unsendable and not args.all):
         if done.missing:
@@ -613,11 +623,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 
 def cmd_purge_dead_letters(args: argparse.Namespace) -> int:
-    session = _session(args)
-    try:
+    with _session(args) as session:
         purged = session.purge_dead_letters(args.older_than)
-    finally:
-        session.close()
     cutoff = utc_stamp(time.time() - args.older_than)
     print(f"purged {purged} dead letter(s) that failed at {cutoff} or earlier")
     return 0
@@ -633,14 +640,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         if problem is not None:
             print(f"edge-agent buffer export: error: {problem}", file=sys.stderr)
             return 2
-    session = BufferSession(path)
-    try:
+    with BufferSession(path) as session:
         if args.output is None:
             n = write_lines(sys.stdout, session.export_lines())
         else:
             n = write_atomically(args.output, session.export_lines(), replace=args.force)
-    finally:
-        session.close()
     print(f"exported {n} readings (pending and held) from {path}", file=sys.stderr)
     return 0
 
@@ -650,8 +654,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from edge_agent.export_file import Readings, survey
 
     config = _inspection_config(args.config)
-    session = BufferSession(config.buffer_path)
-    try:
+    with BufferSession(config.buffer_path) as session:
         found = survey(args.file)
         if found.bad_count:
             return _bad_lines(args.file, found.bad, found.bad_count)
@@ -660,8 +663,6 @@ def cmd_import(args: argparse.Namespace) -> int:
             return _does_not_fit(args.file, found.readings, found.estimated_bytes, room, config)
         readings = Readings(args.file)
         done = session.import_lines(readings, config.buffer)
-    finally:
-        session.close()
     return _import_report(args.file, done, readings.problem, args.when_full)
 
 

@@ -44,6 +44,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_agent.clock import file_stamp
 from edge_agent.errors import BufferAccessError, BufferStoreError
 
 if TYPE_CHECKING:
@@ -503,7 +504,7 @@ def _check(path: Path, sync: str) -> str | None:
 
 
 def _move_aside(path: Path, problem: str) -> Path:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = file_stamp(time.time())
     target = path.with_name(f"{path.name}.corrupt-{stamp}")
     try:
         for suffix in ("", "-wal", "-shm"):

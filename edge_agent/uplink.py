@@ -29,13 +29,12 @@ import random
 import socket
 import ssl
 import threading
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.clock import Clock, SystemClock
+from edge_agent.clock import Clock, SystemClock, readable_utc
 from edge_agent.config import EndpointConfig
 from edge_agent.logs import printable
 
@@ -179,13 +178,14 @@ class Uplink:
             case State.DOWN:
                 left = max(0.0, (phase.next_probe or now) - now)
                 when = f"next probe in {_seconds(left)}" if left > 0 else "probing now"
-                text = f"down since {_utc(phase.since_wall or wall)}, {when}"
+                text = f"down since {readable_utc(phase.since_wall or wall)}, {when}"
                 return UplinkView("down", phase.since_wall, left, None, text)
             case State.REFUSING:
                 left = max(0.0, (phase.until or now) - now)
                 until = wall + left
                 text = (
-                    f"server refusing: backing off until {_utc(until)} (in {_seconds(left)})"
+                    f"server refusing: backing off until {readable_utc(until)} "
+                    f"(in {_seconds(left)})"
                     if left > 0
                     else "server refusing: retrying now"
                 )
@@ -200,10 +200,6 @@ class Uplink:
 
 def _seconds(seconds: float) -> str:
     return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
-
-
-def _utc(wall: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
 
 
 # -- routes ---------------------------------------------------------------------------------

@@ -344,7 +344,13 @@ class Uploader:
         self._too_large_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
         self._suspect_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
         self._exchange = Exchange()
-        self._isolation = Isolation(Rules.of(endpoint), clock or SystemClock())
+        # Wall times it reports or judges (the last success, an answer's Retry-After date)
+        # come from the agent's clock. What decides when to wait stays on real time: timers
+        # (sleeps, pauses, the heartbeat) on time.monotonic, as the events they wait on, and
+        # a batch's age on time.time, so that the flush interval passes even under a clock
+        # a test holds still.
+        self._clock = clock or SystemClock()
+        self._isolation = Isolation(Rules.of(endpoint), self._clock)
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
         self.stats = UploaderStats()
         self.heartbeat = time.monotonic()
@@ -807,7 +813,7 @@ class Uploader:
                 return Answer(Verdict.TRANSIENT, None, _stall_message(outcome))
             case Reply():
                 self.stats.requests[str(outcome.status)] += 1
-                answer = judge(outcome, gzip_sent, time.time())
+                answer = judge(outcome, gzip_sent, self._clock.wall())
                 if self.time_source is not None:
                     self.time_source.observe(outcome, answer, probe=not batch.rows)
                 return answer
@@ -843,7 +849,7 @@ class Uploader:
         self.uplink.answered()
         self._unexpected_log.forget()  # the next one is a new incident
         self.stats.records_uploaded += records
-        self.stats.last_success = time.time()
+        self.stats.last_success = self._clock.wall()
         self.stats.failing_since = None
         self.stats.last_error = None
 

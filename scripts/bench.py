@@ -20,7 +20,7 @@ Rows (targets from the issue in brackets):
                start-up time vs a bare interpreter
     drain      records/s uploaded to a local sink vs only reading and deleting them [>= 0.5]
     serial     CPU per 1,000 readings from a pty at 115200 baud vs a bare pyserial readline
-    mqtt       scripts/bench_mqtt.py, when it exists
+    mqtt       MQTT QoS 1 ingest vs a bare paho subscriber (scripts/bench_mqtt.py's measure())
     modbus     registers/s and CPU per poll of the Modbus source reading 100 holding registers
                from the test slave over a pty vs a bare pymodbus loop [rate >= 0.8, CPU <= 1.5x]
                (scripts/bench_modbus.py's measure())
@@ -58,6 +58,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edge_agent.testing.harness import (
+    AgentProcess,
+    Mosquitto,
+    PeakSampler,
+    Publisher,
+    free_port,
+    mosquitto_binary,
+    serial_source,
+    wait_for,
+    write_config,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve()
@@ -178,21 +190,6 @@ def cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
-
-
 def write_json(path: str, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=1))
 
@@ -211,27 +208,11 @@ def worker_args(argv: list[str], *options: tuple[str, type, Any]) -> argparse.Na
 # --- workers: ingest ---------------------------------------------------------------------
 
 
-class FileSizePeak:
-    """Samples a file's size every 100 ms in a thread and keeps the largest."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> FileSizePeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.1):
-            with contextlib.suppress(FileNotFoundError):
-                self.peak = max(self.peak, self.path.stat().st_size)
+def file_size(path: Path) -> int:
+    """The size of a file that may not exist yet (0)."""
+    with contextlib.suppress(FileNotFoundError):
+        return path.stat().st_size
+    return 0
 
 
 def worker_ingest(argv: list[str]) -> None:
@@ -249,7 +230,8 @@ def worker_ingest(argv: list[str]) -> None:
     buf.open()
     io0 = proc_io()
     produced, slowest_put = 0, 0.0
-    with FileSizePeak(path.with_name(path.name + "-wal")) as wal:
+    wal_path = path.with_name(path.name + "-wal")
+    with PeakSampler(lambda: file_size(wal_path), 0.1) as wal:
         t0 = time.monotonic()
         end = t0 + a.seconds
         while (now := time.monotonic()) < end:
@@ -343,9 +325,6 @@ def agent_config(
     """A config for the real agent with the production timings (not the fast ones of the
     tests' write_config), a buffer large enough to drop nothing, and the status endpoint
     off unless a port is given."""
-    sys.path.insert(0, str(ROOT))
-    from tests.helpers import write_config
-
     return write_config(
         data_dir / "config.toml",
         url=url,
@@ -367,12 +346,10 @@ def worker_footprint(argv: list[str]) -> None:
     """The real agent (one serial source on a simulated pty, an unreachable endpoint)."""
     entered = time.monotonic()
     a = worker_args(argv, ("--dir", str, None), ("--settle", float, 5.0))
-    sys.path.insert(0, str(ROOT))
     from edge_agent.agent import Agent
     from edge_agent.buffer import BufferSession
     from edge_agent.config import load_config
     from edge_agent.simulator import PtySensor
-    from tests.helpers import serial_source
 
     imported = time.monotonic()
     data_dir = Path(a.dir)
@@ -396,9 +373,8 @@ def worker_footprint(argv: list[str]) -> None:
     agent.stop()
     sensor.stop()
     sensor.unplug()
-    session = BufferSession(agent.config.buffer_path)
-    pending = session.pending_count()
-    session.close()
+    with BufferSession(agent.config.buffer_path) as session:
+        pending = session.pending_count()
     write_json(
         a.out,
         {
@@ -653,7 +629,7 @@ class _agent_reader:
     def __enter__(self) -> Reader:
         self.buffer.open()
         self.source.start()
-        if not wait_for(lambda: self.source.stats.connected, 10):
+        if not wait_for(lambda: self.source.stats.connected, 10, 0.02):
             raise SystemExit(
                 f"the serial source did not open its port: {self.source.stats.last_error}"
             )
@@ -1200,35 +1176,15 @@ def bench_serial(b: Bench) -> Report:
 
 
 def bench_mqtt(b: Bench) -> Report:
-    """Hook for scripts/bench_mqtt.py (MQTT QoS 1 ingest vs a bare paho subscriber)."""
+    """scripts/bench_mqtt.py's measure(): MQTT QoS 1 ingest vs a bare paho subscriber."""
+    import bench_mqtt as mqtt  # scripts/, beside this file
+
     rep = Report()
-    script = ROOT / "scripts" / "bench_mqtt.py"
-    if not script.exists():
-        rep.rows.append(
-            Row(
-                "5. MQTT QoS 1 ingest vs a bare paho subscriber",
-                "not measured: scripts/bench_mqtt.py does not exist yet",
-                "(hook: bench_mqtt() in scripts/bench.py)",
-            )
-        )
-        return rep
-    usage = subprocess.run(
-        [PY, str(script), "--help"], capture_output=True, text=True, cwd=ROOT
-    ).stdout
-    cmd = [PY, str(script)]
-    if b.quick and "--messages" in usage:
-        cmd += ["--messages", str(b.sizes.mqtt_messages)]
-    json_out = b.work / "mqtt.json"
-    if "--json" in usage:
-        cmd += ["--json", str(json_out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
-    rep.notes.append(f"5: ran `{shlex.join(cmd[1:])}` (exit status {proc.returncode}).")
-    if json_out.exists():
-        rep.figures["mqtt"] = json.loads(json_out.read_text())
-    rep.rows.extend(markdown_rows(proc.stdout, "5. MQTT: "))
-    if not rep.rows:
-        tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
-        rep.rows.append(Row("5. MQTT QoS 1 ingest", f"no table from bench_mqtt.py: {tail}", ""))
+    messages = b.sizes.mqtt_messages if b.quick else mqtt.MESSAGES
+    runs = mqtt.measure(messages)
+    rep.rows += [Row("5. MQTT: " + row[0], *row[1:]) for row in mqtt.summary_rows(runs, messages)]
+    rep.notes.append(f"5: bench_mqtt.measure({messages}): its default configurations.")
+    rep.figures["mqtt"] = {"messages": messages, "runs": runs}
     return rep
 
 
@@ -1268,6 +1224,7 @@ def bench_modbus(b: Bench) -> Report:
         "Every round is in the JSON figures."
     )
     rep.figures["modbus"] = result
+    return rep
 
 
 def bench_processors(b: Bench) -> Report:
@@ -1349,27 +1306,18 @@ def _health_run(b: Bench, d: Path) -> dict[str, Any]:
         ],  # retried every 30 s: costs nothing
         status_port=port,
     )
-    log = (d / "agent.log").open("wb")
-    agent = subprocess.Popen(
-        [PY, "-m", "edge_agent", "run", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-    )
+    agent = AgentProcess(config, d / "agent.log").start()
     url = f"http://127.0.0.1:{port}/healthz"
     try:
         if not wait_for(lambda: _answers(url), 60, 0.1):
             raise RuntimeError(f"the agent's status endpoint did not answer (see {d}/agent.log)")
         codes = [_get(url) for _ in range(5)]  # warm: first connections, the page cache
         healthz = _timed(lambda: codes.append(_get(url)), HEALTH_REQUESTS)
-        session = BufferSession(d / "buffer.db")
-        stats = _timed(session.stats, HEALTH_REQUESTS)
-        pending = session.pending_count()
-        session.close()
+        with BufferSession(d / "buffer.db") as session:
+            stats = _timed(session.stats, HEALTH_REQUESTS)
+            pending = session.pending_count()
     finally:
-        agent.send_signal(signal.SIGTERM)
-        agent.wait(60)
-        log.close()
+        agent.terminate(60)
     cli_s, _ = _cli_seconds(config)
     return {
         "healthz_s": healthz,
@@ -1653,29 +1601,19 @@ def _source_stats(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in doc.get("sources", [])}
 
 
-def _publish_paced(port: int, topic: str, rate: float, seconds: float) -> dict[str, Any]:
+def _publish_paced(broker: Mosquitto, topic: str, rate: float, seconds: float) -> dict[str, Any]:
     """QoS 1 messages at `rate`/s for `seconds` (a publisher outside the confinement)."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    acked = threading.Semaphore(0)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, f"bench-pi-publisher-{os.getpid()}")
-    client.max_inflight_messages_set(0)
-    client.on_publish = lambda *_: acked.release()
-    client.connect("127.0.0.1", port)
-    client.loop_start()
+    client = Publisher(broker, f"bench-pi-publisher-{os.getpid()}", max_inflight=0)
     total = int(rate * seconds)
     t0 = time.monotonic()
     for seq in range(total):
         if (wait := t0 + seq / rate - time.monotonic()) > 0:
             time.sleep(wait)
-        client.publish(topic, json.dumps({"seq": seq, "temperature": 21.5}), qos=1)
+        client.publish(topic, json.dumps({"seq": seq, "temperature": 21.5}))
     late = time.monotonic() - t0 - seconds
-    for _ in range(total):
-        if not acked.acquire(timeout=60):
-            raise RuntimeError("the broker did not acknowledge every published message")
-    client.disconnect()
-    client.loop_stop()
+    if not client.wait_room(0, 60):
+        raise RuntimeError("the broker did not acknowledge every published message")
+    client.close()
     return {"published": total, "late_s": late}
 
 
@@ -1698,7 +1636,6 @@ def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
     uploading to a local sink; everything else (writer, broker, publisher, sink) outside."""
     import tty
 
-    sys.path.insert(0, str(ROOT / "scripts"))
     import bench_mqtt
 
     _, filled = b.backlog()
@@ -1706,9 +1643,9 @@ def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
     master, slave = os.openpty()
     tty.setraw(slave)
     lines = int(b.sizes.pi_seconds * BAUD_BYTES_S / len(serial_line(0)))
-    broker_bin = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    mqtt_port, status_port = free_port(), free_port()
-    broker = bench_mqtt._start_broker(broker_bin, d, mqtt_port, 0)
+    broker_bin = mosquitto_binary() or "/usr/sbin/mosquitto"
+    status_port = free_port()
+    broker = Mosquitto(d, broker_bin, persistence=False).start()
     try:
         with running_sink(b, count_records=True) as sink:
             sources: list[dict[str, Any]] = [
@@ -1724,7 +1661,7 @@ def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
                 {
                     "name": "mqtt",
                     "type": "mqtt",
-                    "broker": f"mqtt://127.0.0.1:{mqtt_port}",
+                    "broker": broker.url,
                     "topics": [bench_mqtt.TOPIC],
                     "format": "json",
                     "shape": "long",
@@ -1732,24 +1669,13 @@ def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
                 },
             ]
             config = agent_config(d, sink.url, sources, status_port)
-            log = (b.work / "pi-agent.log").open("wb")
-            agent = subprocess.Popen(
-                [*conf.prefix, PY, "-m", "edge_agent", "run", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
+            agent = AgentProcess(config, b.work / "pi-agent.log", prefix=conf.prefix).start()
             try:
-                return _pi_drive(
-                    b, conf, agent, status_port, master, lines, mqtt_port, sink, filled
-                )
+                return _pi_drive(b, conf, agent, status_port, master, lines, broker, sink, filled)
             finally:
-                agent.send_signal(signal.SIGTERM)
-                agent.wait(60)
-                log.close()
+                agent.terminate(60)
     finally:
-        broker.terminate()
-        broker.wait(30)
+        broker.stop()
         os.close(master)
         os.close(slave)
         b.drop_copies()
@@ -1758,11 +1684,11 @@ def _pi_live(b: Bench, conf: Confinement) -> dict[str, Any]:
 def _pi_drive(
     b: Bench,
     conf: Confinement,
-    agent: subprocess.Popen[bytes],
+    agent: AgentProcess,
     status_port: int,
     master: int,
     lines: int,
-    mqtt_port: int,
+    broker: Mosquitto,
     sink: Sink,
     filled: dict[str, Any],
 ) -> dict[str, Any]:
@@ -1782,7 +1708,7 @@ def _pi_drive(
     cpu0, t0, throttled0 = _cpu_s(pids), time.monotonic(), conf.throttling()
     writer_out = str(b.work / "pi-writer.json")
     writer = _spawn_writer(master, lines, True, writer_out)
-    published = _publish_paced(mqtt_port, bench_mqtt.TOPIC, PI_MQTT_RATE, b.sizes.pi_seconds)
+    published = _publish_paced(broker, bench_mqtt.TOPIC, PI_MQTT_RATE, b.sizes.pi_seconds)
     writer.wait()
     written = json.loads(Path(writer_out).read_text())
 
@@ -1903,33 +1829,18 @@ def _pi_rows(b: Bench, conf: Confinement, live: dict[str, Any]) -> list[Row]:
 
 
 def _pi_mqtt_ratio(b: Bench, conf: Confinement, rep: Report) -> list[Row]:
-    """bench_mqtt.py's defaults configuration with both subscribers in the confinement."""
-    script = ROOT / "scripts" / "bench_mqtt.py"
-    json_out = b.work / "pi-mqtt.json"
-    cmd = [
-        PY,
-        str(script),
-        "--config",
-        "defaults",
-        "--rounds",
-        "2",
-        "--no-strace",
-        "--messages",
-        str(b.sizes.pi_mqtt_messages),
-        "--json",
-        str(json_out),
-        "--child-wrap",
-        shlex.join(conf.prefix),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=3600)
-    rep.notes.append(f"7e: ran `{shlex.join(cmd[1:])}` (exit status {proc.returncode}).")
-    if json_out.exists():
-        rep.figures["pi_mqtt"] = json.loads(json_out.read_text())
-    rows = markdown_rows(proc.stdout, "7e. Pi-class MQTT (both subscribers confined): ")
-    if not rows:
-        tail = " / ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
-        rows.append(Row("7e. Pi-class MQTT ratio", f"no table from bench_mqtt.py: {tail}", ""))
-    return rows
+    """bench_mqtt's defaults configuration with both subscribers in the confinement."""
+    import bench_mqtt
+
+    messages = b.sizes.pi_mqtt_messages
+    runs = bench_mqtt.measure(messages, [bench_mqtt.DEFAULTS], strace=False, child_wrap=conf.prefix)
+    rep.notes.append(
+        f"7e: bench_mqtt.measure({messages}, defaults, rounds 2, no strace, "
+        f"children under `{shlex.join(conf.prefix)}`)."
+    )
+    rep.figures["pi_mqtt"] = {"messages": messages, "runs": runs}
+    prefix = "7e. Pi-class MQTT (both subscribers confined): "
+    return [Row(prefix + row[0], *row[1:]) for row in bench_mqtt.summary_rows(runs, messages)]
 
 
 ROW_FUNCTIONS: dict[str, Callable[[Bench], Report]] = {
@@ -2012,7 +1923,6 @@ def main(argv: list[str]) -> int:
     command = shlex.join([os.environ.get("EDGE_AGENT_BENCH_ARGV0", f"{PY} {BENCH}"), *argv])
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edge-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT))
     bench = Bench(work, QUICK if args.quick else FULL, args.quick)
     about = machine(work)
     report, failed = Report(), []

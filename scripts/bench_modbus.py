@@ -34,16 +34,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pymodbus.client import ModbusSerialClient
 
-from pymodbus.client import ModbusSerialClient  # noqa: E402
-
-from edge_agent.sources.modbus.config import ModbusConfig  # noqa: E402
-from edge_agent.sources.modbus.link import LinkPool  # noqa: E402
-from edge_agent.sources.modbus.source import ModbusSource  # noqa: E402
-from edge_agent.testing.intake import MemoryIntake  # noqa: E402
-from edge_agent.testing.modbus_slave import SlaveProcess  # noqa: E402
+from edge_agent.sources.modbus.config import ModbusConfig
+from edge_agent.sources.modbus.link import LinkPool
+from edge_agent.sources.modbus.source import ModbusSource
+from edge_agent.testing.intake import MemoryIntake
+from edge_agent.testing.modbus_slave import SlaveProcess
 
 REGISTERS = 100
 BAUDRATE = 115_200  # a pty ignores it; pymodbus derives its polling interval from it
@@ -61,7 +58,7 @@ def bare_round(link: Path, polls: int) -> dict[str, float]:
                 raise RuntimeError(f"bare read failed: {response}")
         return _figures(polls, time.perf_counter() - wall, time.process_time() - cpu)
     finally:
-        client.close()
+        client.close()  # type: ignore[no-untyped-call]
 
 
 def agent_round(link: Path, polls: int) -> dict[str, float]:

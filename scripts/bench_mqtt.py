@@ -46,8 +46,8 @@ fsync/s is that times the untraced run's commits per second. Without strace (or 
 agent's CPU per message is its process and its link together (the link's counted from its
 start, so it includes its imports). The target is agent/bare >= 0.8.
 
-stdout holds one markdown table (one row per configuration, read by scripts/bench.py) and
-notes; --json also writes every figure.
+stdout holds one markdown table (one row per configuration) and notes; --json also writes
+every figure. scripts/bench.py imports `measure` and `summary_rows` and calls them itself.
 """
 
 from __future__ import annotations
@@ -58,12 +58,13 @@ import os
 import resource
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.sources.mqtt.config import WINDOW_V5
+from edge_agent.testing.harness import Mosquitto, Publisher, mosquitto_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "bench/line-1/seq"
@@ -84,6 +86,7 @@ TRACED_MESSAGES = 50_000  # enough commits to know the fsyncs per commit
 DEFAULT_CONFIGS = ("defaults", "3.1.1:20", "3.1.1:1000")
 DEFAULTS = ("auto", 0)  # the "defaults" configuration: no version, no window given
 SESSION_EXPIRY_S = 3600
+MESSAGES = 200_000  # per subscriber, by default
 READINGS_PER_MESSAGE = 2  # {"seq": N, "temperature": 21.5}, long shape
 
 
@@ -93,7 +96,23 @@ def main() -> int:
         result = run_bare(args) if args.role == "bare" else run_agent(args, args.client_id)
         print(json.dumps(result))
         return 0
-    return run_bench(args)
+    binary = mosquitto_binary()
+    if binary is None:
+        print("bench_mqtt: mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
+        return 2
+    configs = args.config or [_config(c) for c in DEFAULT_CONFIGS]
+    results = measure(
+        args.messages,
+        configs,
+        rounds=args.rounds,
+        strace=not args.no_strace,
+        child_wrap=shlex.split(args.child_wrap),
+        mosquitto=binary,
+    )
+    _report(args.messages, results)
+    if args.json is not None:
+        args.json.write_text(json.dumps({"messages": args.messages, "runs": results}, indent=2))
+    return 0
 
 
 def _config(text: str) -> tuple[str, int]:
@@ -109,7 +128,7 @@ def _config(text: str) -> tuple[str, int]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--messages", type=int, default=200_000, help="messages per subscriber")
+    p.add_argument("--messages", type=int, default=MESSAGES, help="messages per subscriber")
     p.add_argument(
         "--config",
         action="append",
@@ -157,33 +176,53 @@ def _parser() -> argparse.ArgumentParser:
 # --- the parent: broker, sessions, pre-publishing, report --------------------------------------
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(binary):
-        print("bench_mqtt: mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
-        return 2
-    configs = args.config or [_config(c) for c in DEFAULT_CONFIGS]
-    strace = None if args.no_strace else shutil.which("strace")
+@dataclass(frozen=True)
+class Run:
+    """One configuration's settings, as the parent passes them to each subscriber child."""
+
+    messages: int
+    rounds: int
+    child_wrap: tuple[str, ...]
+    mqtt_version: str
+    window: int
+
+
+def measure(
+    messages: int,
+    configs: Sequence[tuple[str, int]] = (),
+    *,
+    rounds: int = 2,
+    strace: bool = True,
+    child_wrap: Sequence[str] = (),
+    mosquitto: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every figure of each configuration ((version, window); none given: DEFAULT_CONFIGS),
+    one dict a configuration with its "bare" and "agent" runs. `strace`: count fsyncs under
+    strace when it is installed; `child_wrap`: a command prefix for each subscriber child."""
+    binary = mosquitto or mosquitto_binary()
+    if binary is None:
+        raise RuntimeError("mosquitto is not installed (apt-get install mosquitto)")
+    tracer = shutil.which("strace") if strace else None
     results = []
-    for version, window in configs:
-        run = argparse.Namespace(**{**vars(args), "mqtt_version": version, "window": window})
-        bare, agent = _bench_config(binary, run, strace)
+    for version, window in configs or [_config(c) for c in DEFAULT_CONFIGS]:
+        run = Run(messages, rounds, tuple(child_wrap), version, window)
+        bare, agent = _bench_config(binary, run, tracer)
         results.append({"mqtt_version": version, "window": window, "bare": bare, "agent": agent})
-    _report(args, results)
-    if args.json is not None:
-        args.json.write_text(json.dumps({"messages": args.messages, "runs": results}, indent=2))
-    return 0
+    return results
 
 
 def _bench_config(
-    binary: str, args: argparse.Namespace, strace: str | None
+    binary: str, args: Run, strace: str | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One broker with one session per subscriber run; the bare and the agent subscriber's
     runs, alternating, `args.rounds` of each; the fastest of each role is reported."""
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-") as tmp:
         workdir = Path(tmp)
-        port = _free_port()
-        broker = _start_broker(binary, workdir, port, args.window)
+        # No persistence: saving a million queued messages every few seconds would compete
+        # with the subscribers for the CPU; sessions live in the broker's memory for this run.
+        inflight = f"max_inflight_messages {args.window}\n" if args.window else ""
+        broker = Mosquitto(workdir, binary, persistence=False, extra_conf=inflight).start()
+        port = broker.port
         try:
             runs = [(role, n) for n in range(1, args.rounds + 1) for role in ("bare", "agent")]
             if strace is not None:
@@ -191,7 +230,7 @@ def _bench_config(
             for role, n in runs:
                 _make_session(port, _client_id(role, n), args)
             started = time.monotonic()
-            _publish(port, args.messages)
+            _publish(broker, args.messages)
             publish_s = time.monotonic() - started
             print(
                 f"{_label(args.mqtt_version, args.window)}: pre-published "
@@ -211,8 +250,7 @@ def _bench_config(
                 agent["fsyncs_per_commit"] = traced["fsyncs"] / max(1, traced["commits"])
                 agent["fsync_source"] = "strace"
         finally:
-            broker.terminate()
-            broker.wait(30)
+            broker.stop()
     per_commit = agent.get("fsyncs_per_commit", 1.0)
     agent["fsync_rate"] = per_commit * agent["commits"] / agent["seconds"]
     agent["ratio"] = agent["rate"] / bare["rate"]
@@ -233,36 +271,6 @@ def _spoken(version: str, window: int) -> tuple[str, int]:
 
 def _client_id(role: str, n: int) -> str:
     return f"{CLIENTS[role]}-{n}"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_broker(binary: str, workdir: Path, port: int, window: int) -> subprocess.Popen[bytes]:
-    """Mosquitto with max_inflight_messages = `window` (0: its default, 20)."""
-    conf = workdir / "mosquitto.conf"
-    # No persistence: saving a million queued messages every few seconds would compete with
-    # the subscribers for the CPU; sessions live in the broker's memory for this run.
-    conf.write_text(
-        ("user root\n" if os.geteuid() == 0 else "") + f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
-        "max_queued_messages 0\n"
-        + (f"max_inflight_messages {window}\n" if window else "")
-        + f"log_dest file {workdir}/mosquitto.log\n"
-    )
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.terminate()
-    raise SystemExit(f"bench_mqtt: mosquitto did not listen on {port}")
 
 
 def _client(client_id: str, version: str, manual_ack: bool = False) -> mqtt.Client:
@@ -286,7 +294,7 @@ def _connect(client: mqtt.Client, port: int, version: str, window: int) -> None:
         client.connect("127.0.0.1", port)
 
 
-def _make_session(port: int, client_id: str, args: argparse.Namespace) -> None:
+def _make_session(port: int, client_id: str, args: Run) -> None:
     subscribed = threading.Event()
     version, window = _spoken(args.mqtt_version, args.window)
     client = _client(client_id, version)
@@ -300,37 +308,15 @@ def _make_session(port: int, client_id: str, args: argparse.Namespace) -> None:
     client.loop_stop()
 
 
-def _publish(port: int, total: int) -> None:
-    acked = 0
-    cond = threading.Condition()
-
-    def on_publish(*_: Any) -> None:
-        nonlocal acked
-        with cond:
-            acked += 1
-            cond.notify_all()
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, "bench-publisher")
-    client.max_inflight_messages_set(0)  # unlimited: our own bound is below
-    client.on_publish = on_publish
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    sent = 0
-
-    def room() -> bool:  # bounds paho's queue of unacknowledged messages
-        return sent - acked < 20_000
-
+def _publish(broker: Mosquitto, total: int) -> None:
+    client = Publisher(broker, "bench-publisher", max_inflight=0)  # our own bound is below
     for seq in range(total):
-        client.publish(TOPIC, json.dumps({"seq": seq, "temperature": 21.5}), qos=1)
-        sent = seq + 1
-        if sent % 1000 == 0:
-            with cond:
-                cond.wait_for(room, 60)
-    with cond:
-        if not cond.wait_for(lambda: acked >= total, 120):
-            raise SystemExit(f"bench_mqtt: only {acked} of {total} messages acknowledged")
-    client.disconnect()
-    client.loop_stop()
+        client.publish(TOPIC, json.dumps({"seq": seq, "temperature": 21.5}))
+        if (seq + 1) % 1000 == 0:  # bounds paho's queue of unacknowledged messages
+            client.wait_room(20_000, 60)
+    if not client.wait_room(0, 120):
+        raise SystemExit(f"bench_mqtt: only {client.acked()} of {total} messages acknowledged")
+    client.close()
 
 
 def _child(
@@ -338,7 +324,7 @@ def _child(
     n: int,
     port: int,
     workdir: Path,
-    args: argparse.Namespace,
+    args: Run,
     strace: str | None = None,
 ) -> dict[str, Any]:
     messages = min(args.messages, TRACED_MESSAGES) if role == "traced" else args.messages
@@ -357,7 +343,7 @@ def _child(
     if strace is not None:
         trace = ["-f", "-c", "--seccomp-bpf", "-e", "trace=fsync,fdatasync", "-o", str(summary)]
         command = [strace, *trace, *command]
-    command = [*shlex.split(args.child_wrap), *command]
+    command = [*args.child_wrap, *command]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -375,30 +361,40 @@ def _strace_calls(summary: str) -> int:
     return calls
 
 
-def _report(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    print(
-        f"\n{args.messages} QoS 1 messages per subscriber; agent: MqttSource (+ link) + Buffer, "
-        'sync "full", commit_interval_ms 200, ack after commit; bare: paho, ack in on_message\n'
-    )
-    print("| configuration | agent msg/s | bare msg/s | ratio agent/bare | target | details |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+def summary_rows(results: list[dict[str, Any]], messages: int) -> list[tuple[str, ...]]:
+    """One row a configuration: configuration, agent msg/s, bare msg/s, ratio, target,
+    details (the columns of the table this script prints, and of scripts/bench's rows)."""
+    rows: list[tuple[str, ...]] = []
     for run in results:
         bare, agent = run["bare"], run["agent"]
         window = _spoken(run["mqtt_version"], run["window"])[1]
         details = (
-            f"{agent['commits']} commits ({args.messages / max(1, agent['commits']):.0f} "
+            f"{agent['commits']} commits ({messages / max(1, agent['commits']):.0f} "
             f"messages each), {agent['fsync_rate']:,.0f} fsync/s; per window "
-            f"{_per_window_ms(agent, window, args.messages)} ms vs "
-            f"{_per_window_ms(bare, window, args.messages)} ms; CPU per message "
+            f"{_per_window_ms(agent, window, messages)} ms vs "
+            f"{_per_window_ms(bare, window, messages)} ms; CPU per message "
             f"{agent['cpu_us_per_message']:.0f} µs vs {bare['cpu_us_per_message']:.0f} µs; "
             f"VmHWM agent {agent['vmhwm_kb'] / 1024:.0f} MiB + link "
             f"{agent['link_vmhwm_kb'] / 1024:.0f} MiB, bare {bare['vmhwm_kb'] / 1024:.0f} MiB; "
             f"{agent['seconds']:.1f} s vs {bare['seconds']:.1f} s"
         )
-        print(
-            f"| {_label(run['mqtt_version'], run['window'])} | {agent['rate']:,.0f} "
-            f"| {bare['rate']:,.0f} | {agent['ratio']:.2f} | >= 0.8 | {details} |"
+        label = _label(run["mqtt_version"], run["window"])
+        ratio = f"{agent['ratio']:.2f}"
+        rows.append(
+            (label, f"{agent['rate']:,.0f}", f"{bare['rate']:,.0f}", ratio, ">= 0.8", details)
         )
+    return rows
+
+
+def _report(messages: int, results: list[dict[str, Any]]) -> None:
+    print(
+        f"\n{messages} QoS 1 messages per subscriber; agent: MqttSource (+ link) + Buffer, "
+        'sync "full", commit_interval_ms 200, ack after commit; bare: paho, ack in on_message\n'
+    )
+    print("| configuration | agent msg/s | bare msg/s | ratio agent/bare | target | details |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for row in summary_rows(results, messages):
+        print("| " + " | ".join(row) + " |")
     print()
     for run in results:
         agent = run["agent"]

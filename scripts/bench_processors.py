@@ -30,22 +30,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from bench import SinkStats, _sink_serve  # the sink of scripts/bench.py, beside this file
 
-from bench import SinkStats, _sink_serve  # noqa: E402 - the sink of scripts/bench.py
-
-from edge_agent.agent import AgentIntake  # noqa: E402
-from edge_agent.buffer import Buffer, BufferSession  # noqa: E402
-from edge_agent.clock import ClockGuard, utc_stamp  # noqa: E402
-from edge_agent.config import BufferConfig, EndpointConfig, Secret  # noqa: E402
-from edge_agent.processors.aggregate import AggregateConfig  # noqa: E402
-from edge_agent.processors.base import Place  # noqa: E402
-from edge_agent.processors.chain import ProcessingIntake  # noqa: E402
-from edge_agent.processors.durable import GRACE_S  # noqa: E402
-from edge_agent.processors.registry import make_processors  # noqa: E402
-from edge_agent.records import RecordBuilder  # noqa: E402
-from edge_agent.uploader import Uploader  # noqa: E402
+from edge_agent.agent import AgentIntake
+from edge_agent.buffer import Buffer, BufferSession
+from edge_agent.clock import ClockGuard, utc_stamp
+from edge_agent.config import BufferConfig, EndpointConfig, Secret
+from edge_agent.processors.aggregate import AggregateConfig
+from edge_agent.processors.base import Place
+from edge_agent.processors.chain import ProcessingIntake
+from edge_agent.processors.durable import GRACE_S
+from edge_agent.processors.registry import make_processors
+from edge_agent.records import RecordBuilder
+from edge_agent.uploader import Uploader
 
 DATASOURCE = "67890"
 RATE_HZ = 10
@@ -176,16 +173,16 @@ def main(argv: list[str]) -> int:
                     figures[f"{name}-{'aggregate' if aggregate else 'raw'}"] = fig
     print("| measurement | agent | baseline (same run) | ratio | target | result |")
     print("|---|---|---|---|---|---|")
-    for live in ("live", "backlog"):
-        for gzip in ("plain", "gzip"):
-            raw, agg = figures[f"{live}-{gzip}-raw"], figures[f"{live}-{gzip}-aggregate"]
+    for phase in ("live", "backlog"):
+        for encoding in ("plain", "gzip"):
+            raw, agg = figures[f"{phase}-{encoding}-raw"], figures[f"{phase}-{encoding}-aggregate"]
             how = (
                 f"uplink up, a request per {FLUSH_S:g} s flush"
-                if live == "live"
+                if phase == "live"
                 else "after an hour's outage, batches of 500"
             )
             print(
-                f"| bytes on the wire per hour, 10 Hz sensor, {how}, {gzip} JSON | "
+                f"| bytes on the wire per hour, 10 Hz sensor, {how}, {encoding} JSON | "
                 f"aggregate 60 s (5 stats): {per_hour(agg, hours)} in {agg['requests']} "
                 f"requests | raw: {per_hour(raw, hours)} in {raw['requests']} requests | "
                 f"{agg['wire_bytes'] / raw['wire_bytes']:.4f}× |  |  |"

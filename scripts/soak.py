@@ -51,12 +51,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -65,18 +63,23 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 from edge_agent.buffer import BufferSession
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
+from edge_agent.testing.harness import (
+    AgentProcess,
+    Mosquitto,
+    Publisher,
+    mosquitto_binary,
+    toml_tables,
+    wait_for,
+)
 
 SERIAL_DS = "67890"
 MQTT_DS = "67891"
@@ -113,49 +116,6 @@ def log_line(text: str) -> None:
     print(text, flush=True)
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return repr(value)
-
-
-def toml_tables(tables: list[tuple[str, dict[str, Any]]]) -> str:
-    lines: list[str] = []
-    for header, table in tables:
-        lines.append(header)
-        lines += [f"{key} = {toml_value(value)}" for key, value in table.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def mosquitto_binary() -> str | None:
-    """Where tests/conftest.py looks for it too."""
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
-
-
 def mib(kib: int) -> str:
     return f"{kib / 1024:.1f} MiB"
 
@@ -189,53 +149,6 @@ class Timeline:
 
 
 # --------------------------------------------------------------------------- real parts
-
-
-class Broker:
-    """A private Mosquitto on a free port; persistent, so a restart keeps sessions and queues."""
-
-    def __init__(self, workdir: Path, binary: str) -> None:
-        self.workdir = workdir
-        self.binary = binary
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.conf = workdir / "mosquitto.conf"
-        # As root, mosquitto would switch to its own user, which cannot write in our directory.
-        as_root = "user root\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(
-            as_root + f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
-            f"persistence_location {workdir}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 0\n"
-            f"log_dest file {workdir}/mosquitto.log\n"
-        )
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        if not wait_for(self._listening, 10, 0.05):
-            raise RuntimeError(f"mosquitto did not listen on port {self.port}")
-
-    def _listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 class Endpoint:
@@ -287,34 +200,22 @@ class Endpoint:
         self.sandbox.set_tokens(self.tokens)
 
 
-class AgentRunner:
-    """`python -m edge_agent run` as a child process; samples its memory; kill -9 and restart."""
+class AgentRunner(AgentProcess):
+    """The agent process; samples its memory; kill -9 and restart."""
 
     def __init__(self, config: Path, log_path: Path) -> None:
-        self.config = config
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(config, log_path)
         self._lock = threading.Lock()
         self.peak_rss_kib = 0
         self.link_peak_rss_kib = 0  # its MQTT link processes (children), sampled the same way
         self.hwm_kib: list[int] = []  # VmHWM of each process, read just before it ended
         self.pids: list[int] = []
 
-    def start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with self.log_path.open("ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+    def start(self) -> AgentRunner:
         with self._lock:
-            self.proc = proc
-            self.pids.append(proc.pid)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+            super().start()
+            self.pids.append(self.pid)
+        return self
 
     def serial_opens(self) -> int:
         text = self.log_text()
@@ -363,32 +264,21 @@ class AgentRunner:
         self.peak_rss_kib = max(self.peak_rss_kib, hwm)
         return hwm
 
-    def kill9(self) -> int:
-        """SIGKILL; returns the process's VmHWM."""
+    def kill9(self) -> None:
+        """SIGKILL, after reading the process's VmHWM."""
         with self._lock:
-            assert self.proc is not None
-            hwm = self._record_hwm()
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        return hwm
+            self._record_hwm()
+            super().kill9()
 
     def terminate(self, timeout: float = 60.0) -> int:
         """SIGTERM and the exit status (-9 if it had to be killed)."""
         with self._lock:
-            assert self.proc is not None
             self._record_hwm()
-            self.proc.send_signal(signal.SIGTERM)
             try:
-                return self.proc.wait(timeout)
+                return super().terminate(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+                self.ensure_dead()
                 return -9
-
-    def ensure_dead(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -481,7 +371,7 @@ class SerialWriter:
 class MqttPublisher:
     """Publishes JSON at QoS 1 at a steady rate plus bursts; a message counts once PUBACKed."""
 
-    def __init__(self, broker: Broker, rng: random.Random) -> None:
+    def __init__(self, broker: Mosquitto, rng: random.Random) -> None:
         self.rng = rng
         self.input = Input("mqtt", MQTT_DS)
         self._lock = threading.Lock()
@@ -494,11 +384,9 @@ class MqttPublisher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mqtt-publisher", daemon=True)
         self._next = 1
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, "soak-publisher")
-        self.client.reconnect_delay_set(1, 2)
-        self.client.on_publish = self._on_publish
-        self.client.connect("127.0.0.1", broker.port)
-        self.client.loop_start()
+        self.client = Publisher(
+            broker, "soak-publisher", reconnect_delay=(1, 2), on_ack=self._on_ack
+        )
 
     def start(self) -> None:
         self._thread.start()
@@ -508,11 +396,9 @@ class MqttPublisher:
         self._thread.join()
 
     def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-        self.client.on_publish = None
+        self.client.close()
 
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
+    def _on_ack(self, mid: int) -> None:
         with self._lock:
             self._acked_mids.add(mid)
 
@@ -550,9 +436,9 @@ class MqttPublisher:
             payload["poison"] = 1
         at = time.monotonic()
         # While the broker is away paho queues the message and sends it on reconnect.
-        info = self.client.publish(f"soak/dev{seq % 5}/data", json.dumps(payload), qos=1)
+        mid = self.client.publish(f"soak/dev{seq % 5}/data", json.dumps(payload))
         with self._lock:
-            self._unacked[seq] = info.mid
+            self._unacked[seq] = mid
             self.input.written[seq] = at
             if poison:
                 self.input.poison.add(seq)
@@ -628,16 +514,13 @@ def buffered_seqs(db: Path, ds: str) -> set[int]:
     """Sequence numbers of `ds` the agent's buffer holds: pending, held or dead-lettered."""
     if not db.exists():
         return set()
-    session = BufferSession(db)
-    try:
+    with BufferSession(db) as session:
         rows = session.conn.execute(
             f"SELECT {_SEQ} FROM readings WHERE datasource_id = ?1 "
             f"UNION ALL SELECT {_SEQ} FROM held WHERE datasource_id = ?1 "
             f"UNION ALL SELECT {_SEQ} FROM dead_letters WHERE datasource_id = ?1",
             (ds,),
         ).fetchall()
-    finally:
-        session.close()
     return {int(seq) for (seq,) in rows if isinstance(seq, int)}
 
 
@@ -666,7 +549,7 @@ class Soak:
         self.timeline = Timeline()
         work = opts.workdir
         (work / "broker").mkdir(parents=True, exist_ok=True)
-        self.broker = Broker(work / "broker", mosquitto)
+        self.broker = Mosquitto(work / "broker", mosquitto)
         self.endpoint = Endpoint(work / "sandbox.db")
         self.sensor = PtySensor(work / "usb-soak-station")
         self.token_file = work / "token"
@@ -845,7 +728,8 @@ class Soak:
         self._hold_serial()
         opens = self.agent.serial_opens()
         old = self.agent.proc.pid if self.agent.proc else 0
-        hwm = self.agent.kill9()
+        self.agent.kill9()
+        hwm = self.agent.hwm_kib[-1]
         down = self._pick(1.0, 0.0, 5.0)
         time.sleep(down)
         self.agent.start()

@@ -1,13 +1,11 @@
 """Fixtures with real parts: the sandbox endpoint, pty sensors, a private Mosquitto, Modbus
-slave processes."""
+slave processes, agent processes (the parts themselves: edge_agent.testing.harness)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +17,16 @@ from edge_agent.clock import NTP_SYNCED_ENV
 from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.testing.harness import (
+    DATASOURCE,
+    TOKEN,
+    AgentProcess,
+    Mosquitto,
+    mosquitto_binary,
+    serial_source,
+    write_config,
+)
 from edge_agent.testing.modbus_slave import SlaveProcess
-from tests.helpers import DATASOURCE, TOKEN, serial_source, write_config
 
 # The kernel's NTP state differs between machines (synchronised on most, never in many
 # containers), and with it what an agent does at start: confirmed at once, or after one probe
@@ -40,12 +46,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = f"skipped under EDGE_AGENT_NO_SKIPS=1 (CI): {report.longrepr}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     sbx = Sandbox(tokens=[TOKEN], datasources=[DATASOURCE, "67891"], db_path=tmp_path / "sbx.db")
@@ -55,26 +55,40 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 
 @pytest.fixture
-def serial_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
-    """Agents with one serial source ("weather") on the given port, run in this process."""
-    agents: list[Agent] = []
+def make_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
+    """Agents run in this process, stopped at the end of the test: each with the given
+    sources, its config in `config` (default `<data>.toml`) and its buffer in `<data>/`."""
+    running: list[Agent] = []
 
-    def make(**source: object) -> Agent:
-        port = Path(str(source.pop("port")))
-        config = write_config(
-            tmp_path / "agent.toml",
+    def make(
+        *sources: dict[str, Any], data: str = "data", device: str = "gw-test", config: str = ""
+    ) -> Agent:
+        path = write_config(
+            tmp_path / (config or f"{data}.toml"),
             url=sandbox.url,
-            data_dir=tmp_path / "data",
-            sources=[serial_source(port, **source)],
+            data_dir=tmp_path / data,
+            sources=list(sources),
+            agent={"device_id": device},
         )
-        agent = Agent(load_config(config))
+        agent = Agent(load_config(path))
         agent.start()
-        agents.append(agent)
+        running.append(agent)
         return agent
 
     yield make
-    for agent in agents:
+    for agent in running:
         agent.stop()
+
+
+@pytest.fixture
+def serial_agent(make_agent: Callable[..., Agent]) -> Callable[..., Agent]:
+    """Agents with one serial source ("weather") on the given port, run in this process."""
+
+    def make(**source: object) -> Agent:
+        port = Path(str(source.pop("port")))
+        return make_agent(serial_source(port, **source), config="agent.toml")
+
+    return make
 
 
 @pytest.fixture
@@ -86,78 +100,9 @@ def pty_sensor(tmp_path: Path) -> Iterator[PtySensor]:
     sensor.unplug()
 
 
-class Mosquitto:
-    """A private broker on a free port; `restart` keeps the port (and its persistence)."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        binary: str,
-        *,
-        allow_anonymous: bool = True,
-        extra_conf: str = "",
-    ) -> None:
-        """`extra_conf`: more mosquitto.conf lines (a password file, a plugin, log_type all)."""
-        self.workdir = workdir
-        self.binary = binary
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.conf = workdir / "mosquitto.conf"
-        # Started as root, mosquitto switches to the `mosquitto` user, which cannot write its
-        # log and persistence file in the test's directory: stay root instead.
-        as_root = "user root\n" if os.geteuid() == 0 else ""
-        self.conf.write_text(
-            as_root + f"listener {self.port} 127.0.0.1\n"
-            f"allow_anonymous {'true' if allow_anonymous else 'false'}\n"
-            "persistence true\n"
-            f"persistence_location {workdir}/\n"
-            "autosave_interval 1\n"
-            "max_queued_messages 0\n"
-            f"log_dest file {workdir}/mosquitto.log\n" + extra_conf
-        )
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "mosquitto.log"
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "-c", str(self.conf)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"mosquitto did not listen on {self.port}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-def _mosquitto_binary() -> str | None:
-    return shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-    )
-
-
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
-    binary = _mosquitto_binary()
+    binary = mosquitto_binary()
     if binary is None:
         if os.environ.get("EDGE_AGENT_REQUIRE_BROKER") == "1":
             pytest.fail("mosquitto is not installed and EDGE_AGENT_REQUIRE_BROKER=1")
@@ -168,6 +113,15 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    """Agent processes a test started (append them); any still running are killed."""
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.ensure_dead()
 
 
 @pytest.fixture

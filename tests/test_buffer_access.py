@@ -21,6 +21,7 @@ from edge_agent.config import BufferConfig
 from edge_agent.records import Reading
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.testing.harness import run_cli
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,13 +151,7 @@ def test_a_read_only_data_dir_stops_the_agent_with_exit_2_and_touches_nothing(
         sources=[serial_source(tmp_path / "no-such-port")],
     )
     before = fingerprint(read_only_data)
-    run = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    run = run_cli("run", "--config", str(config), cwd=ROOT)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "The file system is mounted read-only" in run.stderr
     assert "mount it read-write" in run.stderr

@@ -21,9 +21,16 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.store import _create_v1, _migrate_1_to_2, set_meta
-from tests.conftest import Mosquitto
-from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_mqtt import DS, Publisher, client_id, mqtt_source, wait_subscribed
+from edge_agent.testing.harness import Mosquitto, PeakSampler, Publisher
+from tests.helpers import (
+    DATASOURCE,
+    AgentProcess,
+    counters,
+    serial_source,
+    wait_until,
+    write_config,
+)
+from tests.test_mqtt import DS, client_id, mqtt_source, wait_subscribed
 
 # Seconds of serial flood: 3 in CI; EDGE_AGENT_SLOW_COUNT=300 makes it a minute, by hand.
 FLOOD_S = max(3.0, int(os.environ.get("EDGE_AGENT_SLOW_COUNT", "0")) / 5)
@@ -40,31 +47,6 @@ def on_disk(data_dir: Path) -> int:
     return total
 
 
-class Sampler:
-    """Sums the files under a directory every `interval` s in its own thread; keeps the peak."""
-
-    def __init__(self, data_dir: Path, interval: float = 0.2) -> None:
-        self.data_dir = data_dir
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> Sampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, on_disk(self.data_dir))
-            self.samples += 1
-
-
 def long_reading(seq: int, pad: int = 60) -> Reading:
     return Reading(
         DATASOURCE,
@@ -76,14 +58,6 @@ def pending(data_dir: Path) -> int:
     session = BufferSession(data_dir / "buffer.db")
     try:
         return session.pending_count()
-    finally:
-        session.close()
-
-
-def counters(db: Path) -> dict[str, int]:
-    session = BufferSession(db)
-    try:
-        return session.stats().counters
     finally:
         session.close()
 
@@ -107,7 +81,7 @@ def test_a_burst_of_80000_readings_stays_within_max_bytes_and_every_drop_is_coun
     buf = Buffer(data / "buffer.db", BufferConfig(max_bytes=max_bytes, when_full=policy))  # type: ignore[arg-type]
     buf.open()
     total = 80_000
-    with Sampler(data, interval=0.05) as sampler:
+    with PeakSampler(lambda: on_disk(data), 0.05) as sampler:
         for start in range(0, total, 1000):
             # Serial readings (cannot wait): under "block" they are dropped like drop_newest.
             buf.put([long_reading(i) for i in range(start, start + 1000)])
@@ -147,7 +121,7 @@ def test_a_burst_while_the_uploader_drains_stays_within_max_bytes_and_the_file_s
         session.close()
 
     thread = threading.Thread(target=drain, daemon=True)
-    with Sampler(data, interval=0.05) as sampler:
+    with PeakSampler(lambda: on_disk(data), 0.05) as sampler:
         thread.start()
         for start in range(0, 80_000, 1000):
             buf.put([long_reading(i) for i in range(start, start + 1000)])
@@ -178,7 +152,7 @@ def test_large_readings_stay_within_max_bytes_and_one_too_large_for_a_commit_is_
     buf = Buffer(data / "buffer.db", BufferConfig(max_bytes=max_bytes))
     buf.open()
     acked = threading.Event()
-    with Sampler(data, interval=0.05) as sampler:
+    with PeakSampler(lambda: on_disk(data), 0.05) as sampler:
         for start in range(0, 1000, 100):
             buf.put([long_reading(i, pad=150_000) for i in range(start, start + 100)])
         too_large = DiskBudget(max_bytes).commit_bytes + 1
@@ -214,7 +188,7 @@ def test_readings_held_for_an_untrusted_clock_are_released_within_max_bytes(
         buf.put([long_reading(i).with_mono(100.0 + i) for i in range(start, start + 500)])
     assert buf.flush()
     held_bytes = on_disk(data)
-    with Sampler(data, interval=0.05) as sampler:
+    with PeakSampler(lambda: on_disk(data), 0.05) as sampler:
         buf.fix_times(1_700_000_000.0, "time_quality")
         wait_until(lambda: pending(data) == 6000, 30, "the held readings to be released")
     buf.close()
@@ -262,7 +236,9 @@ def test_an_agent_flooded_through_a_pty_stays_within_max_bytes_then_delivers_and
     agent = AgentProcess(config, tmp_path / "agent.log").start()
     try:
         agent.wait_log("agent: started")
-        with Sampler(data) as sampler:  # from outside the agent's process, every 0.2 s
+        with PeakSampler(
+            lambda: on_disk(data)
+        ) as sampler:  # from outside the agent's process, every 0.2 s
             lines = _flood(sensor, time.monotonic() + FLOOD_S)
             wait_until(lambda: "dropped" in agent.log_text(), 30, "the buffer to overflow and drop")
             time.sleep(1.0)  # the last commits
@@ -309,7 +285,7 @@ def test_an_mqtt_burst_of_large_messages_with_a_window_of_1000_stays_within_max_
     try:
         wait_subscribed(broker, client_id())
         publisher = Publisher(broker)
-        with Sampler(data) as sampler:
+        with PeakSampler(lambda: on_disk(data)) as sampler:
             for seq in range(300):
                 payload = json.dumps({"seq": seq, "pad": "p" * 150_000})
                 publisher.publish(f"sensors/dev{seq % 3}/burst", payload)

@@ -27,6 +27,7 @@ from edge_agent.errors import BufferStoreError
 from edge_agent.records import Reading
 from edge_agent.sandbox import Sandbox
 from edge_agent.store import SCHEMA_VERSION, _create_v1, set_meta
+from edge_agent.testing.harness import run_cli
 from tests.fakes import FakeClock
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
 
@@ -422,12 +423,7 @@ def test_export_and_import_carry_readings_to_another_machine(tmp_path: Path) -> 
     _fill(two / "data" / "buffer.db", 0)
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "edge_agent", "buffer", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_cli("buffer", *args)
 
     exported = cli("export", "--config", str(one / "agent.toml"), "-o", str(tmp_path / "x.jsonl"))
     assert exported.returncode == 0, exported.stderr
@@ -521,8 +517,7 @@ def test_move_and_drop_fix_readings_stuck_under_a_wrong_datasource(tmp_path: Pat
     buf.close()
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "edge_agent", "buffer", *args, "--config", str(config)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60)
+        return run_cli("buffer", *args, "--config", str(config))
 
     moved = cli("move", "--from", "11111", "--to", DATASOURCE)
     assert moved.returncode == 0 and "moved 4 pending readings" in moved.stdout

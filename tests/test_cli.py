@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,19 +13,15 @@ import pytest
 
 from edge_agent import __version__
 from edge_agent.cli import EXIT_CODES, _parser
+from edge_agent.testing.harness import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", *args],
-        capture_output=True,
-        text=True,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})},
-        timeout=60,
-        cwd=ROOT,
+    return run_cli(
+        *args, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})}, cwd=ROOT
     )
 
 

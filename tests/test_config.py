@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from edge_agent.config import Secret, all_keys, load_config
+from edge_agent.config import Secret, load_config
 from edge_agent.errors import ConfigError
+from edge_agent.testing.harness import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,12 +153,8 @@ def test_source_mistakes(tmp_path: Path) -> None:
 def test_cli_exit_status_2_with_one_clear_line(tmp_path: Path) -> None:
     path = write(tmp_path, ISSUE_EXAMPLE.replace("baudrate", "baudrat"))
     for command in ("run", "check"):
-        proc = subprocess.run(
-            [sys.executable, "-m", "edge_agent", command, "--config", str(path)],
-            capture_output=True,
-            text=True,
-            env={"MADEVO_TOKEN": "x", "PATH": "/usr/bin:/bin"},
-            timeout=30,
+        proc = run_cli(
+            command, "--config", str(path), env={"MADEVO_TOKEN": "x", "PATH": "/usr/bin:/bin"}
         )
         assert proc.returncode == 2, proc.stderr
         assert "unknown key 'baudrat'; did you mean 'baudrate'?" in proc.stderr
@@ -168,28 +163,12 @@ def test_cli_exit_status_2_with_one_clear_line(tmp_path: Path) -> None:
 
 def test_check_describes_without_the_token(tmp_path: Path) -> None:
     path = write(tmp_path, ISSUE_EXAMPLE)
-    proc = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        env={"MADEVO_TOKEN": "s3cret-token-value", "PATH": "/usr/bin:/bin"},
-        timeout=30,
-    )
+    env = {"MADEVO_TOKEN": "s3cret-token-value", "PATH": "/usr/bin:/bin"}
+    proc = run_cli("check", "--config", str(path), env=env)
     assert proc.returncode == 0, proc.stderr
     assert "source weather: serial /dev/ttyUSB0 at 9600 baud" in proc.stdout
     assert "POST https://api.example.com/restapi/datasource/insert" in proc.stdout
     assert "s3cret" not in proc.stdout + proc.stderr
-
-
-def test_every_config_key_is_documented_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text()
-    missing = [
-        f"[{section}] {key}"
-        for section, keys in all_keys().items()
-        for key in keys
-        if f"`{key}`" not in readme
-    ]
-    assert not missing, f"README.md does not document: {', '.join(missing)}"
 
 
 def test_example_configs_load(tmp_path: Path) -> None:
@@ -266,13 +245,8 @@ def test_comments_are_not_expanded_and_a_malformed_reference_is_named(tmp_path: 
 
 def test_the_cli_reports_an_unset_variable_as_a_configuration_error(tmp_path: Path) -> None:
     path = write(tmp_path, TEMPLATED)
-    proc = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "check", "--config", str(path)],
-        capture_output=True,
-        text=True,
-        env={"MADEVO_TOKEN": "x", "GATEWAY_ID": "g", "PATH": "/usr/bin:/bin"},
-        timeout=30,
-    )
+    env = {"MADEVO_TOKEN": "x", "GATEWAY_ID": "g", "PATH": "/usr/bin:/bin"}
+    proc = run_cli("check", "--config", str(path), env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr == (
         f"edge-agent: configuration error: {path}: line 13: the environment variable PORT is "

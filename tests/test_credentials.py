@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from edge_agent.errors import ConfigError
 from edge_agent.logs import RecentErrors
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.testing.harness import free_port, run_cli
 from edge_agent.uploader import Uploader
-from tests.conftest import free_port
 from tests.helpers import DATASOURCE, TOKEN, AgentProcess, serial_source, wait_until, write_config
 from tests.test_service import edge_agent_status, received_seqs, with_status
 
@@ -39,14 +38,7 @@ SECRET_TAIL = "s3cret-second-line"
 def cli(*args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
     """`edge-agent ARGS`; an agent that keeps running instead of exiting fails the test."""
     try:
-        return subprocess.run(
-            [sys.executable, "-m", "edge_agent", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            check=False,
-        )
+        return run_cli(*args, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"edge-agent {' '.join(args)} did not exit: {exc.stderr!r}") from None
 

@@ -5,18 +5,12 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 
-from tests.conftest import Mosquitto, free_port
+from edge_agent.testing.harness import Mosquitto, free_port, run_cli
 
 
 def run_demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", "demo", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli("demo", *args, timeout=120)
 
 
 def test_demo_with_an_outage_and_an_mqtt_broker_loses_nothing(mosquitto: Mosquitto) -> None:

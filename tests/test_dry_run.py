@@ -11,25 +11,16 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder, PtySensor
-from tests.conftest import Mosquitto
+from edge_agent.testing.harness import Mosquitto, Publisher, run_cli
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
-from tests.test_mqtt import Publisher
 
 
 def dry_run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--once", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli("run", "--once", "--config", str(config), *args)
 
 
 def config_for(tmp_path: Path, sandbox: Sandbox, source: dict[str, object]) -> Path:
@@ -41,14 +32,6 @@ def config_for(tmp_path: Path, sandbox: Sandbox, source: dict[str, object]) -> P
         sources=[source],
         token_file=tmp_path / "no-token-here",
     )
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def test_once_prints_what_would_be_sent_and_sends_and_keeps_nothing(

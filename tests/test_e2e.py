@@ -29,14 +29,6 @@ def sensor(tmp_path: Path) -> Iterator[PtySensor]:
     s.unplug()
 
 
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
-
-
 def pending_seqs(db: Path) -> set[int]:
     if not db.exists():
         return set()

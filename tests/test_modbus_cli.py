@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edge_agent.testing.harness import run_cli
 from edge_agent.testing.modbus_slave import SlaveProcess
 from tests.helpers import AgentProcess, write_config
 
@@ -27,9 +27,7 @@ METER = [
 
 
 def edge_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60
-    )
+    return run_cli(*args)
 
 
 def modbus_source(port: Path | str, **extra: Any) -> dict[str, Any]:
@@ -63,14 +61,6 @@ def meter(slaves: Callable[..., SlaveProcess], tmp_path: Path) -> SlaveProcess:
     slave.command("set holding 10 int32 little 655")
     slave.command("set input 100 float32 big nan")
     return slave
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def test_modbus_read_polls_once_and_prints_each_decoded_value(

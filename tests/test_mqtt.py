@@ -24,11 +24,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.agent import Agent
 from edge_agent.buffer import BufferSession
@@ -38,7 +36,7 @@ from edge_agent.errors import ConfigError, ParseError
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.sources.mqtt.protocol import LinkSettings, Open
 from edge_agent.sources.mqtt.source import MqttSource, device_stamp
-from tests.conftest import Mosquitto
+from edge_agent.testing.harness import Mosquitto, Publisher
 from tests.helpers import AgentProcess, wait_until, write_config
 
 DS = "67891"
@@ -92,80 +90,11 @@ def client_id(name: str = "plant", device: str = "gw-test") -> str:
     return f"edge-agent-{device}-{name}"
 
 
-class Publisher:
-    """Publishes at QoS 1 and counts PUBACKs; paho resends what is unacknowledged on reconnect."""
-
-    def __init__(self, b: Mosquitto, name: str = "test-publisher") -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, name)
-        self.client.reconnect_delay_set(1, 1)
-        self.client.on_publish = self._on_publish
-        self._lock = threading.Lock()
-        self._sent: set[int] = set()
-        self._acked: set[int] = set()
-        self.client.connect("127.0.0.1", b.port)
-        self.client.loop_start()
-
-    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, *rest: Any) -> None:
-        with self._lock:
-            self._acked.add(mid)
-
-    def publish(self, topic: str, payload: str | bytes, retain: bool = False) -> None:
-        # Not under self._lock: paho calls on_publish holding its own lock (and may do so
-        # before publish() returns; acked() counts only mids seen on both sides).
-        mid = self.client.publish(topic, payload, qos=1, retain=retain).mid
-        with self._lock:
-            assert mid not in self._sent, "a test publishes fewer than 65535 messages"
-            self._sent.add(mid)
-
-    def acked(self) -> int:
-        with self._lock:
-            return len(self._acked & self._sent)
-
-    def wait_acked(self, timeout: float = 30) -> None:
-        wait_until(lambda: self.acked() == len(self._sent), timeout, "PUBACK for every message")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-        self.client.on_publish = None  # no cycle: paho's sockets close when it is collected
-
-
 @pytest.fixture
 def publisher(broker: Mosquitto) -> Iterator[Publisher]:
     p = Publisher(broker)
     yield p
     p.close()
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for a in started:
-        a.ensure_dead()
-
-
-@pytest.fixture
-def make_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
-    """Agents run in this process, stopped at the end of the test."""
-    running: list[Agent] = []
-
-    def make(*sources: dict[str, Any], data: str = "data", device: str = "gw-test") -> Agent:
-        config = write_config(
-            tmp_path / f"{data}.toml",
-            url=sandbox.url,
-            data_dir=tmp_path / data,
-            sources=list(sources),
-            agent={"device_id": device},
-        )
-        agent = Agent(load_config(config))
-        agent.start()
-        running.append(agent)
-        return agent
-
-    yield make
-    for agent in running:
-        agent.stop()
 
 
 class _Lines(logging.Handler):

@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from edge_agent.buffer import Buffer, BufferSession, wal_reserve
 from edge_agent.config import BufferConfig
@@ -19,16 +15,21 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.store import used_bytes
-from tests.conftest import free_port
-from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
+from edge_agent.testing.harness import free_port, run_cli
+from tests.helpers import (
+    DATASOURCE,
+    AgentProcess,
+    counters,
+    serial_source,
+    wait_until,
+    write_config,
+)
 
 OTHER = "67891"
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=120
-    )
+    return run_cli(*args, timeout=120)
 
 
 def fill(db: Path, count: int, ds: str = DATASOURCE, start: int = 0) -> None:
@@ -51,14 +52,6 @@ def seqs(db: Path, ds: str | None = None) -> list[int]:
     return [json.loads(r)["seq"] for (r,) in rows]
 
 
-def counters(db: Path) -> dict[str, int]:
-    session = BufferSession(db)
-    try:
-        return session.stats().counters
-    finally:
-        session.close()
-
-
 def received(sandbox: Sandbox, ds: str = DATASOURCE) -> list[int]:
     return [int(r["seq"]) for r in sandbox.records(ds)]
 
@@ -68,14 +61,6 @@ def write_lines(sensor: PtySensor, start: int, count: int) -> int:
         assert sensor.write_line(kv_line(seq, time.time()))
         time.sleep(0.002)
     return start + count
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def agent_config(

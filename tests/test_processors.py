@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from edge_agent.config import load_config
 from edge_agent.processors.durable import GRACE_S
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
-from tests.conftest import Mosquitto
+from edge_agent.testing.harness import Mosquitto, Publisher, run_cli
 from tests.fakes import FakeClock
 from tests.helpers import (
     DATASOURCE,
@@ -36,7 +34,6 @@ from tests.helpers import (
 )
 from tests.test_mqtt import (  # the MQTT tests' plumbing, reused
     DS,
-    Publisher,
     broker,  # noqa: F401 - a fixture: a Mosquitto that logs every packet
     broker_log_count,
     client_id,
@@ -400,12 +397,7 @@ def test_bad_processor_config_exits_2_naming_the_key(
         data_dir=tmp_path / "data",
         sources=[serial_source(tmp_path / "no-port", processors=[processor])],
     )
-    proc = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_cli("run", "--config", str(config))
     assert proc.returncode == 2, proc.stderr
     assert "processors #1" in proc.stderr
     for word in words:

@@ -14,9 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.buffer import _ENCODER, signature
-from edge_agent.clock import utc_stamp
+from edge_agent.clock import SecondStamps, utc_stamp
 from edge_agent.records import Reading, RecordBuilder, with_field
-from edge_agent.sources.mqtt.source import SecondStamps
 
 STAMP = "2026-11-26T12:00:00.123Z"
 

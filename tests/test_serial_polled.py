@@ -9,8 +9,6 @@ refused before start.
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
@@ -22,6 +20,7 @@ from edge_agent.agent import Agent
 from edge_agent.buffer import BufferSession
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder
+from edge_agent.testing.harness import run_cli
 from tests.helpers import DATASOURCE, serial_connected, serial_source, wait_until, write_config
 
 
@@ -183,12 +182,7 @@ def test_bad_framing_and_polling_keys_stop_the_agent_with_exit_2(
         data_dir=tmp_path / "data",
         sources=[serial_source(tmp_path / "ttyUSB0", **extra)],
     )
-    run = subprocess.run(
-        [sys.executable, "-m", "edge_agent", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = run_cli("run", "--config", str(config))
     assert run.returncode == 2, run.stderr
     assert message in run.stderr
     assert "Traceback" not in run.stderr

@@ -17,9 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.service import Service
 from edge_agent.simulator import PtySensor, kv_line
 from edge_agent.status import StatusServer
-from tests.conftest import free_port
+from edge_agent.testing.harness import free_port, run_cli
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
 from tests.test_status import _chromium, _run_chromium, changed, make_snapshot
 
@@ -81,14 +79,6 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@pytest.fixture
-def agents() -> Iterator[list[AgentProcess]]:
-    started: list[AgentProcess] = []
-    yield started
-    for agent in started:
-        agent.ensure_dead()
 
 
 def received_seqs(sandbox: Sandbox) -> set[int]:
@@ -347,13 +337,7 @@ def healthz(base: str) -> httpx.Response:
 
 
 def edge_agent_status(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", "status", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    return run_cli("status", "--config", str(config), *args, timeout=30)
 
 
 def write_lines(sensor: PtySensor, start: int, count: int) -> int:

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import _mosquitto_binary
+from edge_agent.testing.harness import mosquitto_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,7 +42,7 @@ FAULT_KINDS = _soak_script().FAULT_KINDS  # the soak's own list: one place to ad
 
 @pytest.mark.slow
 def test_soak_accounts_for_every_reading(tmp_path: Path) -> None:
-    if _mosquitto_binary() is None:
+    if mosquitto_binary() is None:
         if os.environ.get("EDGE_AGENT_REQUIRE_BROKER") == "1":
             pytest.fail("mosquitto is not installed and EDGE_AGENT_REQUIRE_BROKER=1")
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")

@@ -24,10 +24,10 @@ from edge_agent.config import load_config
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtyResponder, PtySensor
 from edge_agent.sources.registry import source_types
+from edge_agent.testing.harness import Mosquitto, Publisher
 from edge_agent.testing.modbus_slave import SlaveProcess
-from tests.conftest import Mosquitto
-from tests.helpers import DATASOURCE, wait_until, write_config
-from tests.test_mqtt import Publisher, client_id, wait_subscribed
+from tests.helpers import DATASOURCE, wait_until
+from tests.test_mqtt import client_id, wait_subscribed
 
 NAME = "dut"
 
@@ -227,26 +227,14 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Rig]:
 
 
 @pytest.fixture
-def run_agent(tmp_path: Path, sandbox: Sandbox) -> Iterator[Callable[..., Agent]]:
-    agents: list[Agent] = []
-
+def run_agent(make_agent: Callable[..., Agent]) -> Callable[..., Agent]:
     def run(rig: Rig, **extra: Any) -> Agent:
         table = {"name": NAME, "datasource_id": DATASOURCE, "shape": "wide", **rig.table()}
-        path = write_config(
-            tmp_path / "agent.toml",
-            url=sandbox.url,
-            data_dir=tmp_path / "data",
-            sources=[{**table, **extra}],
-        )
-        agent = Agent(load_config(path))
-        agent.start()
-        agents.append(agent)
+        agent = make_agent({**table, **extra}, config="agent.toml")
         rig.ready(agent)
         return agent
 
-    yield run
-    for agent in agents:
-        agent.stop()
+    return run
 
 
 def arrived(sandbox: Sandbox, seq: int) -> list[dict[str, Any]]:

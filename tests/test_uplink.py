@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import EndpointConfig
+from edge_agent.testing.harness import free_port
 from edge_agent.uplink import (
     PROBE_JITTER,
     ROUTE_CHECK_S,
@@ -26,7 +27,6 @@ from edge_agent.uplink import (
     probe,
     target_for,
 )
-from tests.conftest import free_port
 from tests.fakes import FakeClock
 
 WALL = 1_800_000_000.0  # 2027-01-15T08:00:00Z

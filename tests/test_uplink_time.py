@@ -29,9 +29,9 @@ from edge_agent.config import EndpointConfig
 from edge_agent.exchange import Reply
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
+from edge_agent.testing.harness import free_port
 from edge_agent.uplink_time import UplinkTime, sample_from, uplink_usable
 from edge_agent.uploader import judge
-from tests.conftest import free_port
 from tests.fakes import FakeClock
 from tests.helpers import DATASOURCE, AgentProcess, serial_source, wait_until, write_config
 from tests.test_service import edge_agent_status, metric, scrape, with_status

@@ -17,7 +17,6 @@ import logging
 import os
 import random
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,9 +33,9 @@ from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor
 from edge_agent.status import health
+from edge_agent.testing.harness import free_port, run_cli
 from edge_agent.uplink import PROBE_JITTER
 from edge_agent.uploader import split_bound
-from tests.conftest import free_port
 from tests.helpers import (
     DATASOURCE,
     TOKEN,
@@ -219,9 +218,7 @@ def test_three_bad_records_among_500_are_dead_lettered_and_497_delivered(
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, timeout=60
-    )
+    return run_cli(*args)
 
 
 def test_dead_letters_are_listed_requeued_and_purged_while_the_agent_runs(

@@ -4,7 +4,6 @@
                     MQTT sources share (hub.py, link.py), read by our thread; the MQTT
                     version ("auto": 5, and 3.1.1 for good with a broker that refuses 5)
     MessageReader   topic fields + payload + device time -> readings (no network, no threads)
-    SecondStamps    utc_stamp for a stream of receive times, the seconds formatted once
     device_stamp    a device timestamp (ISO 8601, epoch s or ms) -> the agent's UTC stamp
 
 End-to-end acknowledgement: paho runs with `manual_ack` in the link process; a QoS 1 message
@@ -48,7 +47,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import assert_never
 
-from edge_agent.clock import utc_stamp
+from edge_agent.clock import SecondStamps, utc_stamp
 from edge_agent.errors import OversizeError, ParseError, SourceError
 from edge_agent.logs import RateLimitedLog
 from edge_agent.parsers import PayloadKind, Value, coerce, parse_payload
@@ -177,32 +176,6 @@ class MessageReader:
         if not values:
             raise ParseError("no values besides the timestamp")
         return device_stamp(raw)
-
-
-class SecondStamps:
-    """`utc_stamp`, with the date and time of day reused while the second stays the same.
-
-    Messages come thousands a second: formatting the whole stamp for each one is a tenth of
-    the agent's work per message.
-    """
-
-    def __init__(self) -> None:
-        self._last: tuple[int, str] = (0, utc_stamp(0)[:-4])  # 'YYYY-MM-DDTHH:MM:SS.'
-        self._last_stamp: tuple[int, str] = (0, utc_stamp(0))
-
-    def __call__(self, epoch_seconds: float) -> str:
-        millis = int(epoch_seconds * 1000)  # as utc_stamp rounds
-        last_millis, stamp = self._last_stamp
-        if millis == last_millis:  # thousands a second: many share a millisecond
-            return stamp
-        second, ms = divmod(millis, 1000)
-        last_second, head = self._last
-        if second != last_second:
-            head = utc_stamp(second)[:-4]
-            self._last = (second, head)  # one tuple: a reader never sees a torn pair
-        stamp = f"{head}{ms:03d}Z"
-        self._last_stamp = (millis, stamp)
-        return stamp
 
 
 def device_stamp(value: Value) -> str:
