@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -46,13 +47,50 @@ def output_problem(target: Path, buffers: Iterable[Path], force: bool) -> str | 
                     f"{target} is the buffer's own file {own}: writing there would destroy "
                     "the buffer; give a file outside it (--force does not change this)"
                 )
+    dangling = _dangling_link(target)
+    if dangling is not None:
+        return dangling
     if real.is_dir():
         return f"{target} is a directory; give a file name"
+    kind = _special_kind(real)
+    if kind is not None:
+        return (
+            f"{target} is {kind}, not a regular file: give the name of a regular file "
+            "(or leave out -o to write to standard output); --force does not change this"
+        )
     if not real.parent.is_dir():
         return f"{real.parent} does not exist; create it or give another file"
     if real.exists() and not force:
         return f"{target} exists; give another file, or add --force to replace it"
     return None
+
+
+def _dangling_link(target: Path) -> str | None:
+    """A link (or a chain of them) that leads nowhere would be written through, creating a
+    file where the link points: refuse it rather than guess."""
+    if not target.is_symlink() or target.exists():
+        return None
+    return (
+        f"{target} is a symbolic link to {os.readlink(target)}, which does not exist: give "
+        "the real path, or remove the link"
+    )
+
+
+def _special_kind(path: Path) -> str | None:
+    """What `path` is when it exists and is not a regular file (never opened: a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for check, kind in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if check(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def _same_file(a: Path, b: Path) -> bool:

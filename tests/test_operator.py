@@ -4,7 +4,10 @@ command does beside a running agent, and export and import that keep the buffer'
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -250,6 +253,44 @@ def test_export_never_overwrites_by_accident_nor_writes_onto_the_buffer(tmp_path
     lines = kept.read_text().splitlines()
     assert [json.loads(line)["record"]["seq"] for line in lines] == list(range(25))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
+
+
+def test_export_refuses_fifos_devices_sockets_and_dangling_links_even_with_force(
+    tmp_path: Path,
+) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    fill(tmp_path / "data" / "buffer.db", 5)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(sock_path))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone.jsonl")  # removed since, say
+    to_fifo = tmp_path / "to-pipe"
+    to_fifo.symlink_to(fifo)
+    expected = {
+        fifo: "is a FIFO (named pipe), not a regular file",
+        to_fifo: "is a FIFO (named pipe), not a regular file",
+        device: "is a character device, not a regular file",
+        sock_path: "is a socket, not a regular file",
+        dangling: "which does not exist: give the real path, or remove the link",
+    }
+    try:
+        for target, message in expected.items():
+            for force in ([], ["--force"]):
+                refused = cli("buffer", "export", "--config", str(config), "-o", str(target),
+                              *force)  # fmt: skip
+                assert refused.returncode == 2, (target, force, refused.stderr)
+                assert message in refused.stderr, refused.stderr
+                assert "Traceback" not in refused.stderr
+    finally:
+        sock.close()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISCHR(os.lstat(device).st_mode)
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode) and dangling.is_symlink()
+    assert not (tmp_path / "gone.jsonl").exists(), "nothing was written through the link"
 
 
 # -- import --------------------------------------------------------------------------------
