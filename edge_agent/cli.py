@@ -288,6 +288,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BufferError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 2  # a start-up error
+    owner.watch()  # makes the lock file again if it is deleted while the agent runs
     try:
         return Service(config).run()
     finally:

@@ -137,6 +137,77 @@ def test_a_second_agent_on_the_same_buffer_exits_2_and_nothing_is_sent_twice(
     assert third.terminate() == 0
 
 
+def test_deleting_the_lock_file_under_a_running_agent_lets_no_second_agent_start(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    config = agent_config(tmp_path, sandbox.url, pty_sensor.link)
+    lock_file = tmp_path / "data" / "buffer.db.lock"
+    first = AgentProcess(config, tmp_path / "first.log").start()
+    agents.append(first)
+    assert first.proc is not None
+    first.wait_log("serial weather: reading")
+    written = write_lines(pty_sensor, 0, 20)
+    wait_until(lambda: len(received(sandbox)) >= 20, what="the first readings")
+
+    lock_file.unlink()  # a tidy-up by hand: `rm /var/lib/edge-agent/*.lock`
+    second = AgentProcess(config, tmp_path / "second.log").start()
+    agents.append(second)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 2, second.log_text()
+    message = second.log_text()
+    assert f"PID {first.proc.pid}" in message and "another agent already runs" in message, message
+    refused = cli("buffer", "drop", "--config", str(config), "--datasource", DATASOURCE, "--yes")
+    assert refused.returncode == 2 and f"PID {first.proc.pid}" in refused.stderr, refused.stderr
+
+    # The holder makes its lock file again, with its PID, and says so.
+    wait_until(lock_file.exists, timeout=30, what="the lock file made again")
+    wait_until(lambda: lock_file.read_text().strip() == str(first.proc.pid), what="its PID")
+    first.wait_log("was deleted while the agent runs; took it again, with the agent's PID")
+    status = cli("status", "--config", str(config))
+    assert status.returncode != 3, "status finds the agent running: " + status.stdout
+
+    written = write_lines(pty_sensor, written, 30)
+    wait_until(lambda: len(received(sandbox)) >= written, what="the next readings")
+    assert sorted(received(sandbox)) == list(range(written)), "each reading arrives once"
+    assert first.proc.poll() is None and first.terminate() == 0
+
+
+def test_a_lock_file_that_is_a_link_a_fifo_or_a_hard_link_is_refused_and_left_alone(
+    tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    data = tmp_path / "data"
+    data.mkdir()
+    lock_file = data / "buffer.db.lock"
+    victim = tmp_path / "precious.conf"
+    victim.write_text("keep me\n")
+
+    def refused_run(expected: str) -> None:
+        agent = AgentProcess(config, tmp_path / "agent.log").start()
+        agents.append(agent)
+        assert agent.proc is not None
+        assert agent.proc.wait(30) == 2, agent.log_text()
+        message = agent.log_text()
+        assert expected in message and f"rm {lock_file}" in message, message
+        assert "Traceback" not in message and not (data / "buffer.db").exists()
+        assert victim.read_text() == "keep me\n", "nothing written through the lock file"
+
+    lock_file.symlink_to(victim)
+    refused_run("is a symbolic link (to ")
+    lock_file.unlink()
+    os.link(victim, lock_file)
+    refused_run("has 2 names (hard links)")
+    lock_file.unlink()
+    os.mkfifo(lock_file)
+    refused_run("is not a regular file")
+    # `status` must not block opening the FIFO either: the agent is simply not running.
+    status = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "status", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 3, status.stdout + status.stderr
+
+
 # -- each operator command beside a running agent --------------------------------------------
 
 
