@@ -21,8 +21,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent import template
 from edge_agent.credentials import (
+    CONFIG_FILE_LIMIT,
+    SECRET_FILE_LIMIT,
+    NotASmallFile,
     decode_secret_file,
     has_url_credentials,
+    read_small_file,
     strip_line_end,
     token_problem,
 )
@@ -220,7 +224,11 @@ def resolve_token(endpoint: EndpointConfig, environ: Mapping[str, str], where: s
     assert endpoint.token_file is not None  # _check_endpoint requires one of the two
     label = f"{where}: [endpoint] token_file: {endpoint.token_file}"
     try:
-        data = Path(endpoint.token_file).read_bytes()
+        data = read_small_file(endpoint.token_file, SECRET_FILE_LIMIT)
+    except NotASmallFile as exc:
+        raise ConfigError(
+            f"{label} {exc}; point token_file at a file that holds the token on one line"
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"{where}: [endpoint] token_file: cannot read {endpoint.token_file} "
@@ -238,7 +246,11 @@ def resolve_token(endpoint: EndpointConfig, environ: Mapping[str, str], where: s
 
 def _read_toml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     try:
-        data = path.read_bytes()
+        data = read_small_file(path, CONFIG_FILE_LIMIT)
+    except NotASmallFile as exc:
+        raise ConfigError(
+            f"{path}: {exc}; give the path of the agent's TOML configuration file"
+        ) from None
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such file; copy one of the examples in configs/ and edit it"
