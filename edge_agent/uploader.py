@@ -172,13 +172,26 @@ def judge(reply: Reply, gzip_sent: bool, now: float) -> Answer:
     A 2xx with anything else came from something between the gateway and the API (a captive
     portal, a login page, a proxy): the batch was not delivered. The message text itself is
     not required, as the spec says its behaviour may evolve.
+
+    A 2xx longer than the cap is read only in part: labelled as JSON and starting with `{`, it
+    is the API's answer (a portal sends a page, not a JSON object) and the batch is delivered:
+    the readings were inserted, and sending them again would only duplicate them.
     """
     verdict = classify(reply.status, gzip_sent)
     doc = _json_object(reply)
     retry_after = parse_retry_after(reply.retry_after, now)
-    if verdict is Verdict.DELIVERED and (doc is None or not _says_json(reply.content_type)):
+    if verdict is Verdict.DELIVERED and not _api_json(reply, doc):
         return Answer(Verdict.NOT_THE_API, reply.status, _foreign(reply), retry_after)
     return Answer(verdict, reply.status, _server_message(reply, doc), retry_after)
+
+
+def _api_json(reply: Reply, doc: dict[str, Any] | None) -> bool:
+    if not _says_json(reply.content_type):
+        return False
+    if reply.complete:
+        return doc is not None
+    # Cut at the cap: it cannot be parsed, but it is labelled JSON and opens an object.
+    return bool(reply.content_type.strip()) and reply.body.lstrip().startswith(b"{")
 
 
 def _says_json(content_type: str) -> bool:
@@ -201,7 +214,8 @@ def _server_message(reply: Reply, doc: dict[str, Any] | None) -> str:
     if doc is not None and isinstance(doc.get("message"), str):
         return printable(doc["message"].strip(), 500)
     text = reply.body[:_SHOWN_BYTES].decode("utf-8", "backslashreplace").strip()
-    return printable(text or reply.reason, 200)
+    over = "" if reply.complete else f" (an answer over {MAX_ANSWER_BYTES // 1024} KiB, cut)"
+    return printable(text or reply.reason, 200) + over
 
 
 def _foreign(reply: Reply) -> str:

@@ -694,11 +694,27 @@ def test_a_trickled_answer_ends_at_timeout_s_is_counted_and_health_sees_it(
     assert not run.logs.matching("unexpected error")
 
 
+def test_a_json_confirmation_longer_than_the_answer_cap_counts_as_delivered_once(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    # The API's own JSON object, padded to 1 MB: past the 256 KiB the agent reads. The
+    # readings were inserted; sending them again would only store them twice.
+    sandbox.set_faults(Faults(huge_body_mb=1))
+    run = start_agent()
+    run.put([record(i) for i in range(10)])
+    wait_until(lambda: run.pending() == 0, timeout=20, what="the batch counted delivered")
+    assert sorted(seqs(stored(sandbox))) == list(range(10)), "each reading stored once"
+    assert sandbox.stats()["by_status"].get("200") == 1, sandbox.stats()
+    assert not run.logs.matching("something other than the insert API")
+    assert run.dead_letters() == []
+
+
 def test_huge_answers_on_200_and_on_400_during_bisection_keep_memory_bounded(
     tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
 ) -> None:
-    # Every answer is 50 MB: the 200s (stored, then answered huge: not the API's answer, so
-    # retried) and the 400s of the bisection down to seq 0, which the sandbox refuses.
+    # Every answer is 50 MB: the 200s (stored, then answered with a huge JSON object: the
+    # API's answer, cut at the cap, so delivered) and the 400s of the bisection down to seq 0,
+    # which the sandbox refuses.
     sandbox.set_faults(Faults(huge_body_mb=50, reject_fields={"seq": "0"}))
     config = agent_config(tmp_path, sandbox, pty_sensor)
     agent = AgentProcess(config, tmp_path / "agent.log").start()

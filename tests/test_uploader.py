@@ -778,7 +778,15 @@ def reply(
         (reply(b"not json"), V.NOT_THE_API),
         (reply(b"\xff\xfe{}"), V.NOT_THE_API),
         (reply(b"[" * 100_000), V.NOT_THE_API),  # deeper than the parser's stack
-        (reply(b'{"message": "Data successfully', complete=False), V.NOT_THE_API),
+        # Over the 256 KiB cap, labelled JSON and opening an object: the API's answer, cut.
+        # The readings were inserted: counting them delivered is what avoids duplicates.
+        (reply(b'{"message": "Data successfully', complete=False), V.DELIVERED),
+        (reply(b'  {"message": "x", "pad": "', "application/json", 201, False), V.DELIVERED),
+        # Cut, but not labelled JSON or not an object: still not the API's answer.
+        (reply(b'{"message": "Data successfully', "", complete=False), V.NOT_THE_API),
+        (reply(b'{"message": "x"', "text/html", complete=False), V.NOT_THE_API),
+        (reply(b"[1, 2, 3", complete=False), V.NOT_THE_API),
+        (reply(b"<html>", complete=False), V.NOT_THE_API),
         (reply(b"<html>", "text/html", 400), V.BAD_RECORDS),  # only 2xx are checked
         (reply(b"", "", 503), V.TRANSIENT),
     ],
