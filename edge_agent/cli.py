@@ -648,22 +648,50 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Check the whole file first, then queue what fits; say exactly what was not queued."""
-    from edge_agent.export_file import Readings, survey
+    from edge_agent.export_file import Interruption, Readings, survey
 
     config = _inspection_config(args.config)
     session = BufferSession(config.buffer_path)
     try:
-        found = survey(args.file)
-        if found.bad_count:
-            return _bad_lines(args.file, found.bad, found.bad_count)
-        room = session.import_room(config.buffer)
-        if args.when_full == "refuse" and found.estimated_bytes > room:
-            return _does_not_fit(args.file, found.readings, found.estimated_bytes, room, config)
-        readings = Readings(args.file)
-        done = session.import_lines(readings, config.buffer)
+        with Interruption() as stop:  # Ctrl-C, SIGTERM: commit what was read, then report
+            found = survey(args.file, stop)
+            if found.interrupted:
+                print(
+                    f"edge-agent: interrupted ({stop.name}) while checking {args.file}; "
+                    "nothing was imported: run the same command again",
+                    file=sys.stderr,
+                )
+                return 128 + (stop.signum or 0)
+            if found.bad_count:
+                return _bad_lines(args.file, found.bad, found.bad_count)
+            room = session.import_room(config.buffer)
+            if args.when_full == "refuse" and found.estimated_bytes > room:
+                return _does_not_fit(args.file, found.readings, found.estimated_bytes, room, config)
+            readings = Readings(args.file, stop)
+            done = session.import_lines(readings, config.buffer)
     finally:
         session.close()
+    if readings.interrupted:
+        return _import_interrupted(args.file, done, stop.name, stop.signum or 0)
     return _import_report(args.file, done, readings.problem, args.when_full)
+
+
+def _import_interrupted(path: Path, done: Imported, name: str, signum: int) -> int:
+    """What committed before the signal, and the command that queues the rest."""
+    queued = sum(done.queued.values())
+    where = "" if done.queued_lines is None else " (lines {}-{})".format(*done.queued_lines)
+    print(f"queued {queued} readings from {path}{where} before the interruption")
+    for ds, n in sorted(done.queued.items()):
+        print(f"  data source {ds}: {n}")
+    resume = 1 if done.queued_lines is None else done.queued_lines[1] + 1
+    print(
+        f"edge-agent: interrupted ({name}): the readings from line {resume} on were not "
+        f"queued. To queue them: `tail -n +{resume} {path} > rest.jsonl`, then "
+        "`edge-agent buffer import` rest.jsonl (importing the whole file again would queue "
+        f"the first {queued} twice)",
+        file=sys.stderr,
+    )
+    return 128 + signum
 
 
 def _bad_lines(path: Path, bad: list[tuple[int, str]], count: int) -> int:
