@@ -30,6 +30,7 @@ from edge_agent.errors import (
     BufferInUseError,
     ConfigError,
     EdgeAgentError,
+    ForeignStatusError,
 )
 from edge_agent.logs import setup_logging
 
@@ -328,23 +329,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     config = _inspection_config(args.config)
     address = config.status.address
-    doc = fetch_status(address) if address else None
+    foreign: str | None = None
+    why: str | None = None
+    try:
+        doc = fetch_status(address) if address else None
+    except ForeignStatusError as exc:
+        doc, foreign = None, str(exc)
     if doc is not None and not _same_buffer(doc, config):
         other = doc.get("agent", {}).get("config", "another configuration")
         doc, why = None, f"the agent answering on {address} runs {other}, not this configuration"
     else:
-        why = None
+        why = foreign
     if doc is not None:
         _print_status(doc, args.json)
         return 0 if doc.get("health", {}).get("healthy") else 1
     holder = lock.running_holder(config.buffer_path)
     if holder is None:
         reason = "the agent is not running (no process holds its buffer)"
+        if foreign:
+            reason += (
+                f"; when it starts, it cannot serve its status on {address} while that program "
+                "holds it: stop that program or set [status] listen to a free port"
+            )
         code = 3
     elif address is None:
         reason = (
             f"the agent runs (PID {holder.pid}), but its status endpoint is off ([status] "
             'listen = "off"): only the buffer can be read; set listen to see its health'
+        )
+        code = 4
+    elif foreign:
+        reason = (
+            f"the agent runs (PID {holder.pid}), but another program holds {address}: stop "
+            "that program, or set [status] listen to a free port and restart the agent"
         )
         code = 4
     else:

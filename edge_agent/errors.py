@@ -2,6 +2,7 @@
 
     EdgeAgentError
     ├── ConfigError            bad configuration: stop at start-up, keep the old one on reload
+    ├── ForeignStatusError     another program answers on the status address (`status`)
     ├── SourceError            a sensor or broker failed: the source logs, backs off, reopens
     │   └── ParseError         one line or payload could not be read: count it, go on
     │       └── OversizeError  a message over a configured cap: dead-letter a prefix, go on
@@ -28,6 +29,10 @@ class EdgeAgentError(Exception):
 
 class ConfigError(EdgeAgentError):
     """The configuration file is wrong; the message names the file, the key and the fix."""
+
+
+class ForeignStatusError(EdgeAgentError):
+    """What answers on the status address is not the agent's status endpoint."""
 
 
 class SourceError(EdgeAgentError):
