@@ -45,7 +45,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.exchange import NO_CONNECTION, Exchange, Reply, Stalled
 from edge_agent.isolation import REASON, Isolation, Rules, Step
 from edge_agent.logs import RateLimitedLog, printable
-from edge_agent.uplink import ROUTE_CHECK_S, Uplink, probe, target_for
+from edge_agent.uplink import ROUTE_CHECK_S, Uplink, probe, proxy_note, target_for
 
 if TYPE_CHECKING:
     from edge_agent.uplink_time import UplinkTime
@@ -100,7 +100,8 @@ class Answer:
 def classify(status: int, gzip_sent: bool) -> Verdict:
     if 200 <= status < 300:
         return Verdict.DELIVERED
-    if status in (408, 429) or status >= 500:
+    # 407: a proxy on the way wants credentials; nothing is wrong with the records.
+    if status in (407, 408, 429) or status >= 500:
         return Verdict.TRANSIENT
     special = {401: Verdict.BAD_TOKEN, 403: Verdict.FORBIDDEN, 404: Verdict.WRONG_URL}
     if status in special:
@@ -182,7 +183,16 @@ def judge(reply: Reply, gzip_sent: bool, now: float) -> Answer:
     retry_after = parse_retry_after(reply.retry_after, now)
     if verdict is Verdict.DELIVERED and not _api_json(reply, doc):
         return Answer(Verdict.NOT_THE_API, reply.status, _foreign(reply), retry_after)
+    if reply.status == 407:
+        return Answer(verdict, reply.status, _PROXY_AUTH, retry_after)
     return Answer(verdict, reply.status, _server_message(reply, doc), retry_after)
+
+
+_PROXY_AUTH = (
+    "Proxy Authentication Required: the proxy between the gateway and the API wants a user "
+    'name and password; give them in its URL ([endpoint] proxy = "http://user:password@host:'
+    'port", or HTTP(S)_PROXY)'
+)
 
 
 def _api_json(reply: Reply, doc: dict[str, Any] | None) -> bool:
@@ -807,7 +817,8 @@ class Uploader:
             self.stats.requests["error"] += 1
             nothing = isinstance(exc, NO_CONNECTION)  # no connection, so nothing answered
             verdict = Verdict.UNREACHABLE if nothing else Verdict.TRANSIENT
-            return Answer(verdict, None, printable(_network_message(exc), 400))
+            via = proxy_note(self.endpoint, self._transport is None)
+            return Answer(verdict, None, printable(_network_message(exc), 400) + via)
         except Exception as exc:
             # The boundary: anything else raised while building or sending (a token HTTP
             # cannot carry, a bug) is a failed upload like any other, not a crash loop.

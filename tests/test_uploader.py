@@ -252,6 +252,7 @@ V = Verdict
         (401, False, V.BAD_TOKEN),
         (403, False, V.FORBIDDEN),
         (404, False, V.WRONG_URL),
+        (407, False, V.TRANSIENT),  # a proxy wants credentials: the records are fine
         (408, False, V.TRANSIENT),
         (409, False, V.BAD_RECORDS),
         (413, True, V.TOO_LARGE),
