@@ -427,3 +427,23 @@ def test_a_config_file_that_is_not_utf8_is_a_configuration_error(tmp_path: Path)
             "save the file as UTF-8",
         )
         assert "Traceback" not in proc.stderr
+
+
+def test_a_config_file_with_a_utf8_byte_order_mark_loads(tmp_path: Path) -> None:
+    config = config_for(tmp_path, "https://api.example.com/restapi/datasource/insert")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())  # Notepad's "UTF-8 with BOM"
+    assert load_config(config).endpoint.url.startswith("https://api.example.com/")
+    proc = cli("check", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_utf16_config_file_says_save_it_as_utf8(tmp_path: Path, encoding: str) -> None:
+    config = config_for(tmp_path, "https://api.example.com/restapi/datasource/insert")
+    config.write_bytes(config.read_text().encode(encoding))  # Windows Notepad's "Unicode"
+    name = "UTF-32" if encoding == "utf-32" else "UTF-16"
+    for command in ("run", "check", "status"):
+        proc = cli(command, "--config", str(config))
+        assert_config_error(proc, f"{config}: is {name} text", "save it as UTF-8")
+        assert "not valid TOML" not in proc.stderr and "not UTF-8 text: byte" not in proc.stderr
