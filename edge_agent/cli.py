@@ -482,6 +482,7 @@ def _warnings(config: Config) -> list[str]:
     """Things that are allowed but probably wrong; `check` says them, `run` goes ahead
     (and logs the ones that expose a credential once, at start)."""
     out = exposure_warnings(config)
+    out += [w for s in config.sources for w in s.slip_warnings()]
     if not config.endpoint.url.rstrip("/").endswith("/restapi/datasource/insert"):
         out.append(
             f"[endpoint] url {config.endpoint.url} does not end in /restapi/datasource/insert"
