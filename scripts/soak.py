@@ -20,8 +20,8 @@ sandbox stored the batch, token rotation (the sandbox first, the token file a bi
 413 size limit, and the answers of a hostile network: a captive portal answering 200
 text/html (nothing stored), answers trickled a byte every 2 s (stored, then the agent's
 `timeout_s` ends the request and it sends the batch again) and 50 MB answer bodies (stored;
-a JSON object over the answer cap is the API's answer, cut: delivered, not sent again). Some endpoint faults also get a kill -9 halfway through
-(mid-retry, mid-split). Runs shorter than SHORT_MINUTES play every kind once in a fixed
+a JSON object over the answer cap is the API's answer, cut: delivered, not sent again). Some
+endpoint faults also get a kill -9 halfway through (mid-retry, mid-split). Runs shorter than SHORT_MINUTES play every kind once in a fixed
 order, with a kill during the dropped connections and during the 413; longer runs draw
 shuffled rounds of all kinds with random gaps and durations, and kill during 40% of the
 endpoint faults.
