@@ -205,6 +205,9 @@ class Agent:
         )
         for warning in exposure_warnings(self.config):
             log.warning("agent: %s", warning)
+        for src in self.config.sources:
+            for warning in src.slip_warnings():
+                log.warning("agent: %s", warning)
 
     def _make_uplink_time(self) -> UplinkTime | None:
         """The endpoint's Date as a time source, unless configured off or not authentic."""

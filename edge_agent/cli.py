@@ -31,6 +31,7 @@ from edge_agent.errors import (
     BufferStoreError,
     ConfigError,
     EdgeAgentError,
+    ForeignStatusError,
 )
 from edge_agent.logs import setup_logging
 
@@ -315,6 +316,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except BufferStoreError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return 2  # a start-up error
+    owner.watch()  # makes the lock file again if it is deleted while the agent runs
     try:
         return Service(config).run()
     finally:
@@ -354,23 +356,39 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     config = _inspection_config(args.config)
     address = config.status.address
-    doc = fetch_status(address) if address else None
+    foreign: str | None = None
+    why: str | None = None
+    try:
+        doc = fetch_status(address) if address else None
+    except ForeignStatusError as exc:
+        doc, foreign = None, str(exc)
     if doc is not None and not _same_buffer(doc, config):
         other = doc.snapshot.agent.config or "another configuration"
         doc, why = None, f"the agent answering on {address} runs {other}, not this configuration"
     else:
-        why = None
+        why = foreign
     if doc is not None:
         _print_status(doc, args.json)
         return 0 if doc.health.healthy else 1
     holder = lock.running_holder(config.buffer_path)
     if holder is None:
         reason = "the agent is not running (no process holds its buffer)"
+        if foreign:
+            reason += (
+                f"; when it starts, it cannot serve its status on {address} while that program "
+                "holds it: stop that program or set [status] listen to a free port"
+            )
         code = 3
     elif address is None:
         reason = (
             f"the agent runs (PID {holder.pid}), but its status endpoint is off ([status] "
             'listen = "off"): only the buffer can be read; set listen to see its health'
+        )
+        code = 4
+    elif foreign:
+        reason = (
+            f"the agent runs (PID {holder.pid}), but another program holds {address}: stop "
+            "that program, or set [status] listen to a free port and restart the agent"
         )
         code = 4
     else:
@@ -486,6 +504,7 @@ def _warnings(config: Config) -> list[str]:
     """Things that are allowed but probably wrong; `check` says them, `run` goes ahead
     (and logs the ones that expose a credential once, at start)."""
     out = exposure_warnings(config)
+    out += [w for s in config.sources for w in s.slip_warnings()]
     if not config.endpoint.url.rstrip("/").endswith("/restapi/datasource/insert"):
         out.append(
             f"[endpoint] url {config.endpoint.url} does not end in /restapi/datasource/insert"
@@ -651,19 +670,47 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Check the whole file first, then queue what fits; say exactly what was not queued."""
-    from edge_agent.export_file import Readings, survey
+    from edge_agent.export_file import Interruption, Readings, survey
 
     config = _inspection_config(args.config)
-    with BufferSession(config.buffer_path) as session:
-        found = survey(args.file)
+    # Ctrl-C, SIGTERM: commit what was read, then report
+    with BufferSession(config.buffer_path) as session, Interruption() as stop:
+        found = survey(args.file, stop)
+        if found.interrupted:
+            print(
+                f"edge-agent: interrupted ({stop.name}) while checking {args.file}; "
+                "nothing was imported: run the same command again",
+                file=sys.stderr,
+            )
+            return 128 + (stop.signum or 0)
         if found.bad_count:
             return _bad_lines(args.file, found.bad, found.bad_count)
         room = session.import_room(config.buffer)
         if args.when_full == "refuse" and found.estimated_bytes > room:
             return _does_not_fit(args.file, found.readings, found.estimated_bytes, room, config)
-        readings = Readings(args.file)
+        readings = Readings(args.file, stop)
         done = session.import_lines(readings, config.buffer)
+    if readings.interrupted:
+        return _import_interrupted(args.file, done, stop.name, stop.signum or 0)
     return _import_report(args.file, done, readings.problem, args.when_full)
+
+
+def _import_interrupted(path: Path, done: Imported, name: str, signum: int) -> int:
+    """What committed before the signal, and the command that queues the rest."""
+    queued = sum(done.queued.values())
+    where = "" if done.queued_lines is None else " (lines {}-{})".format(*done.queued_lines)
+    print(f"queued {queued} readings from {path}{where} before the interruption")
+    for ds, n in sorted(done.queued.items()):
+        print(f"  data source {ds}: {n}")
+    resume = 1 if done.queued_lines is None else done.queued_lines[1] + 1
+    print(
+        f"edge-agent: interrupted ({name}): the readings from line {resume} on were not "
+        f"queued. To queue them: `tail -n +{resume} {path} > rest.jsonl`, then "
+        "`edge-agent buffer import` rest.jsonl (importing the whole file again would queue "
+        f"the first {queued} twice)",
+        file=sys.stderr,
+    )
+    return 128 + signum
 
 
 def _bad_lines(path: Path, bad: list[tuple[int, str]], count: int) -> int:

@@ -21,8 +21,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from edge_agent import template
 from edge_agent.credentials import (
+    CONFIG_FILE_LIMIT,
+    SECRET_FILE_LIMIT,
+    NotASmallFile,
     decode_secret_file,
     has_url_credentials,
+    read_small_file,
     strip_line_end,
     token_problem,
 )
@@ -224,7 +228,11 @@ def resolve_token(endpoint: EndpointConfig, environ: Mapping[str, str], where: s
     assert endpoint.token_file is not None  # _check_endpoint requires one of the two
     label = f"{where}: [endpoint] token_file: {endpoint.token_file}"
     try:
-        data = Path(endpoint.token_file).read_bytes()
+        data = read_small_file(endpoint.token_file, SECRET_FILE_LIMIT)
+    except NotASmallFile as exc:
+        raise ConfigError(
+            f"{label} {exc}; point token_file at a file that holds the token on one line"
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"{where}: [endpoint] token_file: cannot read {endpoint.token_file} "
@@ -242,22 +250,54 @@ def resolve_token(endpoint: EndpointConfig, environ: Mapping[str, str], where: s
 
 def _read_toml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
     try:
-        data = path.read_bytes()
+        data = read_small_file(path, CONFIG_FILE_LIMIT)
+    except NotASmallFile as exc:
+        raise ConfigError(
+            f"{path}: {exc}; give the path of the agent's TOML configuration file"
+        ) from None
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: no such file; copy one of the examples in configs/ and edit it"
         ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the file ({exc.strerror})") from None
+    utf16 = _utf16(data)
+    if utf16:
+        raise ConfigError(
+            f"{path}: is {utf16} text (as Windows Notepad may save it), and TOML files must be "
+            "UTF-8: save it as UTF-8 (in Notepad: Save As, Encoding: UTF-8), or convert it "
+            f"with `iconv -f UTF-16 -t UTF-8 {path} > NEW`"
+        )
+    # A UTF-8 byte order mark (Notepad's "UTF-8 with BOM") is not part of the text.
+    skip = len(_UTF8_BOM) if data.startswith(_UTF8_BOM) else 0
     try:
-        text = data.decode("utf-8")
+        text = data[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(_not_utf8(path, data, exc.start)) from None
+        raise ConfigError(_not_utf8(path, data, skip + exc.start)) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     return template.expand(raw, text, path, environ)
+
+
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _utf16(data: bytes) -> str | None:
+    """ "UTF-16" (or "UTF-32") when `data` is in that encoding: a byte order mark, or, without
+    one, a NUL byte in every other place of its start (ASCII text in UTF-16)."""
+    if data.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    head = data[:64]
+    odd, even = set(head[1::2]), set(head[0::2])
+    little_endian = odd == {0} and 0 not in even
+    big_endian = even == {0} and 0 not in odd
+    if len(head) >= 4 and (little_endian or big_endian):
+        return "UTF-16"
+    return None
 
 
 def _not_utf8(path: Path, data: bytes, offset: int) -> str:

@@ -107,6 +107,62 @@ def decode_secret_file(data: bytes) -> str:
         ) from None
 
 
+SECRET_FILE_LIMIT = 64 * 1024  # a token or password file holds one line
+CONFIG_FILE_LIMIT = 4 * 1024 * 1024
+
+
+class NotASmallFile(ValueError):
+    """The file is not a regular file, or larger than the caller allows; the text says which
+    (never what it holds)."""
+
+
+def read_small_file(path: str | Path, limit: int) -> bytes:
+    """The bytes of `path` (links followed) if it is a regular file of at most `limit` bytes.
+
+    A token_file pointed at /dev/zero, /dev/urandom, a FIFO or a 1 GB file must neither hang
+    nor fill memory: the kind and size are checked on the open file before reading, and the
+    read stops one byte past `limit` in case it grew meanwhile. Raises NotASmallFile, or
+    OSError when it cannot be opened or read.
+    """
+    # O_NONBLOCK: opening a FIFO for reading would wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotASmallFile(f"is {_file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise NotASmallFile(f"is {st.st_size:,} bytes, more than the {_size(limit)} allowed")
+        chunks, total = [], 0
+        while total <= limit:
+            chunk = os.read(fd, limit + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise NotASmallFile(f"grew past {_size(limit)} while being read")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for check, kind in (
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if check(mode):
+            return kind
+    return "a special file"
+
+
+def _size(n: int) -> str:
+    return f"{n // (1024 * 1024)} MiB" if n % (1024 * 1024) == 0 else f"{n // 1024} KiB"
+
+
 def has_url_credentials(url: str) -> bool:
     """True when `url` carries user:password@ (or user@) before its host."""
     parts = urlsplit(url)

@@ -4,6 +4,7 @@
     │                          status page, a stopped writer): a command prints it and exits 1
     ├── ConfigError            bad configuration: stop at start-up (exit 2), keep the old one
     │                          on reload
+    ├── ForeignStatusError     another program answers on the status address (`status`)
     ├── SourceError            a sensor or broker failed: the source logs, backs off, reopens
     │   └── ParseError         one line or payload could not be read: count it, go on
     │       └── OversizeError  a message over a configured cap: dead-letter a prefix, go on
@@ -32,6 +33,10 @@ class EdgeAgentError(Exception):
 
 class ConfigError(EdgeAgentError):
     """The configuration file is wrong; the message names the file, the key and the fix."""
+
+
+class ForeignStatusError(EdgeAgentError):
+    """What answers on the status address is not the agent's status endpoint."""
 
 
 class SourceError(EdgeAgentError):

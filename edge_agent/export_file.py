@@ -7,19 +7,24 @@ half-written file, and the file it would have replaced as it was.
 
 Reading goes line by line with a bound on each line, so a file of any size takes bounded
 memory; each line is checked on its own (`buffer.parse_exported`) and a bad one is reported
-with its number.
+with its number. While `Interruption` is installed, Ctrl-C or SIGTERM end the reading at the
+next line instead of killing the process: the import then commits what it read and reports
+exactly what was queued and from which line to go on.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import signal
+import stat
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from types import FrameType
+from typing import Any, BinaryIO, TextIO
 
 from edge_agent.buffer import MAX_EXPORT_LINE, Exported, parse_exported
 from edge_agent.errors import EdgeAgentError
@@ -46,13 +51,50 @@ def output_problem(target: Path, buffers: Iterable[Path], force: bool) -> str | 
                     f"{target} is the buffer's own file {own}: writing there would destroy "
                     "the buffer; give a file outside it (--force does not change this)"
                 )
+    dangling = _dangling_link(target)
+    if dangling is not None:
+        return dangling
     if real.is_dir():
         return f"{target} is a directory; give a file name"
+    kind = _special_kind(real)
+    if kind is not None:
+        return (
+            f"{target} is {kind}, not a regular file: give the name of a regular file "
+            "(or leave out -o to write to standard output); --force does not change this"
+        )
     if not real.parent.is_dir():
         return f"{real.parent} does not exist; create it or give another file"
     if real.exists() and not force:
         return f"{target} exists; give another file, or add --force to replace it"
     return None
+
+
+def _dangling_link(target: Path) -> str | None:
+    """A link (or a chain of them) that leads nowhere would be written through, creating a
+    file where the link points: refuse it rather than guess."""
+    if not target.is_symlink() or target.exists():
+        return None
+    return (
+        f"{target} is a symbolic link to {os.readlink(target)}, which does not exist: give "
+        "the real path, or remove the link"
+    )
+
+
+def _special_kind(path: Path) -> str | None:
+    """What `path` is when it exists and is not a regular file (never opened: a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for check, kind in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if check(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -174,6 +216,33 @@ def _skip_rest_of_line(f: BinaryIO) -> None:
             return
 
 
+class Interruption:
+    """SIGINT and SIGTERM, while installed (`with`), are noted instead of ending the process;
+    `survey` and `Readings` stop at the next line once one came."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interruption:
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return "" if self.signum is None else signal.Signals(self.signum).name
+
+
 @dataclass
 class Survey:
     """A first pass over an export file, before anything is imported."""
@@ -183,11 +252,15 @@ class Survey:
     by_datasource: Counter[str] = field(default_factory=Counter)
     bad: list[tuple[int, str]] = field(default_factory=list)  # the first MAX_LISTED
     bad_count: int = 0
+    interrupted: bool = False  # a signal came before the end of the file
 
 
-def survey(path: Path) -> Survey:
+def survey(path: Path, stop: Interruption | None = None) -> Survey:
     found = Survey()
     for item in read_exported(path):
+        if stop is not None and stop.signum is not None:
+            found.interrupted = True
+            break
         if isinstance(item, Exported):
             found.readings += 1
             found.estimated_bytes += item.estimated_bytes
@@ -201,14 +274,20 @@ def survey(path: Path) -> Survey:
 
 class Readings:
     """The readings of a file that `survey` found sound, read again. A line that is bad now
-    (the file changed meanwhile) ends them: `problem` then says which."""
+    (the file changed meanwhile) ends them: `problem` then says which. So does a signal
+    (`stop`): `interrupted` then tells."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, stop: Interruption | None = None) -> None:
         self.path = path
         self.problem: str | None = None
+        self.interrupted = False
+        self._stop = stop
 
     def __iter__(self) -> Iterator[Exported]:
         for item in read_exported(self.path):
+            if self._stop is not None and self._stop.signum is not None:
+                self.interrupted = True
+                return
             if not isinstance(item, Exported):
                 self.problem = f"{self.path} changed while importing: line {item[0]}: {item[1]}"
                 return

@@ -25,6 +25,7 @@ drive the schedule without sleeping.
 from __future__ import annotations
 
 import enum
+import os
 import random
 import socket
 import ssl
@@ -270,7 +271,8 @@ def target_for(ep: EndpointConfig, trust_env: bool) -> Target:
     endpoint would need a CONNECT through it, which is the request's business.
     """
     url = urllib.parse.urlsplit(ep.url)
-    proxy = ep.proxy or (_env_proxy(url) if trust_env else None)
+    from_env = _env_proxy(url) if trust_env else None
+    proxy = ep.proxy or (from_env[0] if from_env else None)
     if proxy:
         if "://" not in proxy:
             proxy = "http://" + proxy
@@ -283,14 +285,31 @@ def target_for(ep: EndpointConfig, trust_env: bool) -> Target:
     return Target(url.hostname or "", port, scheme == "https", bool(proxy))
 
 
-def _env_proxy(url: urllib.parse.SplitResult) -> str | None:
-    """The proxy HTTP(S)_PROXY or ALL_PROXY names for this URL, unless NO_PROXY exempts it
-    (the variables httpx follows when no transport is handed in)."""
+def proxy_note(ep: EndpointConfig, trust_env: bool) -> str:
+    """ " (through the proxy HOST:PORT from HTTPS_PROXY)" when requests go through a proxy,
+    else "": for error messages, which must say what the gateway actually dialled. Never
+    the proxy's user name or password."""
+    target = target_for(ep, trust_env)
+    if not target.via_proxy:
+        return ""
+    if ep.proxy:
+        where = "[endpoint] proxy"
+    else:
+        found = _env_proxy(urllib.parse.urlsplit(ep.url))
+        where = found[1] if found else "the environment"
+    return f" (through the {target} from {where})"
+
+
+def _env_proxy(url: urllib.parse.SplitResult) -> tuple[str, str] | None:
+    """The proxy HTTP(S)_PROXY or ALL_PROXY names for this URL, and the variable's name,
+    unless NO_PROXY exempts it (the variables httpx follows when no transport is handed in)."""
     proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(url.scheme.lower()) or proxies.get("all")
+    key = url.scheme.lower() if proxies.get(url.scheme.lower()) else "all"
+    proxy = proxies.get(key)
     if not proxy or _no_proxy(url.hostname or "", proxies.get("no", "")):
         return None
-    return proxy
+    names = [n for n in (f"{key}_proxy", f"{key.upper()}_PROXY") if os.environ.get(n)]
+    return proxy, (names[0] if names else f"{key.upper()}_PROXY")  # lower case wins
 
 
 def _no_proxy(host: str, no_proxy: str) -> bool:

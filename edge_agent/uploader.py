@@ -45,7 +45,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.exchange import NO_CONNECTION, Exchange, Reply, Stalled
 from edge_agent.isolation import REASON, Isolation, Rules, Step
 from edge_agent.logs import RateLimitedLog, printable
-from edge_agent.uplink import ROUTE_CHECK_S, Uplink, probe, target_for
+from edge_agent.uplink import ROUTE_CHECK_S, Uplink, probe, proxy_note, target_for
 
 if TYPE_CHECKING:
     from edge_agent.uplink_time import UplinkTime
@@ -100,7 +100,8 @@ class Answer:
 def classify(status: int, gzip_sent: bool) -> Verdict:
     if 200 <= status < 300:
         return Verdict.DELIVERED
-    if status in (408, 429) or status >= 500:
+    # 407: a proxy on the way wants credentials; nothing is wrong with the records.
+    if status in (407, 408, 429) or status >= 500:
         return Verdict.TRANSIENT
     special = {401: Verdict.BAD_TOKEN, 403: Verdict.FORBIDDEN, 404: Verdict.WRONG_URL}
     if status in special:
@@ -172,13 +173,35 @@ def judge(reply: Reply, gzip_sent: bool, now: float) -> Answer:
     A 2xx with anything else came from something between the gateway and the API (a captive
     portal, a login page, a proxy): the batch was not delivered. The message text itself is
     not required, as the spec says its behaviour may evolve.
+
+    A 2xx longer than the cap is read only in part: labelled as JSON and starting with `{`, it
+    is the API's answer (a portal sends a page, not a JSON object) and the batch is delivered:
+    the readings were inserted, and sending them again would only duplicate them.
     """
     verdict = classify(reply.status, gzip_sent)
     doc = _json_object(reply)
     retry_after = parse_retry_after(reply.retry_after, now)
-    if verdict is Verdict.DELIVERED and (doc is None or not _says_json(reply.content_type)):
+    if verdict is Verdict.DELIVERED and not _api_json(reply, doc):
         return Answer(Verdict.NOT_THE_API, reply.status, _foreign(reply), retry_after)
+    if reply.status == 407:
+        return Answer(verdict, reply.status, _PROXY_AUTH, retry_after)
     return Answer(verdict, reply.status, _server_message(reply, doc), retry_after)
+
+
+_PROXY_AUTH = (
+    "Proxy Authentication Required: the proxy between the gateway and the API wants a user "
+    'name and password; give them in its URL ([endpoint] proxy = "http://user:password@host:'
+    'port", or HTTP(S)_PROXY)'
+)
+
+
+def _api_json(reply: Reply, doc: dict[str, Any] | None) -> bool:
+    if not _says_json(reply.content_type):
+        return False
+    if reply.complete:
+        return doc is not None
+    # Cut at the cap: it cannot be parsed, but it is labelled JSON and opens an object.
+    return bool(reply.content_type.strip()) and reply.body.lstrip().startswith(b"{")
 
 
 def _says_json(content_type: str) -> bool:
@@ -201,7 +224,8 @@ def _server_message(reply: Reply, doc: dict[str, Any] | None) -> str:
     if doc is not None and isinstance(doc.get("message"), str):
         return printable(doc["message"].strip(), 500)
     text = reply.body[:_SHOWN_BYTES].decode("utf-8", "backslashreplace").strip()
-    return printable(text or reply.reason, 200)
+    over = "" if reply.complete else f" (an answer over {MAX_ANSWER_BYTES // 1024} KiB, cut)"
+    return printable(text or reply.reason, 200) + over
 
 
 def _foreign(reply: Reply) -> str:
@@ -801,7 +825,8 @@ class Uploader:
             self.stats.requests["error"] += 1
             nothing = isinstance(exc, NO_CONNECTION)  # no connection, so nothing answered
             verdict = Verdict.UNREACHABLE if nothing else Verdict.TRANSIENT
-            return Answer(verdict, None, printable(_network_message(exc), 400))
+            via = proxy_note(self.endpoint, self._transport is None)
+            return Answer(verdict, None, printable(_network_message(exc), 400) + via)
         except Exception as exc:
             # The boundary: anything else raised while building or sending (a token HTTP
             # cannot carry, a bug) is a failed upload like any other, not a crash loop.

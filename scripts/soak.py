@@ -16,15 +16,15 @@ About 1% of the readings of each input carry `poison=1`; the sandbox always refu
 Faults, one at a time, at times drawn from `random.Random(seed)`: kill -9 and restart of the
 agent, broker restart, serial unplug and replug, sandbox outage (stopped, later a new one on
 the same port and database), 503 bursts, 429 with Retry-After, connections dropped after the
-sandbox stored the batch, token rotation (the sandbox first, the token file a bit later), a
-413 size limit, and the answers of a hostile network: a captive portal answering 200
-text/html (nothing stored), answers trickled a byte every 2 s (stored, then the agent's
-`timeout_s` ends the request and it sends the batch again) and 50 MB answer bodies (stored,
-not the API's answer, sent again). Some endpoint faults also get a kill -9 halfway through
-(mid-retry, mid-split). Runs shorter than SHORT_MINUTES play every kind once in a fixed
-order, with a kill during the dropped connections and during the 413; longer runs draw
-shuffled rounds of all kinds with random gaps and durations, and kill during 40% of the
-endpoint faults.
+sandbox stored the batch, token rotation (the sandbox first, the token file a bit later), a 413
+size limit, and the answers of a hostile network: a captive portal answering 200 text/html
+(nothing stored), answers trickled a byte every 2 s (stored, then the agent's `timeout_s` ends
+the request and it sends the batch again) and 50 MB answer bodies (stored; a JSON object over
+the answer cap is the API's answer, cut: delivered, not sent again). Some endpoint faults also
+get a kill -9 halfway through (mid-retry, mid-split). Runs shorter than SHORT_MINUTES play
+every kind once in a fixed order, with a kill during the dropped connections and during the
+413; longer runs draw shuffled rounds of all kinds with random gaps and durations, and kill
+during 40% of the endpoint faults.
 
 Serial accounting: a serial device cannot be acknowledged, so lines written while the agent
 is dead or the port is closed, or read but not committed when the agent dies, are lost by

@@ -102,6 +102,80 @@ def test_a_token_file_that_cannot_be_a_header_is_refused_at_load(
     assert "Zx9" not in str(info.value) and "Qv" not in str(info.value)
 
 
+def special_file(tmp_path: Path, kind: str) -> tuple[Path, str]:
+    """A path that must never be read whole, and what the error says about it."""
+    path = tmp_path / f"secret-{kind}"
+    if kind == "zero":
+        path.symlink_to("/dev/zero")  # links are followed: what counts is where they lead
+        return path, "is a character device, not a regular file"
+    if kind == "urandom":
+        return Path("/dev/urandom"), "is a character device, not a regular file"
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes: opening it for reading would wait for ever
+        return path, "is a FIFO (named pipe), not a regular file"
+    if kind == "huge":
+        with path.open("wb") as f:
+            f.truncate(1 << 30)  # 1 GB, sparse: takes no disk
+        return path, "is 1,073,741,824 bytes, more than the 64 KiB allowed"
+    assert kind == "directory"
+    path.mkdir()
+    return path, "is a directory, not a regular file"
+
+
+@pytest.mark.parametrize("kind", ["zero", "urandom", "fifo", "huge", "directory"])
+def test_a_token_file_that_is_a_device_a_fifo_or_huge_stops_run_and_check_at_once(
+    tmp_path: Path, kind: str
+) -> None:
+    token, what = special_file(tmp_path, kind)
+    config = config_for(tmp_path, "https://api.example.com/restapi/datasource/insert",
+                        token_file=token)  # fmt: skip
+    for command in ("run", "check"):
+        proc = cli(command, "--config", str(config))
+        assert_config_error(
+            proc, f"[endpoint] token_file: {token} {what}", "holds the token on one line"
+        )
+
+
+@pytest.mark.parametrize("kind", ["urandom", "fifo", "huge"])
+def test_an_mqtt_password_file_that_is_a_device_a_fifo_or_huge_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    password, what = special_file(tmp_path, kind)
+    mqtt = {
+        "name": "plant",
+        "type": "mqtt",
+        "broker": "mqtt://127.0.0.1:1883",
+        "topics": ["sensors/#"],
+        "datasource_id": DATASOURCE,
+        "username": "agent",
+        "password_file": str(password),
+    }
+    config = write_config(
+        tmp_path / "agent.toml",
+        url="https://api.example.com/restapi/datasource/insert",
+        data_dir=tmp_path / "data",
+        sources=[mqtt],
+    )
+    proc = cli("check", "--config", str(config))
+    assert_config_error(proc, f"password_file: {password} {what}", "holds the password on one line")
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo", "directory", "big"])
+def test_a_config_path_that_is_a_device_a_fifo_or_too_big_is_a_configuration_error(
+    tmp_path: Path, kind: str
+) -> None:
+    if kind == "big":
+        config = config_for(tmp_path, "https://api.example.com/restapi/datasource/insert")
+        with config.open("a") as f:
+            f.write(("# " + "x" * 1000 + "\n") * 5000)  # 5 MB of comments
+        what = f"is {config.stat().st_size:,} bytes, more than the 4 MiB allowed"
+    else:
+        config, what = special_file(tmp_path, kind)
+    for command in ("run", "check", "status"):
+        proc = cli(command, "--config", str(config))
+        assert_config_error(proc, f"{config}: {what}", "the agent's TOML configuration file")
+
+
 def test_a_token_variable_with_a_line_break_is_refused_naming_the_variable(
     tmp_path: Path,
 ) -> None:
@@ -345,3 +419,23 @@ def test_a_config_file_that_is_not_utf8_is_a_configuration_error(tmp_path: Path)
             "save the file as UTF-8",
         )
         assert "Traceback" not in proc.stderr
+
+
+def test_a_config_file_with_a_utf8_byte_order_mark_loads(tmp_path: Path) -> None:
+    config = config_for(tmp_path, "https://api.example.com/restapi/datasource/insert")
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    config.write_bytes(b"\xef\xbb\xbf" + config.read_bytes())  # Notepad's "UTF-8 with BOM"
+    assert load_config(config).endpoint.url.startswith("https://api.example.com/")
+    proc = cli("check", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+def test_a_utf16_config_file_says_save_it_as_utf8(tmp_path: Path, encoding: str) -> None:
+    config = config_for(tmp_path, "https://api.example.com/restapi/datasource/insert")
+    config.write_bytes(config.read_text().encode(encoding))  # Windows Notepad's "Unicode"
+    name = "UTF-32" if encoding == "utf-32" else "UTF-16"
+    for command in ("run", "check", "status"):
+        proc = cli(command, "--config", str(config))
+        assert_config_error(proc, f"{config}: is {name} text", "save it as UTF-8")
+        assert "not valid TOML" not in proc.stderr and "not UTF-8 text: byte" not in proc.stderr

@@ -208,3 +208,58 @@ def test_run_once_stops_after_one_poll_of_a_modbus_source(
     assert "broken" not in record  # NaN: counted, not sent
     assert "counted: dropped.unparseable.meter 1" in proc.stderr
     assert meter.stats()["requests"] == {"1": 5}
+
+
+def test_check_and_the_agent_warn_of_a_register_number_given_as_an_address(
+    tmp_path: Path, meter: SlaveProcess, agents: list[AgentProcess]
+) -> None:
+    registers = [
+        {"name": "offset_temp", "address": 40011, "type": "int32", "word_order": "little"},
+        {"name": "voltage", "address": 30001, "kind": "input", "type": "float32"},
+        {"name": "count", "address": 0, "type": "uint16"},
+    ]
+    config = config_with(tmp_path, modbus_source(meter.link, registers=registers))
+    (tmp_path / "no-token-here").write_text("a-token\n")
+    (tmp_path / "no-token-here").chmod(0o600)
+    holding = (
+        "register 'offset_temp': address = 40011 looks like a register number (4xxxx = "
+        "holding register 11, counted from 1), not an offset. `address` is the zero-based "
+        'offset sent on the wire: holding register 40011 is address = 10, kind = "holding"'
+    )
+    input_ = 'input register 30001 is address = 0, kind = "input"'
+    proc = edge_agent("check", "--config", str(config))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"warning: [[sources]] (meter) {holding}" in proc.stdout, proc.stdout
+    assert input_ in proc.stdout and "'count'" not in proc.stdout
+
+    agent = AgentProcess(config, tmp_path / "agent.log").start()
+    agents.append(agent)
+    agent.wait_log("agent: started")
+    agent.wait_log(holding)
+    assert input_ in agent.log_text()
+    assert agent.terminate() == 0
+    assert agent.log_text().count(holding) == 1, "said once, at start"
+
+
+@pytest.mark.parametrize(
+    ("host", "message"),
+    [
+        ("tcp://10.0.0.5", "host: 'tcp://10.0.0.5' has a scheme (tcp://); give the bare host "
+         'name or IP address, e.g. host = "10.0.0.5"'),
+        ("modbus://plc.local:1502/", 'has a scheme (modbus://); give the bare host name or IP '
+         'address, e.g. host = "plc.local:1502"'),
+        ("10.0.0.5:1502", "host: '10.0.0.5:1502' holds a port; write host = \"10.0.0.5\" and "
+         "tcp_port = 1502"),
+    ],
+)  # fmt: skip
+def test_a_modbus_host_with_a_scheme_or_a_port_stops_run_and_check_with_exit_2(
+    tmp_path: Path, host: str, message: str
+) -> None:
+    source = modbus_source("unused", transport="tcp", host=host)
+    del source["port"]
+    config = config_with(tmp_path, source)
+    for command in (["check", "--no-secrets"], ["run"]):
+        proc = edge_agent(*command, "--config", str(config))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith("edge-agent: configuration error: "), proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -229,3 +229,21 @@ def test_every_key_is_documented_and_every_documented_key_exists() -> None:
     assert not missing, f"README.md's Modbus section does not document: {missing}"
     documented = set(re.findall(r"^\| `([a-z_0-9]+)` \|", readme, re.MULTILINE))
     assert documented <= accepted, documented - accepted
+
+
+def test_only_register_numbers_of_input_and_holding_registers_are_warned_of() -> None:
+    def warned(address: int, kind: str = "holding", type_: str = "uint16") -> bool:
+        reg = {"name": "v", "address": address, "kind": kind, "type": type_}
+        return bool(build(tcp(registers=[reg])).slip_warnings())
+
+    assert warned(40001) and warned(49999) and warned(30001, "input") and warned(40001, "input")
+    assert not warned(0) and not warned(29999) and not warned(40000) and not warned(50001)
+    assert not warned(40001, "coil", "bool"), "coils and discrete inputs count bits"
+
+
+def test_a_host_is_a_bare_name_or_address() -> None:
+    for host in ("192.168.1.20", "plc.local", "fe80::1", "::1"):
+        assert build({**tcp(), "host": host}).host == host
+    for host in ("tcp://10.0.0.5", "10.0.0.5:502", "10.0.0.5/24", "plc local"):
+        with pytest.raises(ConfigError, match="host: "):
+            build({**tcp(), "host": host})

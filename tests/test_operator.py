@@ -4,10 +4,17 @@ command does beside a running agent, and export and import that keep the buffer'
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import sqlite3
+import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from edge_agent.buffer import Buffer, BufferSession, wal_reserve
 from edge_agent.config import BufferConfig
@@ -117,6 +124,77 @@ def test_a_second_agent_on_the_same_buffer_exits_2_and_nothing_is_sent_twice(
     got = received(sandbox)
     assert sorted(got) == list(range(written)), "each reading arrives exactly once"
     assert third.terminate() == 0
+
+
+def test_deleting_the_lock_file_under_a_running_agent_lets_no_second_agent_start(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, agents: list[AgentProcess]
+) -> None:
+    config = agent_config(tmp_path, sandbox.url, pty_sensor.link)
+    lock_file = tmp_path / "data" / "buffer.db.lock"
+    first = AgentProcess(config, tmp_path / "first.log").start()
+    agents.append(first)
+    assert first.proc is not None
+    first.wait_log("serial weather: reading")
+    written = write_lines(pty_sensor, 0, 20)
+    wait_until(lambda: len(received(sandbox)) >= 20, what="the first readings")
+
+    lock_file.unlink()  # a tidy-up by hand: `rm /var/lib/edge-agent/*.lock`
+    second = AgentProcess(config, tmp_path / "second.log").start()
+    agents.append(second)
+    assert second.proc is not None
+    assert second.proc.wait(30) == 2, second.log_text()
+    message = second.log_text()
+    assert f"PID {first.proc.pid}" in message and "another agent already runs" in message, message
+    refused = cli("buffer", "drop", "--config", str(config), "--datasource", DATASOURCE, "--yes")
+    assert refused.returncode == 2 and f"PID {first.proc.pid}" in refused.stderr, refused.stderr
+
+    # The holder makes its lock file again, with its PID, and says so.
+    wait_until(lock_file.exists, timeout=30, what="the lock file made again")
+    wait_until(lambda: lock_file.read_text().strip() == str(first.proc.pid), what="its PID")
+    first.wait_log("was deleted while the agent runs; took it again, with the agent's PID")
+    status = cli("status", "--config", str(config))
+    assert status.returncode != 3, "status finds the agent running: " + status.stdout
+
+    written = write_lines(pty_sensor, written, 30)
+    wait_until(lambda: len(received(sandbox)) >= written, what="the next readings")
+    assert sorted(received(sandbox)) == list(range(written)), "each reading arrives once"
+    assert first.proc.poll() is None and first.terminate() == 0
+
+
+def test_a_lock_file_that_is_a_link_a_fifo_or_a_hard_link_is_refused_and_left_alone(
+    tmp_path: Path, agents: list[AgentProcess]
+) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    data = tmp_path / "data"
+    data.mkdir()
+    lock_file = data / "buffer.db.lock"
+    victim = tmp_path / "precious.conf"
+    victim.write_text("keep me\n")
+
+    def refused_run(expected: str) -> None:
+        agent = AgentProcess(config, tmp_path / "agent.log").start()
+        agents.append(agent)
+        assert agent.proc is not None
+        assert agent.proc.wait(30) == 2, agent.log_text()
+        message = agent.log_text()
+        assert expected in message and f"rm {lock_file}" in message, message
+        assert "Traceback" not in message and not (data / "buffer.db").exists()
+        assert victim.read_text() == "keep me\n", "nothing written through the lock file"
+
+    lock_file.symlink_to(victim)
+    refused_run("is a symbolic link (to ")
+    lock_file.unlink()
+    os.link(victim, lock_file)
+    refused_run("has 2 names (hard links)")
+    lock_file.unlink()
+    os.mkfifo(lock_file)
+    refused_run("is not a regular file")
+    # `status` must not block opening the FIFO either: the agent is simply not running.
+    status = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "status", "--config", str(config)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert status.returncode == 3, status.stdout + status.stderr
 
 
 # -- each operator command beside a running agent --------------------------------------------
@@ -237,6 +315,44 @@ def test_export_never_overwrites_by_accident_nor_writes_onto_the_buffer(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
 
 
+def test_export_refuses_fifos_devices_sockets_and_dangling_links_even_with_force(
+    tmp_path: Path,
+) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    fill(tmp_path / "data" / "buffer.db", 5)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # like /dev/null
+    sock_path = tmp_path / "sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(sock_path))
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone.jsonl")  # removed since, say
+    to_fifo = tmp_path / "to-pipe"
+    to_fifo.symlink_to(fifo)
+    expected = {
+        fifo: "is a FIFO (named pipe), not a regular file",
+        to_fifo: "is a FIFO (named pipe), not a regular file",
+        device: "is a character device, not a regular file",
+        sock_path: "is a socket, not a regular file",
+        dangling: "which does not exist: give the real path, or remove the link",
+    }
+    try:
+        for target, message in expected.items():
+            for force in ([], ["--force"]):
+                refused = cli("buffer", "export", "--config", str(config), "-o", str(target),
+                              *force)  # fmt: skip
+                assert refused.returncode == 2, (target, force, refused.stderr)
+                assert message in refused.stderr, refused.stderr
+                assert "Traceback" not in refused.stderr
+    finally:
+        sock.close()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and stat.S_ISCHR(os.lstat(device).st_mode)
+    assert stat.S_ISSOCK(os.lstat(sock_path).st_mode) and dangling.is_symlink()
+    assert not (tmp_path / "gone.jsonl").exists(), "nothing was written through the link"
+
+
 # -- import --------------------------------------------------------------------------------
 
 
@@ -285,6 +401,93 @@ def test_import_queues_only_what_fits_and_the_agent_then_drops_none_of_it(
     assert sorted(received(sandbox)) == list(range(n))
     assert agent.terminate() == 0
     assert not [k for k in counters(db) if k.startswith("dropped.")]
+
+
+def readings_in(db: Path) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return int(conn.execute("SELECT count(*) FROM readings").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def start_import(config: Path, path: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "edge_agent", "buffer", "import", "--config", str(config),
+         str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def interrupt(proc: subprocess.Popen[str], signum: int) -> None:
+    """Deliver `signum` to a stopped process and let it go on."""
+    os.kill(proc.pid, signum)
+    os.kill(proc.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_import_says_what_it_queued_and_how_to_queue_the_rest(
+    tmp_path: Path, signum: int
+) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    db = tmp_path / "data" / "buffer.db"
+    fill(db, 0)
+    total = 100_000
+    big = export_file(tmp_path / "big.jsonl", total)
+
+    proc = start_import(config, big)
+    wait_until(lambda: readings_in(db) > 0, timeout=60, what="the first chunk committed")
+    os.kill(proc.pid, signal.SIGSTOP)  # hold it mid-way, then interrupt it there
+    assert readings_in(db) < total // 2, "the import is still under way"
+    interrupt(proc, signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, out + err
+    queued = seqs(db)
+    n = len(queued)
+    assert 0 < n < total and queued == list(range(n)), "what committed is a prefix"
+    assert f"queued {n} readings from {big} (lines 1-{n}) before the interruption" in out, out
+    name = signal.Signals(signum).name
+    assert f"interrupted ({name}): the readings from line {n + 1} on were not queued" in err
+    assert f"tail -n +{n + 1} {big} > rest.jsonl" in err and "Traceback" not in err
+
+    # Doing what it says queues the rest, each reading once.
+    rest = tmp_path / "rest.jsonl"
+    with big.open("rb") as src, rest.open("wb") as dst:
+        dst.writelines(line for number, line in enumerate(src, 1) if number > n)
+    resumed = cli("buffer", "import", "--config", str(config), str(rest))
+    assert resumed.returncode == 0, resumed.stderr
+    assert seqs(db) == list(range(total))
+
+
+def test_an_import_interrupted_while_checking_the_file_imports_nothing_and_says_so(
+    tmp_path: Path,
+) -> None:
+    config = agent_config(tmp_path, "http://127.0.0.1:9/restapi/datasource/insert", tmp_path / "p")
+    db = tmp_path / "data" / "buffer.db"
+    fill(db, 0)
+    big = export_file(tmp_path / "big.jsonl", 100_000)
+    proc = start_import(config, big)
+
+    def reading_the_file() -> bool:
+        for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) == str(big):
+                    return True
+            except FileNotFoundError:  # closed meanwhile
+                continue
+        return False
+
+    wait_until(reading_the_file, timeout=60, what="the import reading the file")
+    os.kill(proc.pid, signal.SIGSTOP)
+    if readings_in(db) > 0:
+        pytest.fail("the import was already queueing: make the file larger for this machine")
+    interrupt(proc, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out + err
+    assert readings_in(db) == 0
+    assert "interrupted (SIGTERM)" in err and "Traceback" not in err, err
+    # Still checking: "nothing was imported"; or just past it: nothing queued yet either.
+    assert "nothing was imported" in err or "from line 1 on were not queued" in err, err
 
 
 def test_import_reports_malformed_lines_by_number_and_imports_nothing(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ writer without test-aware code in the agent.
 from __future__ import annotations
 
 import contextlib
+import http.server
 import itertools
 import json
 import logging
@@ -17,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge_agent import lock
 from edge_agent.config import load_config
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.service import Service
@@ -473,6 +476,85 @@ def test_status_does_not_take_another_agents_answer_for_its_own(
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert f"the agent answering on 127.0.0.1:{server.port} runs " in proc.stdout
     assert "not this configuration" in proc.stdout
+
+
+class ForeignServer:
+    """Another program on the status port: answers every GET with one fixed answer."""
+
+    def __init__(self, status: int, content_type: str, body: bytes) -> None:
+        answer = (status, content_type, body)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                code, kind, data = answer
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, fmt: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+FOREIGN_ANSWERS = {
+    # JSON that says "healthy" the way other tools do: not the agent's health.
+    "healthy-json": (200, "application/json", b'{"health": {"healthy": true}, "status": "ok"}'),
+    "odd-json": (200, "application/json", b'{"agent": "grafana-agent", "health": "ok"}'),
+    "json-list": (200, "application/json", b"[1, 2, 3]"),
+    "html-page": (200, "text/html", b"<!DOCTYPE html><html><body>Router login</body></html>"),
+    "not-found": (404, "text/html", b"<html><body>404 Not Found</body></html>"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN_ANSWERS))
+def test_status_says_when_another_program_answers_on_the_status_port(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, kind: str
+) -> None:
+    foreign = ForeignServer(*FOREIGN_ANSWERS[kind])
+    try:
+        config = with_status(agent_config(tmp_path, sandbox, pty_sensor), foreign.port)
+        proc = edge_agent_status(config)
+        as_json = edge_agent_status(config, "--json")
+    finally:
+        foreign.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out
+    assert "Traceback" not in out and "health: ok" not in out
+    assert f"another program answers on http://127.0.0.1:{foreign.port}/status.json" in out
+    assert "it is not the agent's status endpoint" in out
+    assert "the agent is not running" in out and "set [status] listen to a free port" in out
+    doc = json.loads(as_json.stdout)
+    assert as_json.returncode == 3 and doc["health"]["healthy"] is False
+
+
+def test_status_of_a_running_agent_whose_port_another_program_holds_exits_4(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    """An agent on the default port runs on without its page when the port is taken (see
+    above); this process holds the buffer's lock as that agent would."""
+    foreign = ForeignServer(*FOREIGN_ANSWERS["healthy-json"])
+    config = with_status(agent_config(tmp_path, sandbox, pty_sensor), foreign.port)
+    owner = lock.hold(load_config(config, secrets=False).buffer_path, "run", create=True)
+    try:
+        proc = edge_agent_status(config)
+    finally:
+        owner.release()
+        foreign.stop()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out
+    assert f"the agent runs (PID {os.getpid()}), but another program holds" in out
+    assert "it is not the agent's status endpoint" in out and "Traceback" not in out
+    assert "health: ok" not in out
 
 
 def test_the_running_agents_page_in_a_browser(

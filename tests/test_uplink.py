@@ -25,6 +25,7 @@ from edge_agent.uplink import (
     Uplink,
     default_routes,
     probe,
+    proxy_note,
     target_for,
 )
 from tests.fakes import FakeClock
@@ -187,6 +188,22 @@ def test_the_probe_dials_the_endpoint_or_its_proxy(no_proxy_env: pytest.MonkeyPa
     assert target_for(ep(), False).host == "api.example.com"  # a transport decides alone
     no_proxy_env.setenv("NO_PROXY", "localhost, .example.com")
     assert target_for(ep(), True).host == "api.example.com"
+
+
+def test_errors_name_the_proxy_and_where_it_was_set_never_its_password(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    assert proxy_note(ep(), True) == ""
+    configured = proxy_note(ep(proxy="http://user:secret@proxy.lan:3128"), True)
+    assert configured == " (through the proxy proxy.lan:3128 from [endpoint] proxy)"
+    no_proxy_env.setenv("https_proxy", "http://user:secret@envproxy.lan:8888")
+    assert proxy_note(ep(), True) == " (through the proxy envproxy.lan:8888 from https_proxy)"
+    no_proxy_env.delenv("https_proxy")
+    no_proxy_env.setenv("ALL_PROXY", "http://allproxy.lan:9000")
+    assert proxy_note(ep(), True) == " (through the proxy allproxy.lan:9000 from ALL_PROXY)"
+    assert proxy_note(ep(), False) == "", "a transport handed in decides alone"
+    no_proxy_env.setenv("NO_PROXY", "api.example.com")
+    assert proxy_note(ep(), True) == ""
 
 
 # --------------------------------------------------------------------------- the probe

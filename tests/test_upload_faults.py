@@ -12,11 +12,14 @@ EDGE_AGENT_CHAOS_SEED its random seed.
 
 from __future__ import annotations
 
+import http.server
 import json
 import logging
 import os
 import random
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -691,11 +694,27 @@ def test_a_trickled_answer_ends_at_timeout_s_is_counted_and_health_sees_it(
     assert not run.logs.matching("unexpected error")
 
 
+def test_a_json_confirmation_longer_than_the_answer_cap_counts_as_delivered_once(
+    sandbox: Sandbox, start_agent: StartAgent
+) -> None:
+    # The API's own JSON object, padded to 1 MB: past the 256 KiB the agent reads. The
+    # readings were inserted; sending them again would only store them twice.
+    sandbox.set_faults(Faults(huge_body_mb=1))
+    run = start_agent()
+    run.put([record(i) for i in range(10)])
+    wait_until(lambda: run.pending() == 0, timeout=20, what="the batch counted delivered")
+    assert sorted(seqs(stored(sandbox))) == list(range(10)), "each reading stored once"
+    assert sandbox.stats()["by_status"].get("200") == 1, sandbox.stats()
+    assert not run.logs.matching("something other than the insert API")
+    assert run.dead_letters() == []
+
+
 def test_huge_answers_on_200_and_on_400_during_bisection_keep_memory_bounded(
     tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
 ) -> None:
-    # Every answer is 50 MB: the 200s (stored, then answered huge: not the API's answer, so
-    # retried) and the 400s of the bisection down to seq 0, which the sandbox refuses.
+    # Every answer is 50 MB: the 200s (stored, then answered with a huge JSON object: the
+    # API's answer, cut at the cap, so delivered) and the 400s of the bisection down to seq 0,
+    # which the sandbox refuses.
     sandbox.set_faults(Faults(huge_body_mb=50, reject_fields={"seq": "0"}))
     config = agent_config(tmp_path, sandbox, pty_sensor)
     agent = AgentProcess(config, tmp_path / "agent.log").start()
@@ -719,6 +738,105 @@ def test_huge_answers_on_200_and_on_400_during_bisection_keep_memory_bounded(
         assert vm_kib(pid, "VmHWM") / 1024 < 80
     finally:
         agent.ensure_dead()
+
+
+class HangingUpProxy:
+    """A proxy that takes each connection and closes it at once, answering nothing."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return  # closed: the test is over
+            conn.recv(65536)
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("proxy", ["refusing", "hanging-up"])
+def test_upload_errors_through_a_proxy_name_the_proxy_without_its_password(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor, proxy: str
+) -> None:
+    hanging = HangingUpProxy() if proxy == "hanging-up" else None
+    port = hanging.port if hanging else free_port()  # nothing listens: refused
+    env = {name: "" for name in ("HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "no_proxy")}
+    env["HTTP_PROXY"] = f"http://edge:s3cret-pw@127.0.0.1:{port}"
+    status_port = free_port()
+    config = with_status(agent_config(tmp_path, sandbox, pty_sensor), status_port)
+    agent = AgentProcess(config, tmp_path / "agent.log", env=env).start()
+    try:
+        agent.wait_log("serial weather: reading")
+        write_lines(pty_sensor, 0, 5)
+        note = f"(through the proxy 127.0.0.1:{port} from HTTP_PROXY)"
+        agent.wait_log(note, timeout=30)
+        (line,) = [x for x in agent.log_text().splitlines() if "upload to" in x and note in x][:1]
+        assert ("ConnectError" if proxy == "refusing" else "RemoteProtocolError") in line, line
+        doc = json.loads(edge_agent_status(config, "--json").stdout)
+        assert note in doc["uploader"]["last_error"], doc["uploader"]
+        assert "s3cret-pw" not in agent.log_text() + json.dumps(doc)
+        assert sandbox.records() == [] and pending_in(tmp_path / "data" / "buffer.db") == 5
+        assert agent.terminate() == 0
+    finally:
+        agent.ensure_dead()
+        if hanging:
+            hanging.close()
+
+
+def test_a_proxy_asking_for_credentials_keeps_the_readings_and_says_what_to_set(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    """Over http:// a proxy's 407 is an HTTP answer: not a bad record to dead-letter."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b"<html>407 Proxy Authentication Required</html>"
+            self.send_response(407)
+            self.send_header("Proxy-Authenticate", 'Basic realm="site"')
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    env = {name: "" for name in ("HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "no_proxy")}
+    env["HTTP_PROXY"] = f"http://127.0.0.1:{proxy.server_address[1]}"
+    config = agent_config(tmp_path, sandbox, pty_sensor)
+    agent = AgentProcess(config, tmp_path / "agent.log", env=env).start()
+    try:
+        agent.wait_log("serial weather: reading")
+        write_lines(pty_sensor, 0, 5)
+        agent.wait_log("the proxy between the gateway and the API wants a user name", timeout=30)
+        assert "dead letter" not in agent.log_text().lower()
+        db = tmp_path / "data" / "buffer.db"
+        assert pending_in(db) == 5
+        session = BufferSession(db)
+        try:
+            assert session.dead_letters() == []
+        finally:
+            session.close()
+        assert agent.terminate() == 0
+    finally:
+        agent.ensure_dead()
+        proxy.shutdown()
+        proxy.server_close()
 
 
 def test_control_characters_in_a_server_message_are_escaped_in_the_log(

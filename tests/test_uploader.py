@@ -252,6 +252,7 @@ V = Verdict
         (401, False, V.BAD_TOKEN),
         (403, False, V.FORBIDDEN),
         (404, False, V.WRONG_URL),
+        (407, False, V.TRANSIENT),  # a proxy wants credentials: the records are fine
         (408, False, V.TRANSIENT),
         (409, False, V.BAD_RECORDS),
         (413, True, V.TOO_LARGE),
@@ -778,7 +779,15 @@ def reply(
         (reply(b"not json"), V.NOT_THE_API),
         (reply(b"\xff\xfe{}"), V.NOT_THE_API),
         (reply(b"[" * 100_000), V.NOT_THE_API),  # deeper than the parser's stack
-        (reply(b'{"message": "Data successfully', complete=False), V.NOT_THE_API),
+        # Over the 256 KiB cap, labelled JSON and opening an object: the API's answer, cut.
+        # The readings were inserted: counting them delivered is what avoids duplicates.
+        (reply(b'{"message": "Data successfully', complete=False), V.DELIVERED),
+        (reply(b'  {"message": "x", "pad": "', "application/json", 201, False), V.DELIVERED),
+        # Cut, but not labelled JSON or not an object: still not the API's answer.
+        (reply(b'{"message": "Data successfully', "", complete=False), V.NOT_THE_API),
+        (reply(b'{"message": "x"', "text/html", complete=False), V.NOT_THE_API),
+        (reply(b"[1, 2, 3", complete=False), V.NOT_THE_API),
+        (reply(b"<html>", complete=False), V.NOT_THE_API),
         (reply(b"<html>", "text/html", 400), V.BAD_RECORDS),  # only 2xx are checked
         (reply(b"", "", 503), V.TRANSIENT),
     ],

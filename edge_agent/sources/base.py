@@ -100,6 +100,11 @@ class SourceConfig:
         """Allowed settings that expose a password of this source, one line each."""
         return []
 
+    def slip_warnings(self) -> list[str]:
+        """Allowed settings that are probably a slip (a Modbus register number given as an
+        address...), one line each: `check` says them, the agent logs them once at start."""
+        return []
+
     def polled(self) -> bool:
         """True when the source asks its device for each reading (one poll is a sample of
         what it reads, for `run --once`); False when the device or broker pushes."""

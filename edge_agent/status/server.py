@@ -24,6 +24,7 @@ from typing import Any
 
 from edge_agent.errors import EdgeAgentError
 from edge_agent.httpserver import QuietHandler, QuietServer, bind_failure
+from edge_agent.status.client import SERVER_NAME
 from edge_agent.status.health import status_document
 from edge_agent.status.history import History
 from edge_agent.status.metrics import METRICS_CONTENT_TYPE, ProcessStats, render_metrics
@@ -228,6 +229,7 @@ class _Server(QuietServer):
 
 class _Handler(QuietHandler):
     server: _Server
+    server_version = SERVER_NAME  # `fetch_status` tells the agent from another program by it
 
     def do_GET(self) -> None:
         self._reply(with_body=True)

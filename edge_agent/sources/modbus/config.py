@@ -127,6 +127,9 @@ class ModbusConfig(SourceConfig):
     def polled(self) -> bool:
         return True
 
+    def slip_warnings(self) -> list[str]:
+        return [w for reg in self.registers if (w := _register_number_warning(self, reg))]
+
     def serial_port(self) -> tuple[str, str] | None:
         if self.transport != "rtu" or self.port is None:
             return None
@@ -181,6 +184,7 @@ class ModbusConfig(SourceConfig):
                 raise ConfigError(f'{label} {key}: only transport = "rtu" takes this key')
         if not self.host or not self.host.strip():
             raise ConfigError(f'{label} host: missing; e.g. host = "192.168.1.20"')
+        _check_bare_host(self.host, label)
         check_range(self.tcp_port, 1, 65_535, f"{label} tcp_port")
 
     def _check_names(self, label: str) -> None:
@@ -200,6 +204,47 @@ class ModbusConfig(SourceConfig):
                 raise ConfigError(
                     f"{label} registers: {reg.name!r} is also a tag; rename one of them"
                 )
+
+
+def _check_bare_host(host: str, label: str) -> None:
+    """A host name or IP address only: the port has its own key, and there is no scheme."""
+    scheme, sep, rest = host.partition("://")
+    if sep:
+        bare = rest.split("/")[0]
+        raise ConfigError(
+            f"{label} host: {host!r} has a scheme ({scheme}://); give the bare host name or IP "
+            f'address, e.g. host = "{bare}" (and the port, if not 502, as tcp_port)'
+        )
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit() and ":" not in name:  # not an IPv6 address
+        raise ConfigError(
+            f'{label} host: {host!r} holds a port; write host = "{name}" and tcp_port = {port}'
+        )
+    if any(c in host for c in "/ \t"):
+        raise ConfigError(
+            f"{label} host: {host!r} is not a host name or IP address; give only the "
+            'device\'s name or address, e.g. host = "192.168.1.20"'
+        )
+
+
+# Register numbers of the old Modicon convention: 3xxxx input registers, 4xxxx holding
+# registers, each counted from 1. `address` is the zero-based offset the protocol sends.
+_REGISTER_NUMBERS = {3: "input", 4: "holding"}
+
+
+def _register_number_warning(config: ModbusConfig, reg: RegisterConfig) -> str | None:
+    prefix = reg.address // 10_000
+    if reg.kind in BIT_KINDS or prefix not in _REGISTER_NUMBERS or reg.address % 10_000 == 0:
+        return None
+    kind = _REGISTER_NUMBERS[prefix]
+    offset = reg.address - prefix * 10_000 - 1
+    return (
+        f"[[sources]] ({config.name}) register {reg.name!r}: address = {reg.address} looks like "
+        f"a register number ({prefix}xxxx = {kind} register {offset + 1}, counted from 1), not "
+        f"an offset. `address` is the zero-based offset sent on the wire: {kind} register "
+        f'{reg.address} is address = {offset}, kind = "{kind}". If the device\'s manual '
+        f"really lists offset {reg.address}, ignore this"
+    )
 
 
 def _build_registers(raw: Any, file: str, section: str) -> tuple[RegisterConfig, ...]:

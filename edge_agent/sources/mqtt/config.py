@@ -17,9 +17,12 @@ from urllib.parse import urlsplit
 
 from edge_agent.config import Secret
 from edge_agent.credentials import (
+    SECRET_FILE_LIMIT,
+    NotASmallFile,
     decode_secret_file,
     is_loopback,
     password_problem,
+    read_small_file,
     readable_by_others,
     strip_line_end,
 )
@@ -317,7 +320,12 @@ def resolve_password(src: MqttConfig, environ: Mapping[str, str], where: str) ->
         return Secret(value)
     assert src.password_file is not None  # _with_password calls us only with one of the two
     try:
-        data = Path(src.password_file).read_bytes()
+        data = read_small_file(src.password_file, SECRET_FILE_LIMIT)
+    except NotASmallFile as exc:
+        raise ConfigError(
+            f"{label} password_file: {src.password_file} {exc}; point password_file at a file "
+            "that holds the password on one line"
+        ) from None
     except OSError as exc:
         raise ConfigError(
             f"{label} password_file: cannot read {src.password_file} ({exc.strerror}); create "
