@@ -347,6 +347,7 @@ class Uploader:
         self.budget = DailyBudget(endpoint.bytes_per_day, self._clock)
         # The batch held back for the budget: its first reading, its lane and its cost.
         self._held: tuple[int, str, int] | None = None
+        self._spent_day: str | None = None  # the UTC day the budget was last spent
         self._failures = 0
         self._paused_until: dict[str, float] = {}  # data source or "*" -> monotonic time
         self._token_checked = 0.0
@@ -809,6 +810,7 @@ class Uploader:
         self.budget.waiting = True
         if view.used + cost > limit and not self.budget.spent:
             self.budget.spent = True
+            self._spent_day = view.day
             log.warning(
                 "uploader: daily byte budget of %s spent (%s used on %s); %d readings wait "
                 "until 00:00 UTC",
@@ -841,10 +843,17 @@ class Uploader:
         if self.budget.spent:
             self.budget.spent = False
             view = self.budget.view()
-            log.info(
-                "uploader: daily byte budget: a new UTC day (%s) began; sending resumes",
-                view.day,
-            )
+            if view.day != self._spent_day:
+                log.info(
+                    "uploader: daily byte budget: a new UTC day (%s) began; sending resumes",
+                    view.day,
+                )
+            else:  # a smaller request fits in what is left (a reload may raise the budget)
+                log.info(
+                    "uploader: daily byte budget: sending resumes (%s left on %s)",
+                    size_text(view.remaining or 0),
+                    view.day,
+                )
 
     def _split_or_dead_letter(
         self, session: BufferSession, batch: Batch, answer: Answer, split: _Split

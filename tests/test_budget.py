@@ -33,9 +33,10 @@ from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.config import BufferConfig, EndpointConfig, Secret, parse_size
 from edge_agent.records import Reading
 from edge_agent.sandbox import DEFAULT_DATASOURCE, DEFAULT_TOKEN, Faults, Sandbox
+from edge_agent.simulator import PtySensor
 from edge_agent.uploader import Uploader
 from tests.fakes import FakeClock
-from tests.helpers import wait_until
+from tests.helpers import DATASOURCE, TOKEN, AgentProcess, serial_source, wait_until, write_config
 from tests.test_config import ENV, ISSUE_EXAMPLE, error_of, write
 from tests.test_uploader import LogLines
 
@@ -366,3 +367,51 @@ def test_gzip_auto_compresses_where_the_server_takes_it(tmp_path: Path) -> None:
         assert stats["by_status"] == {"200": 5}
         plain = sum(len(json.dumps(r)) for r in rig.sandbox.records())
         assert stats["bytes"] < plain  # the bodies came compressed
+
+
+def test_kill_9_while_the_budget_holds_back_does_not_spend_the_day_again(
+    tmp_path: Path, pty_sensor: PtySensor
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    buffer = Buffer(data_dir / "buffer.db", BufferConfig(sync="normal"))
+    buffer.open()
+    assert buffer.put([Reading(DATASOURCE, record(i)) for i in range(200)])
+    assert buffer.flush()
+    buffer.close()
+    holding = ("daily byte budget of 20 kB spent", "the backlog waits while the rest is kept")
+    with Sandbox(tokens=[TOKEN], datasources=[DATASOURCE]) as sandbox:
+        config = write_config(
+            tmp_path / "agent.toml",
+            url=sandbox.url,
+            data_dir=data_dir,
+            sources=[serial_source(pty_sensor.link)],
+            agent={"trust_clock": True},  # no clock probes: every request carries readings
+            endpoint={
+                "max_bytes_per_day": "20kB",
+                "max_batch_records": 10,
+                "max_batch_bytes": 2048,
+                "gzip": False,
+            },
+        )
+        agent = AgentProcess(config, tmp_path / "agent.log").start()
+        try:
+            wait_until(
+                lambda: any(text in agent.log_text() for text in holding),
+                timeout=30,
+                what="the budget holding readings back",
+            )
+            agent.kill9()
+            sent = sandbox.stats()
+            assert 0 < sent["wire_bytes"] <= LIMIT
+            held_lines = sum(agent.log_text().count(text) for text in holding)
+
+            agent.start()
+            wait_until(
+                lambda: sum(agent.log_text().count(text) for text in holding) > held_lines,
+                timeout=30,
+                what="the restarted agent holding readings back",
+            )
+            assert sandbox.stats()["requests"] == sent["requests"]  # nothing spent twice
+        finally:
+            agent.ensure_dead()
