@@ -35,7 +35,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -1406,18 +1406,34 @@ class BufferSession:
         ds, schema_id, created, record = row
         return Batch(ds, schema_id, (BatchRow(rid, record),), created)
 
-    def ack(self, batch: Batch, extra_counts: dict[str, int] | None = None) -> None:
-        """The batch was delivered: delete it."""
+    def ack(
+        self,
+        batch: Batch,
+        extra_counts: dict[str, int] | None = None,
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
+        """The batch was delivered: delete it (and store `meta` in the same transaction:
+        the uploader's byte count of the day, budget.py)."""
         with transaction(self.conn):
             self.conn.execute(
                 "DELETE FROM readings WHERE id IN (SELECT value FROM json_each(?))",
                 (json.dumps(batch.ids),),
             )
+            for key, value in (meta or {}).items():
+                set_meta(self.conn, key, value)
             bump(
                 self.conn,
                 {"uploaded." + batch.datasource_id: len(batch.rows), **(extra_counts or {})},
             )
         self._keep_wal_within()
+
+    def read_meta(self, key: str) -> str | None:
+        return get_meta(self.conn, key)
+
+    def write_meta(self, key: str, value: str) -> None:
+        """One small transaction of its own (the byte budget's count written ahead)."""
+        with transaction(self.conn):
+            set_meta(self.conn, key, value)
 
     def dead_letter(self, batch: Batch, status: int | None, reason: str, attempts: int) -> None:
         """The server refused these records for good: keep them aside with its reason."""

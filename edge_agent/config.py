@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from edge_agent.sources.registry import SourceType
 
 WhenFull = Literal["drop_oldest", "drop_newest", "block"]
+GzipAuto = Literal["auto"]
 
 
 class Secret:
@@ -97,12 +98,24 @@ class EndpointConfig:
     poison_attempts: int = 5
     poison_min_age_s: float = 600.0
     record_id_field: str | None = None
-    gzip: bool = False
+    # "auto": gzip until the server answers 415, then plain JSON for good (remembered in the
+    # buffer for this URL); true: gzip, plain JSON after a 415 until a restart; false: never.
+    gzip: bool | GzipAuto = "auto"
+    # Bytes on the wire per UTC day (budget.py): a size like "500MB", or a whole number of
+    # bytes; None sends without a limit.
+    max_bytes_per_day: int | str | None = None
     verify_tls: bool = True
     ca_file: str | None = None
     client_cert: str | None = None
     client_key: str | None = None
     proxy: str | None = None
+
+    @property
+    def bytes_per_day(self) -> int | None:
+        """`max_bytes_per_day` in bytes (checked at load); None: no limit."""
+        if self.max_bytes_per_day is None:
+            return None
+        return parse_size(self.max_bytes_per_day)
 
 
 @dataclass(frozen=True)
@@ -356,12 +369,29 @@ def _check_endpoint(ep: EndpointConfig, where: str) -> None:
     # that began with it; the second counts only after another request's success.
     check_range(ep.poison_attempts, 2, 10_000, f"{w} poison_attempts")
     check_range(ep.poison_min_age_s, 0.0, 30 * 86_400.0, f"{w} poison_min_age_s")
+    _check_bytes_per_day(ep, w)
     for key in ("ca_file", "client_cert", "client_key"):
         value = getattr(ep, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{w} {key}: no such file {value!r}")
     if ep.client_key and not ep.client_cert:
         raise ConfigError(f"{w} client_key: needs client_cert too")
+
+
+def _check_bytes_per_day(ep: EndpointConfig, w: str) -> None:
+    if ep.max_bytes_per_day is None:
+        return
+    try:
+        per_day = parse_size(ep.max_bytes_per_day)
+    except ValueError as exc:
+        raise ConfigError(f"{w} max_bytes_per_day: {exc}") from None
+    # A full batch must fit in a day several times over, or the day's last one never goes.
+    least = 4 * ep.max_batch_bytes
+    if per_day < least:
+        raise ConfigError(
+            f"{w} max_bytes_per_day: {per_day} bytes is less than 4 × max_batch_bytes "
+            f"({least} bytes); raise it, lower max_batch_bytes, or leave it out for no limit"
+        )
 
 
 def _check_status(st: StatusConfig, where: str) -> None:
@@ -436,6 +466,33 @@ def _build_source(table: Mapping[str, Any], file: str, section: str) -> SourceCo
                 f"{file}: {section} {key}: only {' and '.join(takers)} sources take this key"
             )
     return declared.config.from_table(table, file, section)
+
+
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?", re.ASCII)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_SIZE_UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes in a size: a whole number, or text like "500MB", "1.5 GB", "200KiB".
+
+    kB, MB, GB, TB are powers of 1000 (as data plans count), KiB, MiB, GiB, TiB of 1024.
+    ValueError says what is expected.
+    """
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"expected a positive size, got {value}")
+        return value
+    match = _SIZE_RE.fullmatch(value.strip().lower())
+    if match is None:
+        raise ValueError(
+            f"{value!r} is not a size; write a number and a unit: 500MB, 2GB, 200KiB "
+            "(or a whole number of bytes)"
+        )
+    size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
+    if size < 1:
+        raise ValueError(f"expected a positive size, got {value!r}")
+    return size
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])", re.ASCII)

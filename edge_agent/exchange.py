@@ -50,6 +50,7 @@ class Reply:
     complete: bool  # False: the body went on past the limit (the rest was not read)
     date: str | None = None  # the Date header: the server's clock (uplink_time.py)
     elapsed_s: float = 0.0  # from sending the request to the end of the answer (monotonic)
+    wire_bytes: int = 0  # the status line, headers and body bytes received (budget.py)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class Exchange:
             not body.overflowed,
             response.headers.get("Date"),
             time.monotonic() - started,
+            _head_bytes(response) + body.received,
         )
 
     def _stalled(self, timeout_s: float, status: int | None, received: int) -> Stalled:
@@ -138,6 +140,12 @@ class Exchange:
                 # The plain socket's shutdown, also for a TLS socket: SSLSocket.shutdown
                 # would unwrap it under the feet of the thread reading it.
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _head_bytes(response: httpx.Response) -> int:
+    """The answer's status line and headers as they came over the wire (HTTP/1.1)."""
+    line = len(response.http_version) + len(response.reason_phrase) + 7  # "H 200 R\r\n"
+    return line + sum(len(k) + len(v) + 4 for k, v in response.headers.raw) + 2
 
 
 def _chunks(response: httpx.Response, body: _Body) -> Iterator[bytes]:

@@ -102,6 +102,8 @@ class Faults:
     # since the faults were set, so that successive answers disagree.
     date_skew_s: float = 0.0
     date_skew_step_s: float = 0.0
+    # A server that takes no compressed bodies: 415 to every insert sent with gzip.
+    no_gzip: bool = False
 
     def __post_init__(self) -> None:
         _require_rate("fail_rate", self.fail_rate)
@@ -120,6 +122,8 @@ class Faults:
             raise ConfigError(f"fail_value: {self.fail_value!r} is not a non-empty string")
         if not isinstance(self.portal, bool):
             raise ConfigError(f"portal: {self.portal!r} is not true/false")
+        if not isinstance(self.no_gzip, bool):
+            raise ConfigError(f"no_gzip: {self.no_gzip!r} is not true/false")
         _require_seconds("trickle_s", self.trickle_s, high=60.0)
         _require_int("huge_body_mb", self.huge_body_mb, low=0, high=1024)
         _require_skew("date_skew_s", self.date_skew_s)
@@ -492,6 +496,7 @@ class Sandbox:
         self.set_faults(faults or Faults())
         self._by_status: Counter[str] = Counter()
         self._bytes = 0
+        self._wire_bytes = 0
         self._state = "new"
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -597,6 +602,8 @@ class Sandbox:
                 "records": sum(by_datasource.values()),
                 "records_by_datasource": by_datasource,
                 "bytes": self._bytes,
+                # Request lines, headers and bodies as received: what a client put on the wire.
+                "wire_bytes": self._wire_bytes,
             }
 
     def _running_store(self) -> _Store:
@@ -616,10 +623,11 @@ class Sandbox:
             self._dates += 1
         return email.utils.formatdate(time.time() + skew, usegmt=True)
 
-    def _count(self, outcome: str, body_bytes: int) -> None:
+    def _count(self, outcome: str, body_bytes: int, wire_bytes: int) -> None:
         with self._lock:
             self._by_status[outcome] += 1
             self._bytes += body_bytes
+            self._wire_bytes += wire_bytes
 
     def _plan(self) -> tuple[Faults, frozenset[str], bool, bool]:
         """Snapshot faults and tokens, and draw this request's random faults in one place."""
@@ -658,6 +666,10 @@ class Sandbox:
         datasource_id = "-"
         try:
             _check_token(authorization, tokens)
+            if faults.no_gzip and (content_encoding or "").strip().lower() == "gzip":
+                raise _Rejected(
+                    415, "Content-Encoding gzip is not accepted here (no_gzip); send plain JSON"
+                )
             datasource_id, data = _envelope(_decode_body(body, content_encoding, faults.max_bytes))
             if datasource_id not in self._datasources:
                 served = ", ".join(sorted(self._datasources))
@@ -811,7 +823,7 @@ class _Handler(QuietHandler):
             return
         datasource_id, answer = self._answer_api(path, body)
         outcome = "dropped" if answer.drop else "portal" if answer.html else str(answer.status)
-        sandbox._count(outcome, len(body or b""))
+        sandbox._count(outcome, len(body or b""), self._wire_bytes(body))
         if answer.drop:
             log.info(
                 "sandbox: dropped %s %s stored, connection closed without an answer",
@@ -839,6 +851,12 @@ class _Handler(QuietHandler):
         return self.server.sandbox._answer_insert(
             self.headers.get("Authorization"), self.headers.get("Content-Encoding"), body
         )
+
+    def _wire_bytes(self, body: bytes | None) -> int:
+        """The request as it came: request line, headers, the blank line, the body."""
+        headers = sum(len(k) + len(v) + 4 for k, v in self.headers.items())
+        line = len(self.requestline.encode("latin-1", "replace")) + 2
+        return line + headers + 2 + len(body or b"")
 
     def _read_body(self) -> bytes | None:
         """The body per Content-Length, or None without one. Read even when unused, because
@@ -979,6 +997,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="skew each answer's Date S seconds more than the previous one's",
     )
     add(
+        "--no-gzip",
+        action="store_true",
+        help="answer 415 to every insert sent with Content-Encoding: gzip",
+    )
+    add(
         "--faults-file",
         type=Path,
         metavar="FILE",
@@ -1112,6 +1135,7 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
         huge_body_mb=args.huge_body_mb,
         date_skew_s=args.date_skew_s,
         date_skew_step_s=args.date_skew_step_s,
+        no_gzip=args.no_gzip,
     )
 
 

@@ -73,7 +73,9 @@ def convert(value: Any, hint: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return convert(value, inner[0], where)
+        if len(inner) == 1:
+            return convert(value, inner[0], where)
+        return _convert_any(value, inner, where)
     if origin is Literal:
         if value not in args:
             choices = " | ".join(repr(a) for a in args)
@@ -104,6 +106,18 @@ def convert(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f'{where}: expected a table like {{ site = "north" }}, got {value!r}')
         return {str(k): tag_value(v, f"{where}.{k}") for k, v in value.items()}
     raise AssertionError(f"unhandled config type {hint!r}")  # pragma: no cover - a coding error
+
+
+def _convert_any(value: Any, hints: list[Any], where: str) -> Any:
+    """The first of several types `value` fits (`gzip = true | "auto"`); the error names all."""
+    expected = []
+    for hint in hints:
+        try:
+            return convert(value, hint, where)
+        except ConfigError as exc:
+            text = str(exc).removeprefix(f"{where}: expected ")
+            expected.append(text.rsplit(", got ", 1)[0])
+    raise ConfigError(f"{where}: expected {' or '.join(expected)}, got {value!r}")
 
 
 def tag_value(value: Any, where: str) -> str:

@@ -24,12 +24,13 @@ import json
 import logging
 import math
 import random
+import sqlite3
 import ssl
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from edge_agent import __version__
+from edge_agent.budget import ANSWER_ALLOWANCE, META_KEY, BudgetView, DailyBudget, size_text
 from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import EndpointConfig, Secret
@@ -73,6 +75,9 @@ MAX_ANSWER_BYTES = 256 * 1024
 _SHOWN_BYTES = 160
 SUCCESS_MESSAGE = "Data successfully inserted"
 _UNEXPECTED = "unexpected error in the uploader, readings are kept: please report it"
+# Where `gzip = "auto"` remembers the URL that refused gzip (415), so that a restart does not
+# spend a refused request on it again.
+GZIP_REFUSED_KEY = "gzip_refused_url"
 
 
 class Verdict(enum.Enum):
@@ -154,6 +159,17 @@ def build_body(batch: Batch) -> bytes:
         parts.append(row.record)
     parts.append("]}")
     return "".join(parts).encode()
+
+
+def request_bytes(request: httpx.Request) -> int:
+    """A request's bytes on the wire: its request line, headers and body (HTTP/1.1)."""
+    line = len(request.method) + len(request.url.raw_path) + 12  # " " " HTTP/1.1\r\n"
+    headers = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
+    return line + headers + 2 + len(request.content)
+
+
+def _head(batch: Batch) -> int:
+    return batch.rows[0].id if batch.rows else -1
 
 
 def tls_context(ep: EndpointConfig) -> ssl.SSLContext | bool:
@@ -349,7 +365,18 @@ class Uploader:
         self._reload_lock = threading.Lock()
         self._reloaded: tuple[EndpointConfig, Secret, httpx.Client] | None = None
         self._byte_limit = endpoint.max_batch_bytes
-        self._gzip = endpoint.gzip
+        self._gzip = endpoint.gzip is not False
+        self._gzip_refused: str | None = None  # the URL that refused gzip, with "auto"
+        # Wall times it reports or judges (the last success, an answer's Retry-After date, the
+        # budget's UTC day) come from the agent's clock. What decides when to wait stays on
+        # real time: timers (sleeps, pauses, the heartbeat) on time.monotonic, as the events
+        # they wait on, and a batch's age on time.time, so that the flush interval passes even
+        # under a clock a test holds still.
+        self._clock = clock or SystemClock()
+        self.budget = DailyBudget(endpoint.bytes_per_day, self._clock)
+        # The batch held back for the budget: its first reading, its lane and its cost.
+        self._held: tuple[int, str, int] | None = None
+        self._spent_day: str | None = None  # the UTC day the budget was last spent
         self._failures = 0
         self._paused_until: dict[str, float] = {}  # data source or "*" -> monotonic time
         self._token_checked = 0.0
@@ -367,13 +394,13 @@ class Uploader:
         self._probe_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
         self._too_large_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
         self._suspect_log = RateLimitedLog(log, TRANSIENT_REPEAT_LOG_S, tally=False)
+        self._paced_log = RateLimitedLog(log, 86_400.0, tally=False)  # once a UTC day
         self._exchange = Exchange()
         # Wall times it reports or judges (the last success, an answer's Retry-After date)
         # come from the agent's clock. What decides when to wait stays on real time: timers
         # (sleeps, pauses, the heartbeat) on time.monotonic, as the events they wait on, and
         # a batch's age on time.time, so that the flush interval passes even under a clock
         # a test holds still.
-        self._clock = clock or SystemClock()
         self._isolation = Isolation(Rules.of(endpoint), self._clock)
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
         self.stats = UploaderStats()
@@ -422,6 +449,10 @@ class Uploader:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def budget_view(self) -> BudgetView:
+        """The daily byte budget's figures now (any thread)."""
+        return self.budget.view()
+
     @property
     def byte_limit(self) -> int:
         """Bytes of records per request now: `max_batch_bytes`, or lower after a 413."""
@@ -432,6 +463,7 @@ class Uploader:
     def _run(self) -> None:
         session = BufferSession(self._buffer.path, self._buffer.config.sync)
         try:
+            self._load_state(session)
             while not self._stop.is_set():
                 self.heartbeat = time.monotonic()
                 self._apply_reload()
@@ -448,7 +480,35 @@ class Uploader:
             for client in (self._client, pending[2] if pending else None):
                 if client is not None:
                     client.close()
+            self._store_count(session)
             session.close()
+
+    def _load_state(self, session: BufferSession) -> None:
+        """What the buffer remembers for the uploader: the day's bytes, a gzip refusal."""
+        self.budget.load(session.read_meta(META_KEY))
+        self._gzip_refused = session.read_meta(GZIP_REFUSED_KEY)
+        if self.endpoint.gzip == "auto" and self._gzip_refused == self.endpoint.url:
+            self._gzip = False
+            log.info(
+                'uploader: sending plain JSON: %s refused gzip before (gzip = "auto"); '
+                "set gzip = true to try it again",
+                self.endpoint.url,
+            )
+        view = self.budget.view()
+        if view.limit is not None:
+            log.info(
+                "uploader: daily byte budget %s, %s used on %s (UTC)",
+                size_text(view.limit),
+                size_text(view.used),
+                view.day,
+            )
+
+    def _store_count(self, session: BufferSession) -> None:
+        """At a clean stop, the day's exact count (no headroom) for the next start."""
+        try:
+            session.write_meta(META_KEY, self.budget.exact())
+        except sqlite3.Error as exc:
+            log.warning("uploader: the day's byte count was not stored at stop (%s)", exc)
 
     def _unexpected(self, exc: Exception) -> None:
         """Counted as a failure (health sees it); the traceback once per incident (until an
@@ -493,7 +553,11 @@ class Uploader:
         # A limit learnt from a 413 still holds for the same URL; a new URL starts afresh.
         limit = min(self._byte_limit, endpoint.max_batch_bytes) if same_url else None
         self._byte_limit = limit or endpoint.max_batch_bytes
-        self._gzip = endpoint.gzip
+        self._gzip = endpoint.gzip is True or (
+            endpoint.gzip == "auto" and self._gzip_refused != endpoint.url
+        )
+        self.budget.limit = endpoint.bytes_per_day
+        self._held = None
         self._failures = 0
         self.uplink.reset(endpoint.reconnect_probe_s)
         self._isolation.rules = Rules.of(endpoint)
@@ -641,9 +705,12 @@ class Uploader:
             todo = todo or list(reversed(self._isolation.resume()))
             if not todo:
                 break
-            part = todo.pop()
+            fitted = self._fit(self._client, session, todo.pop())
+            if fitted is None:
+                break  # held back for the budget: the rest is read again later
+            part, request = fitted
             self._carried.update(part.ids)
-            answer = self.send_batch(self._client, part)
+            answer = self.send_batch(self._client, part, request)
             if answer.status is not None:
                 self.uplink.answered()
             halves = self._decide(session, part, answer, split)
@@ -670,13 +737,12 @@ class Uploader:
         step = self._isolation.answered(batch, answer.status, v is Verdict.DELIVERED)
         if v is Verdict.DELIVERED:
             self._note_confirmation(answer.message)
-            session.ack(batch)
+            session.ack(batch, meta={META_KEY: self.budget.settled()})
             self._settled(batch)
             self._succeeded(batch.datasource_id, len(batch.rows))
             return []
         if v is Verdict.NO_GZIP:
-            log.warning("uploader: the server does not take gzip (415); sending plain JSON")
-            self._gzip = False
+            self._no_gzip(session)
             return [batch]
         if v in (Verdict.BAD_RECORDS, Verdict.TOO_LARGE):
             return self._split_or_dead_letter(session, batch, answer, split)
@@ -721,6 +787,113 @@ class Uploader:
                 "wrong: set [endpoint] url to the insert URL and reload; readings are kept",
             )
         return None
+
+    def _no_gzip(self, session: BufferSession) -> None:
+        self._gzip = False
+        if self.endpoint.gzip != "auto":
+            log.warning("uploader: the server does not take gzip (415); sending plain JSON")
+            return
+        self._gzip_refused = self.endpoint.url
+        session.write_meta(GZIP_REFUSED_KEY, self.endpoint.url)
+        log.warning(
+            "uploader: %s does not take gzip (415); sending plain JSON from now on, also after "
+            'a restart (gzip = "auto"; set gzip = true to try gzip again)',
+            self.endpoint.url,
+        )
+
+    # -- the daily byte budget -------------------------------------------------------------
+
+    def _fit(
+        self, client: httpx.Client, session: BufferSession, batch: Batch
+    ) -> tuple[Batch, httpx.Request | None] | None:
+        """The batch, or its first part, whose request the budget allows now, with that
+        request; None when not even one record may go (the batch is held back).
+
+        Without a limit there is nothing to weigh, and a request that cannot be built is
+        `send_batch`'s to report: then the request is built when it is sent.
+        """
+        lane = getattr(batch, "lane", "backlog")
+        room = self.budget.room(lane)
+        if room is None:
+            return batch, None
+        held = self._held
+        if held is not None and held[:2] == (_head(batch), lane) and room < held[2]:
+            # The same batch as when it was held back, and still no room for it: wait on.
+            self._wait_for_budget(lane, held[2])
+            return None
+        try:
+            request = self._request(client, batch, self._gzip)
+        except Exception:
+            return batch, None
+        cost = request_bytes(request) + ANSWER_ALLOWANCE
+        while cost > room and len(batch.rows) > 1:
+            # Send what fits: a part sized by the share that fits (halves when that misses).
+            keep = max(1, min(len(batch.rows) // 2, len(batch.rows) * room // cost))
+            batch = replace(batch, rows=batch.rows[:keep])
+            request = self._request(client, batch, self._gzip)
+            cost = request_bytes(request) + ANSWER_ALLOWANCE
+        if cost > room:
+            self._hold_back(session, batch, lane, room, cost)
+            return None
+        ahead = self.budget.ahead(cost)
+        if ahead is not None:
+            session.write_meta(META_KEY, ahead)
+        self._budget_resumed()
+        return batch, request
+
+    def _hold_back(
+        self, session: BufferSession, batch: Batch, lane: str, room: int, cost: int
+    ) -> None:
+        self._held = (_head(batch), lane, cost)
+        limit = self.budget.limit
+        assert limit is not None
+        view = self.budget.view()
+        self.budget.waiting = True
+        if view.used + cost > limit and not self.budget.spent:
+            self.budget.spent = True
+            self._spent_day = view.day
+            log.warning(
+                "uploader: daily byte budget of %s spent (%s used on %s); %d readings wait "
+                "until 00:00 UTC",
+                size_text(limit),
+                size_text(view.used),
+                view.day,
+                session.pending_count(),
+            )
+        elif view.used + cost <= limit:
+            self._paced_log(
+                logging.INFO,
+                f"uploader: daily byte budget: {size_text(view.used)} of {size_text(limit)} "
+                f"used; the backlog waits while the rest is kept for high-priority and live "
+                f"readings (a reserve that shrinks to nothing by 00:00 UTC)",
+                key=view.day,
+            )
+        self._wait_for_budget(lane, cost)
+
+    def _wait_for_budget(self, lane: str, cost: int) -> None:
+        """Sleep a second at most: the day turns on the injected clock, not on this sleep."""
+        wait = self.budget.allows(cost, lane)
+        self._sleep(min(max(wait, 0.05), 1.0))
+
+    def _budget_resumed(self) -> None:
+        if self._held is None:
+            return
+        self._held = None
+        self.budget.waiting = False
+        if self.budget.spent:
+            self.budget.spent = False
+            view = self.budget.view()
+            if view.day != self._spent_day:
+                log.info(
+                    "uploader: daily byte budget: a new UTC day (%s) began; sending resumes",
+                    view.day,
+                )
+            else:  # a smaller request fits in what is left (a reload may raise the budget)
+                log.info(
+                    "uploader: daily byte budget: sending resumes (%s left on %s)",
+                    size_text(view.remaining or 0),
+                    view.day,
+                )
 
     def _split_or_dead_letter(
         self, session: BufferSession, batch: Batch, answer: Answer, split: _Split
@@ -808,11 +981,14 @@ class Uploader:
             self._carried.pop(rid, None)
         self._isolation.forget(batch.ids)
 
-    def send_batch(self, client: httpx.Client, batch: Batch) -> Answer:
-        """One request; whatever comes of it becomes an Answer here, and only here."""
-        gzip_sent = self._gzip
+    def send_batch(
+        self, client: httpx.Client, batch: Batch, request: httpx.Request | None = None
+    ) -> Answer:
+        """One request (`request`, when the budget built it already); whatever comes of it
+        becomes an Answer here, and only here. Its bytes on the wire count in the budget."""
+        gzip_sent = self._gzip if request is None else "Content-Encoding" in request.headers
         try:
-            request = self._request(client, batch, gzip_sent)
+            request = request or self._request(client, batch, gzip_sent)
             outcome = self._exchange.send(
                 client, request, self.endpoint.timeout_s, MAX_ANSWER_BYTES
             )
@@ -824,6 +1000,8 @@ class Uploader:
             # is sent again, so the server may get it twice (at-least-once).
             self.stats.requests["error"] += 1
             nothing = isinstance(exc, NO_CONNECTION)  # no connection, so nothing answered
+            if not nothing and request is not None:  # it may have gone out whole: count it
+                self.budget.spend(request_bytes(request))
             verdict = Verdict.UNREACHABLE if nothing else Verdict.TRANSIENT
             via = proxy_note(self.endpoint, self._transport is None)
             return Answer(verdict, None, printable(_network_message(exc), 400) + via)
@@ -834,9 +1012,11 @@ class Uploader:
             return Answer(Verdict.CANNOT_SEND, None, _unsendable(exc))
         match outcome:
             case Stalled():
+                self.budget.spend(request_bytes(request) + outcome.received)
                 self.stats.requests["stalled"] += 1
                 return Answer(Verdict.TRANSIENT, None, _stall_message(outcome))
             case Reply():
+                self.budget.spend(request_bytes(request) + outcome.wire_bytes)
                 self.stats.requests[str(outcome.status)] += 1
                 answer = judge(outcome, gzip_sent, self._clock.wall())
                 if self.time_source is not None:

@@ -28,6 +28,7 @@ from edge_agent.sandbox import (
     add_arguments,
     run,
 )
+from edge_agent.uploader import request_bytes
 
 TOKEN = "sandbox-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -107,6 +108,10 @@ def test_stats_count_requests_statuses_records_and_bytes(
     sandbox: Sandbox, client: httpx.Client
 ) -> None:
     ok = json.dumps(batch(reading(1), reading(2))).encode()
+    wire = [
+        request_bytes(client.build_request("POST", sandbox.url, content=b, headers=AUTH))
+        for b in (ok, b"{")
+    ]
     post(client, sandbox, ok)
     post(client, sandbox, b"{")
     assert sandbox.stats() == {
@@ -115,7 +120,20 @@ def test_stats_count_requests_statuses_records_and_bytes(
         "records": 2,
         "records_by_datasource": {"67890": 2},
         "bytes": len(ok) + 1,
+        "wire_bytes": sum(wire),
     }
+
+
+def test_no_gzip_answers_415_to_a_gzip_body_and_takes_plain_json(
+    sandbox: Sandbox, client: httpx.Client
+) -> None:
+    sandbox.set_faults(Faults(no_gzip=True))
+    body = gzip.compress(json.dumps(batch(reading(7))).encode())
+    refused = post(client, sandbox, body, {**AUTH, "Content-Encoding": "gzip"})
+    assert refused.status_code == 415, refused.text
+    assert "no_gzip" in refused.json()["message"]
+    assert post(client, sandbox, batch(reading(8))).status_code == 200
+    assert sandbox.records() == [reading(8)]
 
 
 # --------------------------------------------------------------------------- validation

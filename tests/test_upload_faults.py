@@ -12,6 +12,7 @@ EDGE_AGENT_CHAOS_SEED its random seed.
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import json
 import logging
@@ -75,7 +76,8 @@ class Call:
     body: bytes
 
     def records(self) -> list[dict[str, Any]]:
-        return list(json.loads(self.body)["data"])
+        body = gzip.decompress(self.body) if self.gzip else self.body  # gzip = "auto"
+        return list(json.loads(body)["data"])
 
 
 class CallLog(httpx.BaseTransport):
