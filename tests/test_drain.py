@@ -18,14 +18,15 @@ import pytest
 
 from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.clock import utc_stamp
-from edge_agent.config import BufferConfig, EndpointConfig, Secret
+from edge_agent.config import BufferConfig, EndpointConfig, Secret, load_config, priorities
 from edge_agent.drain import DrainPolicy, DrainView, RateMeter, drain_view
+from edge_agent.errors import ConfigError
 from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.store import HIGH, LOW, connect, counted_totals, kept_totals
 from edge_agent.uploader import Uploader
 from tests.fakes import FakeClock
-from tests.helpers import DATASOURCE, TOKEN, wait_until
+from tests.helpers import DATASOURCE, TOKEN, serial_source, wait_until, write_config
 
 HIGH_DS = "67891"
 T0 = 1_800_000_000.0
@@ -433,3 +434,44 @@ def test_sqlite_keeps_priority_as_a_column_an_older_agent_can_ignore(
         conn.close()
     row = session.conn.execute("SELECT priority FROM readings").fetchone()
     assert row == (1,)
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+def config_with(tmp_path: Path, sources: list[dict[str, Any]], **ep: Any) -> Path:
+    return write_config(
+        tmp_path / "agent.toml",
+        url="http://127.0.0.1:9/insert",
+        data_dir=tmp_path / "data",
+        sources=sources,
+        endpoint=ep,
+    )
+
+
+def test_drain_and_priority_keys_default_and_refuse_bad_values_by_name(tmp_path: Path) -> None:
+    port = tmp_path / "tty"
+    config = load_config(config_with(tmp_path, [serial_source(port)]))
+    assert (config.endpoint.drain, config.endpoint.live_window_s) == ("live_first", 60.0)
+    assert config.endpoint.backlog_share == 0.5
+    assert config.sources[0].priority == "normal"
+    assert priorities(config) == {DATASOURCE: 1}
+    alarm = serial_source(port, name="alarm", datasource_id=HIGH_DS, priority="high")
+    config = load_config(config_with(tmp_path, [serial_source(port), alarm]))
+    assert priorities(config) == {DATASOURCE: 1, HIGH_DS: HIGH}
+
+    bad: list[tuple[list[dict[str, Any]], dict[str, Any], str]] = [
+        ([serial_source(port)], {"drain": "newest_first"}, "[endpoint] drain: expected one of"),
+        ([serial_source(port)], {"backlog_share": 0.0}, "[endpoint] backlog_share"),
+        ([serial_source(port)], {"live_window_s": 0.5}, "[endpoint] live_window_s"),
+        ([serial_source(port, priority="urgent")], {}, "priority: expected one of"),
+        (
+            [serial_source(port), serial_source(port, name="other", priority="low")],
+            {},
+            "(other) priority: sources 'weather' (normal) and 'other' (low) send to the same",
+        ),
+    ]
+    for sources, ep, expected in bad:
+        with pytest.raises(ConfigError) as info:
+            load_config(config_with(tmp_path, sources, **ep))
+        assert expected in str(info.value), str(info.value)
