@@ -1,7 +1,7 @@
 """Benchmarks of the agent, each row measured against a baseline in the same run.
 
     ./scripts/bench [--quick]
-                    [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi,processors]
+                    [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi,processors,fresh]
                     [--json FILE]
 
 Prints a description of the machine, the command line and ONE markdown table. The machine is
@@ -32,6 +32,8 @@ Rows (targets from the issue in brackets):
                baud, MQTT at 500 msg/s and the uplink draining a backlog [nothing dropped];
                its CPU share and memory; bench_mqtt's ratio in the same confinement
     processors scripts/bench_processors.py: bytes on the wire per hour, 10 Hz, aggregate vs raw
+    fresh      (issue 14, a) time from the uplink's return to the first fresh reading delivered
+               with the backlog waiting, drain = "live_first" vs "oldest_first" in the same run
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ ALL_ROWS = (
     "health",
     "pi",
     "processors",
+    "fresh",
 )
 HEALTH_REQUESTS = 50
 PI_MQTT_RATE = 500  # messages/s
@@ -487,9 +490,9 @@ def _sink_serve(conn: socket.socket, stats: SinkStats, count: bool = False) -> N
 def worker_sink(argv: list[str]) -> None:
     """An insert endpoint that accepts and discards; prints `PORT n`, runs until SIGTERM.
     With --count-records it also counts the records of each body (costs it CPU)."""
-    a = worker_args(argv, ("--count-records", bool, False))
+    a = worker_args(argv, ("--count-records", bool, False), ("--port", int, 0))
     stats = SinkStats()
-    server = socket.create_server(("127.0.0.1", 0))
+    server = socket.create_server(("127.0.0.1", a.port))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     print("PORT", server.getsockname()[1], flush=True)
     while True:
@@ -538,6 +541,122 @@ def worker_drain(argv: list[str]) -> None:
             "seconds": elapsed,
             "cpu_s": cpu,
             "requests": requests,
+        },
+    )
+
+
+# --- workers: freshness after an outage ---------------------------------------------------
+
+FRESH_HZ = 10.0  # the live sensor writing through the outage and after it
+FRESH_PROBE_S = 0.5  # reconnect_probe_s: the return is noticed within this (±20 %)
+FRESH_REPEATS = 3
+
+
+class _HourLater:
+    """The wall clock an hour ahead: the filled backlog was read an hour ago (an outage)."""
+
+    def wall(self) -> float:
+        return time.time() + 3600.0
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+def worker_fresh(argv: list[str]) -> None:
+    """The uplink down with the backlog waiting and a sensor writing at FRESH_HZ; the sink
+    comes up on the uploader's port; time until the first reading written after that was
+    delivered (deleted from the buffer after its 2xx), then until everything was."""
+    a = worker_args(argv, ("--db", str, None), ("--drain", str, "live_first"))
+    from edge_agent.buffer import Buffer, BufferSession
+    from edge_agent.clock import utc_stamp
+    from edge_agent.config import BufferConfig, EndpointConfig, Secret
+    from edge_agent.records import Reading
+    from edge_agent.uploader import Uploader
+
+    path, clock, port = Path(a.db), _HourLater(), free_port()
+    buf = Buffer(
+        path, BufferConfig(max_bytes=BIG_BUFFER, commit_interval_ms=COMMIT_INTERVAL_MS), clock
+    )
+    buf.open()
+    endpoint = EndpointConfig(
+        url=f"http://127.0.0.1:{port}/restapi/datasource/insert",
+        max_batch_records=BATCH_RECORDS,
+        drain=a.drain,
+        reconnect_probe_s=FRESH_PROBE_S,
+    )
+    uploader = Uploader(endpoint, Secret("bench-token"), buf, clock=clock)
+    uploader.start()
+    stop = threading.Event()
+
+    def sensor() -> None:
+        seq = 0
+        while not stop.wait(1 / FRESH_HZ):
+            buf.put([Reading(DATASOURCE, long_record(utc_stamp(clock.wall()), seq))])
+            seq += 1
+
+    writer = threading.Thread(target=sensor, daemon=True)
+    writer.start()
+    session = BufferSession(path)
+    backlog = session.pending_count()
+    assert wait_for(lambda: uploader.uplink.down, timeout=60), "the uplink was never down"
+    time.sleep(2.0)  # an outage of a few seconds more, with the sensor writing
+    sink = subprocess.Popen(
+        [PY, str(BENCH), "_worker", "sink", "--port", str(port), "--out", os.devnull],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert sink.stdout is not None
+        sink.stdout.readline()  # PORT n: listening
+        returned = time.monotonic()
+        boundary = session.conn.execute("SELECT max(id) FROM readings").fetchone()[0]
+
+        def first_fresh() -> int | None:
+            row = session.conn.execute(
+                "SELECT min(id) FROM readings WHERE id > ?", (boundary,)
+            ).fetchone()
+            return None if row[0] is None else int(row[0])
+
+        assert wait_for(lambda: first_fresh() is not None, timeout=60, step=0.005)
+        fresh_id = first_fresh()
+        gone = "SELECT count(*) FROM readings WHERE id = ?"
+        assert wait_for(
+            lambda: not session.conn.execute(gone, (fresh_id,)).fetchone()[0],
+            timeout=3600,
+            step=0.005,
+        )
+        first_s = time.monotonic() - returned
+        left_then = session.conn.execute(
+            "SELECT count(*) FROM readings WHERE id <= ?", (boundary,)
+        ).fetchone()[0]
+        done = wait_for(
+            lambda: (
+                not session.conn.execute(
+                    "SELECT count(*) FROM readings WHERE id <= ?", (boundary,)
+                ).fetchone()[0]
+            ),
+            timeout=3600,
+            step=0.01,
+        )
+        drained_s = time.monotonic() - returned
+    finally:
+        stop.set()
+        writer.join()
+        uploader.stop()
+        sink.terminate()
+        sink.wait(10)
+    buf.close()
+    session.close()
+    write_json(
+        a.out,
+        {
+            "drain": a.drain,
+            "backlog": backlog,
+            "first_fresh_s": first_s,
+            "backlog_left_then": left_then,
+            "drained_s": drained_s,
+            "done": done,
+            "requests": dict(uploader.stats.requests),
         },
     )
 
@@ -780,6 +899,7 @@ WORKERS: dict[str, Callable[[list[str]], None]] = {
     "pty_write": worker_pty_write,
     "serial": worker_serial,
     "totals_cpu": worker_totals_cpu,
+    "fresh": worker_fresh,
 }
 
 
@@ -1153,6 +1273,59 @@ def bench_drain(b: Bench) -> Report:
         + "; ".join(f"{k} " + ", ".join(f"{f['rate']:,.0f}" for f in v) for k, v in runs.items())
     )
     rep.figures["drain"] = {"fill": filled, "runs": runs}
+    return rep
+
+
+def bench_fresh(b: Bench) -> Report:
+    """(a) of issue 14: how stale the dashboard stays after an outage, per drain policy."""
+    rep = Report()
+    _, filled = b.backlog()
+    repeats = 1 if b.quick else FRESH_REPEATS
+    runs: dict[str, list[dict[str, Any]]] = {"live_first": [], "oldest_first": []}
+    for _ in range(repeats):  # interleaved, the median of each kept
+        for drain in runs:
+            db = str(b.backlog_copy(f"fresh-{drain}"))
+            runs[drain].append(b.worker("fresh", "--db", db, "--drain", drain))
+            b.drop_copies()
+
+    def median(drain: str) -> dict[str, Any]:
+        figs = sorted(runs[drain], key=lambda f: float(f["first_fresh_s"]))
+        return figs[len(figs) // 2]
+
+    live, oldest = median("live_first"), median("oldest_first")
+    n = filled["readings"]
+    rep.rows.append(
+        Row(
+            f"3e. time from the uplink's return to the first fresh reading delivered, "
+            f"{n:,}-reading backlog an hour old, sensor at {FRESH_HZ:g} Hz",
+            f"{live['first_fresh_s']:.2f} s `live_first` ({live['backlog_left_then']:,} of the "
+            "backlog still pending then)",
+            f"{oldest['first_fresh_s']:.2f} s `oldest_first` "
+            f"({oldest['backlog_left_then']:,} pending then)",
+            ratio(live["first_fresh_s"], oldest["first_fresh_s"]),
+        )
+    )
+    rep.rows.append(
+        Row(
+            "3f. same: time from the return until the whole backlog was delivered",
+            f"{live['drained_s']:.1f} s `live_first`",
+            f"{oldest['drained_s']:.1f} s `oldest_first`",
+            ratio(live["drained_s"], oldest["drained_s"]),
+        )
+    )
+    rep.notes.append(
+        f"3e/3f: the Uploader in a worker process with the filled backlog (its clock an hour "
+        f"ahead, so the backlog is an hour old), production timings (flush_interval_s 2.0, "
+        f"batches of {BATCH_RECORDS}) except reconnect_probe_s = {FRESH_PROBE_S}; the sink "
+        "starts on the uploader's port = the return; a fresh reading is one written after "
+        "it, delivered when its 2xx deleted it. A live batch that is not full waits "
+        "flush_interval_s to fill, which is most of the live_first figure. Median of "
+        f"{repeats} interleaved run(s); first fresh (s) of each: "
+        + "; ".join(
+            f"{k} " + ", ".join(f"{f['first_fresh_s']:.2f}" for f in v) for k, v in runs.items()
+        )
+    )
+    rep.figures["fresh"] = {"fill": filled, "runs": runs}
     return rep
 
 
@@ -1942,6 +2115,7 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Report]] = {
     "health": bench_health,
     "pi": bench_pi,
     "processors": bench_processors,
+    "fresh": bench_fresh,
 }
 
 
