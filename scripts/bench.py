@@ -629,11 +629,13 @@ def worker_fresh(argv: list[str]) -> None:
         left_then = session.conn.execute(
             "SELECT count(*) FROM readings WHERE id <= ?", (boundary,)
         ).fetchone()[0]
+        # One rowid lookup per look (a count here would slow the drain it watches).
         done = wait_for(
             lambda: (
-                not session.conn.execute(
-                    "SELECT count(*) FROM readings WHERE id <= ?", (boundary,)
-                ).fetchone()[0]
+                session.conn.execute(
+                    "SELECT 1 FROM readings WHERE id <= ? LIMIT 1", (boundary,)
+                ).fetchone()
+                is None
             ),
             timeout=3600,
             step=0.01,
