@@ -168,6 +168,22 @@ def test_high_goes_before_everything_and_low_only_when_nothing_else_is_ready(
     assert pick.batch is not None and (pick.batch.lane, seqs(pick.batch)) == ("high", [7])
 
 
+def test_held_readings_keep_their_priority_when_the_clock_is_trusted_again(
+    buffer: Buffer, session: BufferSession, clock: FakeClock
+) -> None:
+    buffer.set_priorities({HIGH_DS: HIGH})
+    buffer.distrust_clock()
+    put(buffer, [reading(i, HIGH_DS).with_mono(clock.monotonic()) for i in range(3)])
+    put(buffer, [reading(9).with_mono(clock.monotonic())])
+    held = session.conn.execute("SELECT priority FROM held ORDER BY id").fetchall()
+    assert held == [(HIGH,)] * 3 + [(1,)]
+    buffer.fix_times(clock.wall() - clock.monotonic(), "time_quality")
+    assert buffer.flush()
+    wait_until(lambda: session.pending_count() == 4, what="the held readings to move")
+    rows = session.conn.execute("SELECT datasource_id, priority FROM readings ORDER BY id")
+    assert rows.fetchall() == [(HIGH_DS, HIGH)] * 3 + [(DATASOURCE, 1)]
+
+
 def test_paused_data_sources_and_skipped_readings_stay_out_of_every_lane(
     buffer: Buffer, session: BufferSession, clock: FakeClock
 ) -> None:
