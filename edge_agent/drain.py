@@ -143,9 +143,11 @@ class RateMeter:
         self._events: deque[tuple[float, int]] = deque()
         self._started: float | None = None
         self._lock = threading.Lock()
+        self.total = 0  # readings counted since the start
 
     def add(self, n: int, at: float) -> None:
         with self._lock:
+            self.total += n
             if self._started is None:
                 self._started = at
             self._events.append((at, n))

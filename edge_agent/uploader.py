@@ -334,8 +334,7 @@ class Uploader:
         self._dead_letter_log = RateLimitedLog(log, every=60.0)
         self._set_aside_log = RateLimitedLog(log, every=60.0)
         self._exchange = Exchange()
-        self._clock = clock or SystemClock()
-        self._isolation = Isolation(Rules.of(endpoint), self._clock)
+        self._isolation = Isolation(Rules.of(endpoint), clock or SystemClock())
         self._drain = DrainPolicy()
         self._backlog_rate = RateMeter()
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
@@ -387,7 +386,12 @@ class Uploader:
 
     def backlog_rate(self) -> float | None:
         """Backlog readings delivered per second lately (drain.DrainView); None before any."""
-        return self._backlog_rate.rate(self._clock.monotonic())
+        return self._backlog_rate.rate(time.monotonic())
+
+    @property
+    def backlog_delivered(self) -> int:
+        """Backlog readings delivered since start (those older than `live_window_s`)."""
+        return self._backlog_rate.total
 
     @property
     def byte_limit(self) -> int:
@@ -480,11 +484,13 @@ class Uploader:
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
         if self._send_suspect(session, excluded):
             return
+        # Ages are measured on the system's wall clock, as the buffer stamps `created` with it
+        # (a test's fake clock stands still; the system's does not).
         pick = self._drain.pick(
             session,
             self.endpoint,
             self._byte_limit,
-            self._clock.wall(),
+            time.time(),
             excluded,
             frozenset(self._isolation.skipped()),
         )
@@ -631,8 +637,8 @@ class Uploader:
             self._note_confirmation(answer.message)
             session.ack(batch)
             self._settled(batch)
-            if batch.oldest_created < self._clock.wall() - self.endpoint.live_window_s:
-                self._backlog_rate.add(len(batch.rows), self._clock.monotonic())
+            if batch.oldest_created < time.time() - self.endpoint.live_window_s:
+                self._backlog_rate.add(len(batch.rows), time.monotonic())
             self._succeeded(batch.datasource_id, len(batch.rows))
             return []
         if v is Verdict.NO_GZIP:
