@@ -619,16 +619,22 @@ def worker_fresh(argv: list[str]) -> None:
         t0 = time.monotonic()
         returned.set()
         count = "SELECT value FROM counters WHERE name = ?"
-        assert wait_for(
-            lambda: session.conn.execute(count, (f"uploaded.{FRESH_DS}",)).fetchone(),
-            timeout=3600,
-            step=0.005,
-        ), "no fresh reading was delivered"
-        first_s = time.monotonic() - t0
-        left_then = backlog - uploader.backlog_delivered
-        # Counted by the uploader: a look at the buffer here would slow the drain it watches.
-        done = wait_for(lambda: uploader.backlog_delivered >= backlog, timeout=3600, step=0.01)
-        drained_s = time.monotonic() - t0
+        first_s = drained_s = None
+        left_then = backlog
+        while first_s is None or drained_s is None:  # both watched at once, every 5 ms
+            now = time.monotonic() - t0
+            # The backlog by the uploader's count: a count in the buffer would slow the drain.
+            if drained_s is None and uploader.backlog_delivered >= backlog:
+                drained_s = now
+            if (
+                first_s is None
+                and session.conn.execute(count, (f"uploaded.{FRESH_DS}",)).fetchone()
+            ):
+                first_s, left_then = now, backlog - uploader.backlog_delivered
+            if now > 3600:
+                raise RuntimeError("the backlog or the fresh readings never arrived")
+            time.sleep(0.005)
+        done = True
     finally:
         stop.set()
         writer.join()
@@ -1282,11 +1288,12 @@ def bench_fresh(b: Bench) -> Report:
             shutil.rmtree(copy.parent, ignore_errors=True)
     shutil.rmtree(d, ignore_errors=True)
 
-    def median(drain: str) -> dict[str, Any]:
-        figs = sorted(runs[drain], key=lambda f: float(f["first_fresh_s"]))
+    def median(drain: str, key: str = "first_fresh_s") -> dict[str, Any]:
+        figs = sorted(runs[drain], key=lambda f: float(f[key]))
         return figs[len(figs) // 2]
 
     live, oldest = median("live_first"), median("oldest_first")
+    live_all, oldest_all = median("live_first", "drained_s"), median("oldest_first", "drained_s")
     n = filled["readings"]
     rep.rows.append(
         Row(
@@ -1302,21 +1309,23 @@ def bench_fresh(b: Bench) -> Report:
     rep.rows.append(
         Row(
             "3f. same: time from the return until the whole backlog was delivered",
-            f"{live['drained_s']:.1f} s `live_first`",
-            f"{oldest['drained_s']:.1f} s `oldest_first`",
-            ratio(live["drained_s"], oldest["drained_s"]),
+            f"{live_all['drained_s']:.1f} s `live_first`",
+            f"{oldest_all['drained_s']:.1f} s `oldest_first`",
+            ratio(live_all["drained_s"], oldest_all["drained_s"]),
         )
     )
     rep.notes.append(
         f"3e/3f: the Uploader in a worker process with a backlog filled as if accepted an "
         f"hour ago, production timings (flush_interval_s 2.0, "
         f"batches of {BATCH_RECORDS}) except reconnect_probe_s = {FRESH_PROBE_S}; the sink "
-        "starts on the uploader's port = the return; a fresh reading is one written after "
-        "it, delivered when its 2xx deleted it. A live batch that is not full waits "
+        "starts on the uploader's port = the return; a fresh reading is one the sensor wrote "
+        f"after it (to data source {FRESH_DS!r}, so that its delivery is one counter), "
+        "delivered when its 2xx deleted it. A live batch that is not full waits "
         "flush_interval_s to fill, which is most of the live_first figure. Median of "
-        f"{repeats} interleaved run(s); first fresh (s) of each: "
+        f"{repeats} interleaved run(s); first fresh / whole backlog (s) of each: "
         + "; ".join(
-            f"{k} " + ", ".join(f"{f['first_fresh_s']:.2f}" for f in v) for k, v in runs.items()
+            f"{k} " + ", ".join(f"{f['first_fresh_s']:.2f} / {f['drained_s']:.1f}" for f in v)
+            for k, v in runs.items()
         )
     )
     rep.figures["fresh"] = {"fill": filled, "runs": runs}
