@@ -21,7 +21,7 @@ import httpx
 from edge_agent import __version__
 from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.clock import Clock, ClockGuard, SystemClock
-from edge_agent.config import Config, Secret, load_config, resolve_token
+from edge_agent.config import Config, Secret, load_config, priorities, resolve_token
 from edge_agent.credentials import exposure_warnings
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.processors.base import Place
@@ -153,6 +153,7 @@ class Agent:
         self.config = config
         self.clock = clock or SystemClock()
         self.buffer = Buffer(config.buffer_path, config.buffer, self.clock)
+        self.buffer.set_priorities(priorities(config))
         self.guard: ClockGuard | None = None
         self.uplink_time: UplinkTime | None = None
         self._time_source: tuple[str, float] | None = None  # what the buffer was told last
@@ -332,6 +333,7 @@ class Agent:
                 "effect at the next restart"
             )
         self.config = new
+        self.buffer.set_priorities(priorities(new))
         if self.intake is not None:
             self.intake.record_id_field = new.endpoint.record_id_field
         self.uploader.reload(new.endpoint, new.token)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, S
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from edge_agent.clock import Clock, SystemClock, boot_id, sql_utc_stamp, utc_stamp
 from edge_agent.config import BufferConfig
@@ -49,6 +49,9 @@ from edge_agent.records import RECORD_ENCODER, Reading
 from edge_agent.records import signature as signature  # part of this module's interface
 from edge_agent.store import (
     BUSY_TIMEOUT_MS,
+    HIGH,
+    LOW,
+    NORMAL,
     Totals,
     access_problem,
     bump,
@@ -214,6 +217,19 @@ class _Plan:
                 )
 
 
+# Beyond any time of acceptance: the open ends of a lane's range.
+_FOREVER = 1e300
+
+
+class Head(NamedTuple):
+    """The first reading of a batch: where `batch_at` starts."""
+
+    id: int
+    datasource_id: str
+    schema_id: int
+    created: float
+
+
 @dataclass(frozen=True)
 class BatchRow:
     id: int
@@ -226,6 +242,8 @@ class Batch:
     schema_id: int
     rows: tuple[BatchRow, ...]
     oldest_created: float
+    # Why it was chosen (drain.py): "high", "live", "backlog" or "low".
+    lane: str = "backlog"
 
     @property
     def ids(self) -> list[int]:
@@ -238,8 +256,12 @@ class Batch:
     def split(self) -> tuple[Batch, Batch]:
         half = len(self.rows) // 2
         return (
-            Batch(self.datasource_id, self.schema_id, self.rows[:half], self.oldest_created),
-            Batch(self.datasource_id, self.schema_id, self.rows[half:], self.oldest_created),
+            Batch(
+                self.datasource_id, self.schema_id, self.rows[:half], self.oldest_created, self.lane
+            ),
+            Batch(
+                self.datasource_id, self.schema_id, self.rows[half:], self.oldest_created, self.lane
+            ),
         )
 
 
@@ -319,6 +341,14 @@ class Buffer:
         self.full = False
         self.moved_aside: Path | None = None
         self.dropped: Counter[str] = Counter()
+        # Data source -> priority class (store.HIGH, NORMAL, LOW) from `[[sources]] priority`;
+        # replaced whole (never changed in place), so the writer reads it without a lock.
+        self._priorities: dict[str, int] = {}
+
+    def set_priorities(self, priorities: Mapping[str, int]) -> None:
+        """Priority class by data source for readings committed from now on (normal for a
+        data source not named). Readings already pending keep theirs."""
+        self._priorities = dict(priorities)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -876,10 +906,20 @@ class Buffer:
         else:
             trusted = [r for r in rows if r.mono is None]
             untrusted = [r for r in rows if r.mono is not None]
+        priorities = self._priorities
         insert_rows(
             conn,
-            "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES ",
-            [(r.datasource_id, ids[r.signature], now, r.text) for r in trusted],
+            "INSERT INTO readings(datasource_id, schema_id, created, record, priority) VALUES ",
+            [
+                (
+                    r.datasource_id,
+                    ids[r.signature],
+                    now,
+                    r.text,
+                    priorities.get(r.datasource_id, NORMAL),
+                )
+                for r in trusted
+            ],
         )
         if not untrusted:
             return
@@ -888,11 +928,20 @@ class Buffer:
             # endpoint's time stands in for the clock: correct (and flag) them now.
             path, value = self._quality or (None, None)
             conn.executemany(
-                "INSERT INTO readings(datasource_id, schema_id, created, record) VALUES "
+                "INSERT INTO readings(datasource_id, schema_id, created, record, priority) VALUES "
                 f"(?1, ?2, ?3, CASE WHEN ?5 IS NULL THEN json_set(?4, '$.timestamp', {_RESTAMP}) "
-                f"ELSE json_set(?4, '$.timestamp', {_RESTAMP}, ?5, ?6) END)",
+                f"ELSE json_set(?4, '$.timestamp', {_RESTAMP}, ?5, ?6) END, ?8)",
                 [
-                    (r.datasource_id, ids[r.signature], now, r.text, path, value, mono + offset)
+                    (
+                        r.datasource_id,
+                        ids[r.signature],
+                        now,
+                        r.text,
+                        path,
+                        value,
+                        mono + offset,
+                        priorities.get(r.datasource_id, NORMAL),
+                    )
                     for r in untrusted
                     if (mono := r.mono) is not None
                 ],
@@ -900,9 +949,18 @@ class Buffer:
             return
         insert_rows(
             conn,
-            "INSERT INTO held(datasource_id, schema_id, created, record, mono, boot) VALUES ",
+            "INSERT INTO held(datasource_id, schema_id, created, record, mono, boot, priority) "
+            "VALUES ",
             [
-                (r.datasource_id, ids[r.signature], now, r.text, r.mono, self._boot)
+                (
+                    r.datasource_id,
+                    ids[r.signature],
+                    now,
+                    r.text,
+                    r.mono,
+                    self._boot,
+                    priorities.get(r.datasource_id, NORMAL),
+                )
                 for r in untrusted
             ],
         )
@@ -930,10 +988,10 @@ class Buffer:
             # an exact correction sets the timestamp alone.
             part = "SELECT * FROM held WHERE boot = ?3 ORDER BY id LIMIT ?4"
             conn.execute(
-                "INSERT INTO readings(datasource_id, schema_id, created, record) "
+                "INSERT INTO readings(datasource_id, schema_id, created, record, priority) "
                 "SELECT datasource_id, schema_id, mono + ?1, "
                 f"CASE WHEN ?5 IS NULL THEN json_set(record, '$.timestamp', {_FIXED}) "
-                f"ELSE json_set(record, '$.timestamp', {_FIXED}, ?2, ?5) END "
+                f"ELSE json_set(record, '$.timestamp', {_FIXED}, ?2, ?5) END, priority "
                 f"FROM ({part}) ORDER BY id",
                 (offset, f"$.{fix.flag_field}", boot, limit, quality),
             )
@@ -992,22 +1050,36 @@ class Buffer:
         return max(1, int(self.budget.commit_bytes / 2 / per_row))
 
     def _drop_oldest(self, conn: sqlite3.Connection, need: float, drops: Counter[str]) -> None:
-        """Drop the oldest pending readings that take about `need` bytes (counted)."""
+        """Drop the oldest pending readings that take about `need` bytes (counted): low
+        priority before normal before high, oldest first within each (the drain index)."""
         ratio = self._ratio
         freed = 0.0
-        last = None
-        cur = conn.execute(
-            "SELECT id, length(CAST(record AS BLOB)) + length(datasource_id) FROM readings "
-            "ORDER BY id"
-        )
-        for rid, size in cur:
-            freed += (size + _ROW_OVERHEAD) * ratio
-            last = rid
+        ids: list[int] = []
+        for priority in (LOW, NORMAL, HIGH):
+            cur = conn.execute(
+                "SELECT id, length(CAST(record AS BLOB)) + length(datasource_id) FROM readings "
+                "WHERE priority = ? ORDER BY created, id",
+                (priority,),
+            )
+            for rid, size in cur:
+                freed += (size + _ROW_OVERHEAD) * ratio
+                ids.append(rid)
+                if freed >= need:
+                    break
+            cur.close()
             if freed >= need:
                 break
-        cur.close()
-        if last is not None:
-            self._drop_upto(conn, last, "buffer_full", drops)
+        if ids:
+            chosen = json.dumps(ids)
+            dropped = conn.execute(
+                "SELECT datasource_id, count(*) FROM readings "
+                "WHERE id IN (SELECT value FROM json_each(?)) GROUP BY datasource_id",
+                (chosen,),
+            ).fetchall()
+            conn.execute(
+                "DELETE FROM readings WHERE id IN (SELECT value FROM json_each(?))", (chosen,)
+            )
+            drops.update({f"dropped.buffer_full.{ds}": c for ds, c in dropped})
 
     def _drop_upto(
         self, conn: sqlite3.Connection, last_id: int, reason: str, counts: Counter[str]
@@ -1364,7 +1436,8 @@ class BufferSession:
         exclude: frozenset[str] = frozenset(),
         skip: Collection[int] = (),
     ) -> Batch | None:
-        """The oldest pending reading's data source and schema, and the readings after it.
+        """The oldest pending reading's data source and schema, and the readings after it,
+        whatever their priority (the uploader chooses by lanes: `lane_head`, drain.py).
 
         `skip`: readings left out of batches (the uploader sends them alone, isolation.py).
         """
@@ -1378,7 +1451,46 @@ class BufferSession:
         ).fetchone()
         if head is None:
             return None
+        return self.batch_at(Head(*head), max_records, max_bytes, skip)
+
+    def lane_head(
+        self,
+        priority: int,
+        since: float | None = None,
+        before: float | None = None,
+        exclude: frozenset[str] = frozenset(),
+        skip: Collection[int] = (),
+    ) -> Head | None:
+        """The oldest pending reading of a priority class accepted in [since, before), not
+        of an excluded data source nor skipped: one walk of the drain index (priority,
+        created) that stops at the first match, however many readings wait."""
+        row = self.conn.execute(
+            "SELECT id, datasource_id, schema_id, created FROM readings INDEXED BY readings_drain "
+            "WHERE priority = ?1 AND created >= ?2 AND created < ?3 "
+            "AND datasource_id NOT IN (SELECT value FROM json_each(?4)) "
+            "AND id NOT IN (SELECT value FROM json_each(?5)) ORDER BY created, id LIMIT 1",
+            (
+                priority,
+                -_FOREVER if since is None else since,
+                _FOREVER if before is None else before,
+                json.dumps(sorted(exclude)),
+                json.dumps(sorted(skip)),
+            ),
+        ).fetchone()
+        return None if row is None else Head(*row)
+
+    def batch_at(
+        self,
+        head: Head,
+        max_records: int,
+        max_bytes: int,
+        skip: Collection[int] = (),
+        lane: str = "backlog",
+    ) -> Batch:
+        """`head` and the readings of its data source and schema after it, within the
+        count and byte limits (one indexed range: readings_batch)."""
         first_id, ds, schema_id, created = head
+        skipped = json.dumps(sorted(skip))
         rows: list[BatchRow] = []
         size = 0
         cur = self.conn.execute(
@@ -1394,17 +1506,42 @@ class BufferSession:
             rows.append(BatchRow(rid, record))
             size += len(record) + 1
         cur.close()
-        return Batch(ds, schema_id, tuple(rows), created)
+        return Batch(ds, schema_id, tuple(rows), created, lane)
+
+    def backlog(self, before: float) -> tuple[int, float | None]:
+        """Pending readings accepted before `before` (the live window's start), and when the
+        oldest of them was: the running total less the few live ones, counted on the drain
+        index, and one index lookup per priority class."""
+        live = self.conn.execute(
+            "SELECT count(*) FROM readings INDEXED BY readings_drain "
+            "WHERE priority IN (?, ?, ?) AND created >= ?",
+            (HIGH, NORMAL, LOW, before),
+        ).fetchone()[0]
+        oldest = [
+            row[0]
+            for p in (HIGH, NORMAL, LOW)
+            if (
+                row := self.conn.execute(
+                    "SELECT created FROM readings INDEXED BY readings_drain "
+                    "WHERE priority = ? AND created < ? ORDER BY created LIMIT 1",
+                    (p, before),
+                ).fetchone()
+            )
+            is not None
+        ]
+        return max(0, self.pending_count() - live), min(oldest, default=None)
 
     def pending_reading(self, rid: int) -> Batch | None:
         """One pending reading as a batch of its own; None once it left the buffer."""
         row = self.conn.execute(
-            "SELECT datasource_id, schema_id, created, record FROM readings WHERE id = ?", (rid,)
+            "SELECT datasource_id, schema_id, created, record, priority FROM readings WHERE id = ?",
+            (rid,),
         ).fetchone()
         if row is None:
             return None
-        ds, schema_id, created, record = row
-        return Batch(ds, schema_id, (BatchRow(rid, record),), created)
+        ds, schema_id, created, record, priority = row
+        lane = {HIGH: "high", LOW: "low"}.get(priority, "backlog")
+        return Batch(ds, schema_id, (BatchRow(rid, record),), created, lane)
 
     def ack(
         self,

@@ -33,6 +33,7 @@ from edge_agent.credentials import (
 from edge_agent.errors import ConfigError
 from edge_agent.processors.registry import processor_keys
 from edge_agent.sources.base import SourceConfig
+from edge_agent.store import PRIORITIES
 from edge_agent.tables import build, check_range, file_keys, reject_unknown
 
 if TYPE_CHECKING:
@@ -88,6 +89,11 @@ class EndpointConfig:
     max_batch_records: int = 500
     max_batch_bytes: int = 1_000_000
     flush_interval_s: float = 2.0
+    # Which batch goes next after an outage (drain.py): live readings first, the backlog
+    # taking `backlog_share` of the requests meanwhile; or strictly oldest first.
+    drain: Literal["live_first", "oldest_first"] = "live_first"
+    live_window_s: float = 60.0
+    backlog_share: float = 0.5
     timeout_s: float = 10.0
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
@@ -361,6 +367,9 @@ def _check_endpoint(ep: EndpointConfig, where: str) -> None:
     check_range(ep.max_batch_records, 1, 100_000, f"{w} max_batch_records")
     check_range(ep.max_batch_bytes, 1024, 100_000_000, f"{w} max_batch_bytes")
     check_range(ep.flush_interval_s, 0.0, 3600.0, f"{w} flush_interval_s")
+    check_range(ep.live_window_s, 1.0, 86_400.0, f"{w} live_window_s")
+    # Above 0: the backlog must move while live readings keep coming.
+    check_range(ep.backlog_share, 0.01, 1.0, f"{w} backlog_share")
     check_range(ep.timeout_s, 0.1, 600.0, f"{w} timeout_s")
     check_range(ep.backoff_base_s, 0.01, 3600.0, f"{w} backoff_base_s")
     check_range(ep.backoff_max_s, ep.backoff_base_s, 86_400.0, f"{w} backoff_max_s")
@@ -445,7 +454,26 @@ def _build_sources(raw: Any, where: str) -> tuple[SourceConfig, ...]:
             )
     for declared in source_types().values():
         declared.config.check_together([s for s in sources if s.type == declared.name], where)
+    _check_priorities(sources, where)
     return tuple(sources)
+
+
+def _check_priorities(sources: list[SourceConfig], where: str) -> None:
+    """The priority is kept by data source: sources sharing one must agree on it."""
+    first: dict[str, SourceConfig] = {}
+    for s in sources:
+        other = first.setdefault(s.datasource_id, s)
+        if other.priority != s.priority:
+            raise ConfigError(
+                f"{where}: [[sources]] ({s.name}) priority: sources {other.name!r} "
+                f"({other.priority}) and {s.name!r} ({s.priority}) send to the same data "
+                f"source {s.datasource_id!r}; give them the same priority"
+            )
+
+
+def priorities(config: Config) -> dict[str, int]:
+    """Priority class by data source (store.HIGH, NORMAL, LOW), for the buffer."""
+    return {s.datasource_id: PRIORITIES[s.priority] for s in config.sources}
 
 
 def _build_source(table: Mapping[str, Any], file: str, section: str) -> SourceConfig:

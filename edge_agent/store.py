@@ -7,6 +7,13 @@ Schema history (the version is kept in `meta`):
     +   processor_state, windows (`_add_processor_state`, `_add_windows`): what processors
           commit with the readings (deadband's last values, aggregate windows still open);
           tables added where missing, readable by an older agent, which ignores them
+    +   readings.priority, held.priority, index readings_drain (`_add_priority`): each
+          reading's priority class (0 high, 1 normal, 2 low) and an index by priority and
+          time of acceptance, so the uploader finds the head of each drain lane (high, live,
+          backlog, low) and `drop_oldest` the oldest of a class in a few page reads however
+          deep the backlog; added where missing with NOT NULL DEFAULT 1 (normal), which
+          SQLite does without rewriting the rows: an older agent still reads and writes the
+          file (its inserts get the default)
 
 Running totals (`_add_pending_totals`, added to a file of any version at open):
     pending_totals  readings and bytes of records pending, per data source and schema
@@ -53,6 +60,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent.buffer")
 
 SCHEMA_VERSION = 2
+# Priority classes as stored (`[[sources]] priority`): lower is sent first.
+HIGH, NORMAL, LOW = 0, 1, 2
+PRIORITIES = {"high": HIGH, "normal": NORMAL, "low": LOW}
 BUSY_TIMEOUT_MS = 30_000
 # SQLite's primary result codes that mean the file itself is damaged: only these (and a
 # failed quick_check) move a file aside. Extended codes carry the primary one in the low byte.
@@ -287,6 +297,17 @@ def _add_windows(conn: sqlite3.Connection) -> None:
     )
 
 
+def _add_priority(conn: sqlite3.Connection) -> None:
+    """The priority class of each pending and held reading, and the drain index."""
+    for table in ("readings", "held"):
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "priority" not in columns:
+            conn.execute(
+                f"ALTER TABLE {table} ADD COLUMN priority INTEGER NOT NULL DEFAULT {NORMAL}"
+            )
+    conn.execute("CREATE INDEX IF NOT EXISTS readings_drain ON readings(priority, created)")
+
+
 # Step n turns a version-n file into version n+1. A new file runs them all.
 _MIGRATIONS = {1: _migrate_1_to_2}
 
@@ -446,6 +467,7 @@ def create_or_migrate(conn: sqlite3.Connection) -> int | None:
         _add_pending_totals(conn)
         _add_processor_state(conn)
         _add_windows(conn)
+        _add_priority(conn)
         set_meta(conn, "schema_version", str(SCHEMA_VERSION))
     if version is not None and version < SCHEMA_VERSION:
         log.info("buffer: migrated the database from schema %d to %d", version, SCHEMA_VERSION)

@@ -43,6 +43,7 @@ from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.clock import Clock, SystemClock
 from edge_agent.config import EndpointConfig, Secret
 from edge_agent.credentials import redact
+from edge_agent.drain import DrainPolicy, RateMeter
 from edge_agent.errors import ConfigError
 from edge_agent.exchange import NO_CONNECTION, Exchange, Reply, Stalled
 from edge_agent.isolation import REASON, Isolation, Rules, Step
@@ -63,8 +64,6 @@ REPEAT_LOG_S = 600.0
 TRANSIENT_REPEAT_LOG_S = 60.0
 # While paused, how often the token (file) is read again to notice a new one.
 TOKEN_CHECK_S = 1.0
-# A batch smaller than this share of a full one waits for `flush_interval_s` to fill up.
-_FULL_SHARE = 0.9
 _IDLE_SLICE_S = 0.25
 # Requests per reading are counted in memory for the dead letters' `attempts`; past this many
 # unsettled readings (a long outage) the counts start again rather than grow without bound.
@@ -402,6 +401,8 @@ class Uploader:
         # a batch's age on time.time, so that the flush interval passes even under a clock
         # a test holds still.
         self._isolation = Isolation(Rules.of(endpoint), self._clock)
+        self._drain = DrainPolicy()
+        self._backlog_rate = RateMeter()
         self._confirmations: set[str] = {SUCCESS_MESSAGE}  # messages of 2xx seen and logged
         self.stats = UploaderStats()
         self.heartbeat = time.monotonic()
@@ -452,6 +453,15 @@ class Uploader:
     def budget_view(self) -> BudgetView:
         """The daily byte budget's figures now (any thread)."""
         return self.budget.view()
+
+    def backlog_rate(self) -> float | None:
+        """Backlog readings delivered per second lately (drain.DrainView); None before any."""
+        return self._backlog_rate.rate(time.monotonic())
+
+    @property
+    def backlog_delivered(self) -> int:
+        """Backlog readings delivered since start (those older than `live_window_s`)."""
+        return self._backlog_rate.total
 
     @property
     def byte_limit(self) -> int:
@@ -575,26 +585,23 @@ class Uploader:
         excluded = frozenset(ds for ds, until in self._paused_until.items() if until > now)
         if self._send_suspect(session, excluded):
             return
-        batch = session.next_batch(
-            self.endpoint.max_batch_records,
+        # Ages are measured on the system's wall clock, as the buffer stamps `created` with it
+        # (a test's fake clock stands still; the system's does not).
+        pick = self._drain.pick(
+            session,
+            self.endpoint,
             self._byte_limit,
+            time.time(),
             excluded,
-            skip=self._isolation.skipped(),
+            frozenset(self._isolation.skipped()),
         )
-        if batch is None:
-            if self._probe_time():
+        if pick.batch is None:
+            if not pick.waiting and self._probe_time():
                 return
             self._forget_expired_pauses(now)
-            self._idle(min(1.0, self._next_resume(now)))
+            self._idle(min(pick.wait_s, self._next_resume(now)))
             return
-        # A reading "from the future" means the wall clock went back since it was stored:
-        # send it rather than wait out the jump.
-        age = time.time() - batch.oldest_created
-        young = 0 <= age < self.endpoint.flush_interval_s
-        if young and not self._full(batch):
-            self._idle(self.endpoint.flush_interval_s - (time.time() - batch.oldest_created))
-            return
-        self._deliver(session, batch)
+        self._deliver(session, pick.batch)
 
     def _probe_time(self) -> bool:
         """While the clock waits for confirmation and nothing else goes out: one request
@@ -619,12 +626,6 @@ class Uploader:
                 self._deliver(session, part)
                 return True
         return False
-
-    def _full(self, batch: Batch) -> bool:
-        return (
-            len(batch.rows) >= self.endpoint.max_batch_records
-            or batch.nbytes >= _FULL_SHARE * self._byte_limit
-        )
 
     def _idle(self, seconds: float) -> None:
         # Short slices: the buffer's data event cannot be woken by `stop`, and an idle
@@ -739,6 +740,8 @@ class Uploader:
             self._note_confirmation(answer.message)
             session.ack(batch, meta={META_KEY: self.budget.settled()})
             self._settled(batch)
+            if batch.oldest_created < time.time() - self.endpoint.live_window_s:
+                self._backlog_rate.add(len(batch.rows), time.monotonic())
             self._succeeded(batch.datasource_id, len(batch.rows))
             return []
         if v is Verdict.NO_GZIP:

@@ -1,7 +1,7 @@
 """Benchmarks of the agent, each row measured against a baseline in the same run.
 
     ./scripts/bench [--quick]
-                    [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi,processors]
+                    [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi,processors,fresh]
                     [--json FILE]
 
 Prints a description of the machine, the command line and ONE markdown table. The machine is
@@ -32,6 +32,8 @@ Rows (targets from the issue in brackets):
                baud, MQTT at 500 msg/s and the uplink draining a backlog [nothing dropped];
                its CPU share and memory; bench_mqtt's ratio in the same confinement
     processors scripts/bench_processors.py: bytes on the wire per hour, 10 Hz, aggregate vs raw
+    fresh      (issue 14, a) time from the uplink's return to the first fresh reading delivered
+               with the backlog waiting, drain = "live_first" vs "oldest_first" in the same run
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ ALL_ROWS = (
     "health",
     "pi",
     "processors",
+    "fresh",
 )
 HEALTH_REQUESTS = 50
 PI_MQTT_RATE = 500  # messages/s
@@ -283,20 +286,34 @@ def _stored(path: Path) -> tuple[int, int]:
     return int(n), int(size)
 
 
+class _Shifted:
+    """The system's clocks, the wall one moved by `offset_s`."""
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_s = offset_s
+
+    def wall(self) -> float:
+        return time.time() + self.offset_s
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
 def worker_fill(argv: list[str]) -> None:
     """A buffer database holding N readings, filled fast with big puts."""
-    a = worker_args(argv, ("--dir", str, None), ("--readings", int, 100_000))
+    a = worker_args(argv, ("--dir", str, None), ("--readings", int, 100_000), ("--age-s", float, 0))
     from edge_agent.buffer import Buffer
     from edge_agent.clock import utc_stamp
     from edge_agent.config import BufferConfig
     from edge_agent.records import Reading
 
     path = Path(a.dir) / "buffer.db"
-    buf = Buffer(path, BufferConfig(max_bytes=BIG_BUFFER, sync="normal"))
+    # --age-s: accepted that long ago (an outage's backlog), as the buffer's clock says.
+    buf = Buffer(path, BufferConfig(max_bytes=BIG_BUFFER, sync="normal"), _Shifted(-a.age_s))
     buf.open()
     t0 = time.monotonic()
     chunk = 10_000
-    base = time.time() - a.readings / INGEST_RATE
+    base = time.time() - a.age_s - a.readings / INGEST_RATE
     for start in range(0, a.readings, chunk):
         n = min(chunk, a.readings - start)
         # Stamped as if read at INGEST_RATE, each with its own millisecond.
@@ -463,9 +480,9 @@ def _sink_serve(conn: socket.socket, stats: SinkStats, count: bool = False) -> N
 def worker_sink(argv: list[str]) -> None:
     """An insert endpoint that accepts and discards; prints `PORT n`, runs until SIGTERM.
     With --count-records it also counts the records of each body (costs it CPU)."""
-    a = worker_args(argv, ("--count-records", bool, False))
+    a = worker_args(argv, ("--count-records", bool, False), ("--port", int, 0))
     stats = SinkStats()
-    server = socket.create_server(("127.0.0.1", 0))
+    server = socket.create_server(("127.0.0.1", a.port))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     print("PORT", server.getsockname()[1], flush=True)
     while True:
@@ -514,6 +531,104 @@ def worker_drain(argv: list[str]) -> None:
             "seconds": elapsed,
             "cpu_s": cpu,
             "requests": requests,
+        },
+    )
+
+
+# --- workers: freshness after an outage ---------------------------------------------------
+
+FRESH_HZ = 10.0  # the live sensor writing through the outage and after it
+FRESH_PROBE_S = 0.5  # reconnect_probe_s: the return is noticed within this (±20 %)
+FRESH_REPEATS = 3
+FRESH_DS = "fresh"
+
+
+def worker_fresh(argv: list[str]) -> None:
+    """The uplink down with the backlog waiting and a sensor writing at FRESH_HZ; the sink
+    comes up on the uploader's port; time until the first reading written after that was
+    delivered, then until the whole backlog was.
+
+    After the return the sensor writes to another data source (FRESH_DS), so that the first
+    fresh reading's delivery is one counter (`uploaded.<FRESH_DS>`, bumped with the delete):
+    row ids cannot tell, SQLite gives a deleted newest row's id to the next one."""
+    a = worker_args(argv, ("--db", str, None), ("--drain", str, "live_first"))
+    from edge_agent.buffer import Buffer, BufferSession
+    from edge_agent.clock import utc_stamp
+    from edge_agent.config import BufferConfig, EndpointConfig, Secret
+    from edge_agent.records import Reading
+    from edge_agent.uploader import Uploader
+
+    path, port = Path(a.db), free_port()
+    buf = Buffer(path, BufferConfig(max_bytes=BIG_BUFFER, commit_interval_ms=COMMIT_INTERVAL_MS))
+    buf.open()
+    endpoint = EndpointConfig(
+        url=f"http://127.0.0.1:{port}/restapi/datasource/insert",
+        max_batch_records=BATCH_RECORDS,
+        drain=a.drain,
+        reconnect_probe_s=FRESH_PROBE_S,
+    )
+    uploader = Uploader(endpoint, Secret("bench-token"), buf)
+    uploader.start()
+    stop, returned = threading.Event(), threading.Event()
+
+    def sensor() -> None:
+        seq = 0
+        while not stop.wait(1 / FRESH_HZ):
+            ds = FRESH_DS if returned.is_set() else DATASOURCE
+            buf.put([Reading(ds, long_record(utc_stamp(time.time()), seq))])
+            seq += 1
+
+    writer = threading.Thread(target=sensor, daemon=True)
+    writer.start()
+    session = BufferSession(path)
+    backlog = session.pending_count()
+    assert wait_for(lambda: uploader.uplink.down, timeout=60), "the uplink was never down"
+    time.sleep(2.0)  # an outage of a few seconds more, with the sensor writing
+    sink = subprocess.Popen(
+        [PY, str(BENCH), "_worker", "sink", "--port", str(port), "--out", os.devnull],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    try:
+        assert sink.stdout is not None
+        sink.stdout.readline()  # PORT n: listening
+        t0 = time.monotonic()
+        returned.set()
+        count = "SELECT value FROM counters WHERE name = ?"
+        first_s = drained_s = None
+        left_then = backlog
+        while first_s is None or drained_s is None:  # both watched at once, every 5 ms
+            now = time.monotonic() - t0
+            # The backlog by the uploader's count: a count in the buffer would slow the drain.
+            if drained_s is None and uploader.backlog_delivered >= backlog:
+                drained_s = now
+            if (
+                first_s is None
+                and session.conn.execute(count, (f"uploaded.{FRESH_DS}",)).fetchone()
+            ):
+                first_s, left_then = now, backlog - uploader.backlog_delivered
+            if now > 3600:
+                raise RuntimeError("the backlog or the fresh readings never arrived")
+            time.sleep(0.005)
+        done = True
+    finally:
+        stop.set()
+        writer.join()
+        uploader.stop()
+        sink.terminate()
+        sink.wait(10)
+    buf.close()
+    session.close()
+    write_json(
+        a.out,
+        {
+            "drain": a.drain,
+            "backlog": backlog,
+            "first_fresh_s": first_s,
+            "backlog_left_then": left_then,
+            "drained_s": drained_s,
+            "done": done,
+            "requests": dict(uploader.stats.requests),
         },
     )
 
@@ -756,6 +871,7 @@ WORKERS: dict[str, Callable[[list[str]], None]] = {
     "pty_write": worker_pty_write,
     "serial": worker_serial,
     "totals_cpu": worker_totals_cpu,
+    "fresh": worker_fresh,
 }
 
 
@@ -1129,6 +1245,66 @@ def bench_drain(b: Bench) -> Report:
         + "; ".join(f"{k} " + ", ".join(f"{f['rate']:,.0f}" for f in v) for k, v in runs.items())
     )
     rep.figures["drain"] = {"fill": filled, "runs": runs}
+    return rep
+
+
+def bench_fresh(b: Bench) -> Report:
+    """(a) of issue 14: how stale the dashboard stays after an outage, per drain policy."""
+    rep = Report()
+    d = b.fresh_dir("backlog-an-hour-old")
+    n = b.sizes.backlog
+    filled = b.worker("fill", "--dir", str(d), "--readings", str(n), "--age-s", "3600")
+    repeats = 1 if b.quick else FRESH_REPEATS
+    runs: dict[str, list[dict[str, Any]]] = {"live_first": [], "oldest_first": []}
+    for _ in range(repeats):  # interleaved, the median of each kept
+        for drain in runs:
+            copy = b.fresh_dir(f"fresh-{drain}") / "buffer.db"
+            shutil.copyfile(d / "buffer.db", copy)
+            runs[drain].append(b.worker("fresh", "--db", str(copy), "--drain", drain))
+            shutil.rmtree(copy.parent, ignore_errors=True)
+    shutil.rmtree(d, ignore_errors=True)
+
+    def median(drain: str, key: str = "first_fresh_s") -> dict[str, Any]:
+        figs = sorted(runs[drain], key=lambda f: float(f[key]))
+        return figs[len(figs) // 2]
+
+    live, oldest = median("live_first"), median("oldest_first")
+    live_all, oldest_all = median("live_first", "drained_s"), median("oldest_first", "drained_s")
+    n = filled["readings"]
+    rep.rows.append(
+        Row(
+            f"3e. time from the uplink's return to the first fresh reading delivered, "
+            f"{n:,}-reading backlog an hour old, sensor at {FRESH_HZ:g} Hz",
+            f"{live['first_fresh_s']:.2f} s `live_first` ({live['backlog_left_then']:,} of the "
+            "backlog still pending then)",
+            f"{oldest['first_fresh_s']:.2f} s `oldest_first` "
+            f"({oldest['backlog_left_then']:,} pending then)",
+            ratio(live["first_fresh_s"], oldest["first_fresh_s"]),
+        )
+    )
+    rep.rows.append(
+        Row(
+            "3f. same: time from the return until the whole backlog was delivered",
+            f"{live_all['drained_s']:.1f} s `live_first`",
+            f"{oldest_all['drained_s']:.1f} s `oldest_first`",
+            ratio(live_all["drained_s"], oldest_all["drained_s"]),
+        )
+    )
+    rep.notes.append(
+        f"3e/3f: the Uploader in a worker process with a backlog filled as if accepted an "
+        f"hour ago, production timings (flush_interval_s 2.0, "
+        f"batches of {BATCH_RECORDS}) except reconnect_probe_s = {FRESH_PROBE_S}; the sink "
+        "starts on the uploader's port = the return; a fresh reading is one the sensor wrote "
+        f"after it (to data source {FRESH_DS!r}, so that its delivery is one counter), "
+        "delivered when its 2xx deleted it. A live batch that is not full waits "
+        "flush_interval_s to fill, which is most of the live_first figure. Median of "
+        f"{repeats} interleaved run(s); first fresh / whole backlog (s) of each: "
+        + "; ".join(
+            f"{k} " + ", ".join(f"{f['first_fresh_s']:.2f} / {f['drained_s']:.1f}" for f in v)
+            for k, v in runs.items()
+        )
+    )
+    rep.figures["fresh"] = {"fill": filled, "runs": runs}
     return rep
 
 
@@ -1853,6 +2029,7 @@ ROW_FUNCTIONS: dict[str, Callable[[Bench], Report]] = {
     "health": bench_health,
     "pi": bench_pi,
     "processors": bench_processors,
+    "fresh": bench_fresh,
 }
 
 

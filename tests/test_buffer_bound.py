@@ -338,12 +338,14 @@ def _old_agent_buffer(path: Path, n: int) -> None:
 
 
 def _dump(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every row, by the columns an older agent knew (a newer one adds `priority`)."""
     conn = sqlite3.connect(path)
     try:
-        return {
-            t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
-            for t in ("readings", "held", "dead_letters", "counters", "schemas")
-        }
+        dump = {}
+        for t in ("readings", "held", "dead_letters", "counters", "schemas"):
+            names = [r[1] for r in conn.execute(f"PRAGMA table_info({t})") if r[1] != "priority"]
+            dump[t] = conn.execute(f"SELECT {', '.join(names)} FROM {t} ORDER BY 1").fetchall()
+        return dump
     finally:
         conn.close()
 

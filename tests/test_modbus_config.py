@@ -220,7 +220,7 @@ def test_every_key_is_documented_and_every_documented_key_exists() -> None:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     readme = text[text.index("## Modbus RTU and TCP") : text.index("## MQTT bridge")]
     accepted = set(file_keys(ModbusConfig)) | set(file_keys(RegisterConfig))
-    common = {"name", "type", "datasource_id", "format", "shape", "tags", "processors"}
+    common = {"name", "type", "datasource_id", "format", "shape", "tags", "priority", "processors"}
     missing = sorted(
         key
         for key in accepted

@@ -26,6 +26,7 @@ from edge_agent.records import Reading
 from edge_agent.tables import build
 
 Shape = Literal["long", "wide"]
+Priority = Literal["high", "normal", "low"]
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -46,6 +47,9 @@ class SourceConfig:
     format: LineKind = "json"
     shape: Shape = "long"
     tags: Mapping[str, str] = field(default_factory=dict)
+    # Sent before normal readings whenever pending ("high"), or only when nothing else
+    # waits ("low"); "drop_oldest" drops low before normal before high (drain.py).
+    priority: Priority = "normal"
     processors: tuple[ProcessorConfig, ...] = ()  # [[sources.processors]], in order
 
     @classmethod
