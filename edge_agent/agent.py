@@ -23,6 +23,7 @@ from edge_agent.buffer import Buffer, BufferSession
 from edge_agent.clock import Clock, ClockGuard, SystemClock
 from edge_agent.config import Config, Secret, load_config, priorities, resolve_token
 from edge_agent.credentials import exposure_warnings
+from edge_agent.drain import drain_view
 from edge_agent.errors import ConfigError, EdgeAgentError
 from edge_agent.processors.base import Place
 from edge_agent.processors.chain import ProcessingIntake
@@ -33,8 +34,10 @@ from edge_agent.sources.base import Intake, Source, SourceConfig, SourceStats
 from edge_agent.sources.registry import source_type
 from edge_agent.status.snapshot import (
     AgentPart,
+    BudgetPart,
     BufferPart,
     ClockPart,
+    DrainPart,
     ErrorPart,
     Snapshot,
     SourcePart,
@@ -381,14 +384,16 @@ def snapshot(agent: Agent, errors: Iterable[Mapping[str, Any]]) -> Snapshot:
 
     `errors`: the recent warnings and errors (`RecentErrors.lines()`).
     """
-    session = BufferSession(agent.config.buffer_path)
-    try:
+    config = agent.config
+    now = time.time()  # `created` in the buffer is on the system's wall clock
+    with BufferSession(config.buffer_path) as session:
         st = session.stats()
-    finally:
-        session.close()
+        backlog = drain_view(
+            session, config.endpoint.live_window_s, agent.uploader.backlog_rate(), now
+        )
     up = agent.uploader.stats
     now_mono = time.monotonic()
-    config = agent.config
+    budget = agent.uploader.budget_view()
     return Snapshot(
         agent=AgentPart(
             version=__version__,
@@ -416,6 +421,23 @@ def snapshot(agent: Agent, errors: Iterable[Mapping[str, Any]]) -> Snapshot:
         ),
         clock=_clock_part(agent.guard, agent.uplink_time),
         errors=tuple(ErrorPart(e["time"], e["component"], e["message"]) for e in errors),
+        drain=DrainPart(
+            mode=config.endpoint.drain,
+            live_window_s=config.endpoint.live_window_s,
+            backlog_readings=backlog.backlog_readings,
+            oldest_backlog_age_s=backlog.oldest_backlog_age_s,
+            rate_per_s=backlog.rate_per_s,
+            eta_s=backlog.eta_s,
+        ),
+        budget=BudgetPart(
+            limit=budget.limit,
+            used=budget.used,
+            remaining=budget.remaining,
+            day=budget.day,
+            resets_in_s=budget.resets_in(agent.clock.wall()),
+            waiting=budget.waiting,
+            spent=budget.spent,
+        ),
     )
 
 

@@ -411,6 +411,12 @@ def test_metrics_health_and_the_status_command(
         ),
         what="25 readings waiting",
     )
+    # The uplink's bytes today and the backlog: the 25 are younger than live_window_s.
+    metrics = scrape(base)
+    assert metric(metrics, "edge_agent_uplink_bytes_today") >= sandbox.stats()["wire_bytes"] > 0
+    assert metric(metrics, "edge_agent_backlog_readings") == 0
+    doc = httpx.get(base + "status.json", timeout=5, trust_env=False).json()
+    assert doc["drain"]["mode"] == "live_first" and doc["budget"]["limit"] is None
     assert agent.terminate() == 0
     status = edge_agent_status(config)
     assert status.returncode == 3, status.stdout + status.stderr

@@ -45,7 +45,13 @@ from edge_agent.status import (
     status_document,
     status_json_url,
 )
-from edge_agent.status.snapshot import OPTIONAL, Part, SnapshotFormatError
+from edge_agent.status.snapshot import (
+    OPTIONAL,
+    BudgetPart,
+    DrainPart,
+    Part,
+    SnapshotFormatError,
+)
 from edge_agent.uplink import UplinkView
 from tests.helpers import wait_until
 
@@ -781,3 +787,40 @@ def test_an_optional_part_is_left_out_of_the_json_until_it_is_set() -> None:
     with_budget = replace(plain, budget=_Budget(used=10, budget=100))
     assert with_budget.to_json()["budget"] == {"used": 10, "budget": 100}
     assert _WithBudget.from_json(with_budget.to_json()) == with_budget
+
+
+def test_backlog_and_byte_budget_show_on_the_page_metrics_terminal_and_json(
+    server: StatusServer, state: State
+) -> None:
+    drain = DrainPart("live_first", 60.0, 12_000, 3 * 3600.0 + 120, 50.0, 240.0)
+    budget = BudgetPart(500_000_000, 3_250_000, 496_750_000, "2026-12-03", 5 * 3600.0, True, False)
+    state.snap = replace(state.snap, drain=drain, budget=budget)
+    m = scrape(server)
+    assert value(m, "backlog_readings") == 12_000
+    assert value(m, "backlog_oldest_age_seconds") == 3 * 3600.0 + 120
+    assert value(m, "backlog_drain_seconds") == 240.0
+    assert value(m, "uplink_bytes_today") == 3_250_000
+    assert value(m, "uplink_bytes_per_day_limit") == 500_000_000
+    assert value(m, "uplink_budget_waiting") == 1
+    page = get(server, "/").text
+    assert "12,000 readings older than 60 s, oldest 3 h 2 min" in page
+    assert "about 4 min to drain at 50/s (live first)" in page
+    assert "3.1 MiB of 476.8 MiB used today (UTC)" in page
+    text = render_status_text(status_document(state.snap, 300.0), NOW)
+    assert "  backlog: 12,000 readings older than 60 s" in text
+    assert "  byte budget: 3.1 MiB of 476.8 MiB used today (UTC); the backlog waits" in text
+    doc = get(server, "/status.json").json()
+    assert doc["drain"]["backlog_readings"] == 12_000 and doc["budget"]["limit"] == 500_000_000
+    assert Status.from_json(doc).snapshot.drain == drain
+
+
+def test_a_budget_without_limit_and_no_backlog_read_plainly() -> None:
+    drain = DrainPart("oldest_first", 60.0, 0, None, None, 0.0)
+    budget = BudgetPart(None, 2048, None, "2026-12-03", 60.0, False, False)
+    snap = replace(make_snapshot(), drain=drain, budget=budget)
+    text = render_status_text(status_document(snap, 300.0), NOW)
+    assert "  backlog: none (oldest first)" in text
+    assert "  byte budget: no limit; 2.0 KiB sent today (UTC)" in text
+    spent = replace(snap, budget=replace(budget, limit=4096, used=4096, remaining=0, spent=True))
+    text = render_status_text(status_document(spent, 300.0), NOW)
+    assert "4.0 KiB of 4.0 KiB used today (UTC); SPENT: readings wait; resets in 60 s" in text

@@ -22,9 +22,11 @@ from edge_agent.status.page import render_page, svg_chart
 from edge_agent.status.server import StatusServer, parse_listen
 from edge_agent.status.snapshot import (
     AgentPart,
+    BudgetPart,
     BufferPart,
     ClockPart,
     DatasourcePart,
+    DrainPart,
     ErrorPart,
     Health,
     OfflineStatus,
@@ -37,9 +39,11 @@ from edge_agent.status.text import render_status_line, render_status_text
 
 __all__ = [
     "AgentPart",
+    "BudgetPart",
     "BufferPart",
     "ClockPart",
     "DatasourcePart",
+    "DrainPart",
     "ErrorPart",
     "Health",
     "History",

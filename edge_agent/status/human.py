@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from edge_agent.status.snapshot import ClockPart, UploaderPart
+from edge_agent.status.snapshot import BudgetPart, ClockPart, DrainPart, UploaderPart
 
 
 def duration(seconds: float) -> str:
@@ -80,3 +80,30 @@ def clock(part: ClockPart) -> str:
     offset = part.offset_s
     against = f"; {offset:+.1f} s against the endpoint's time" if offset is not None else ""
     return f"{part.state or 'unknown'} ({trusted}{against})"
+
+
+def backlog(drain: DrainPart) -> str:
+    """`12,000 readings older than 60 s, oldest 3 h 2 min; about 4 min to drain at 50/s`."""
+    order = "live first" if drain.mode == "live_first" else "oldest first"
+    if drain.backlog_readings == 0:
+        return f"none ({order})"
+    text = f"{plural(drain.backlog_readings, 'reading')} older than {duration(drain.live_window_s)}"
+    if drain.oldest_backlog_age_s is not None:
+        text += f", oldest {duration(drain.oldest_backlog_age_s)}"
+    if drain.eta_s is not None and drain.rate_per_s:
+        text += f"; about {duration(drain.eta_s)} to drain at {drain.rate_per_s:,.0f}/s"
+    else:
+        text += "; not draining now"
+    return f"{text} ({order})"
+
+
+def budget(part: BudgetPart) -> str:
+    """`3.1 MiB of 476.8 MiB used today (UTC); resets in 5 h 3 min`."""
+    if part.limit is None:
+        return f"no limit; {size(part.used)} sent today (UTC)"
+    text = f"{size(part.used)} of {size(part.limit)} used today (UTC)"
+    if part.spent:
+        text += "; SPENT: readings wait"
+    elif part.waiting:
+        text += "; the backlog waits, the rest is kept for high-priority and live readings"
+    return f"{text}; resets in {duration(part.resets_in_s)}"

@@ -9,7 +9,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from edge_agent.status import human
-from edge_agent.status.snapshot import BufferPart, SourcePart, Status, UploaderPart
+from edge_agent.status.snapshot import (
+    BudgetPart,
+    BufferPart,
+    DrainPart,
+    SourcePart,
+    Status,
+    UploaderPart,
+)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -73,6 +80,10 @@ def render_metrics(doc: Status, process: ProcessStats | None = None) -> str:
     _source_metrics(out, doc.snapshot.sources)
     _buffer_metrics(out, doc.snapshot.buffer)
     _upload_metrics(out, doc.snapshot.uploader)
+    if doc.snapshot.drain is not None:
+        _drain_metrics(out, doc.snapshot.drain)
+    if doc.snapshot.budget is not None:
+        _budget_metrics(out, doc.snapshot.budget)
     if process is not None:
         _process_metrics(out, process)
     return out.text()
@@ -208,6 +219,49 @@ _UPLOAD_SCALARS: list[tuple[str, str, str, Callable[[UploaderPart], float]]] = [
      "Seconds since uploads started failing (0 while they succeed).",
      lambda u: 0.0 if u.failing_for_s is None else u.failing_for_s),
 ]  # fmt: skip
+
+
+def _drain_metrics(out: _Exposition, drain: DrainPart) -> None:
+    out.family(
+        "backlog_readings",
+        "gauge",
+        "Pending readings accepted before the live window (live_window_s): the backlog.",
+        [({}, drain.backlog_readings)],
+    )
+    out.family(
+        "backlog_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest backlog reading (absent while there is no backlog).",
+        [({}, drain.oldest_backlog_age_s)],
+    )
+    out.family(
+        "backlog_drain_seconds",
+        "gauge",
+        "Estimated time to deliver the backlog at the rate it drained lately (absent while "
+        "nothing was measured or it does not move).",
+        [({}, drain.eta_s)],
+    )
+
+
+def _budget_metrics(out: _Exposition, budget: BudgetPart) -> None:
+    out.family(
+        "uplink_bytes_today",
+        "gauge",
+        "Bytes on the wire this UTC day (requests after gzip with headers, and answers).",
+        [({}, budget.used)],
+    )
+    out.family(
+        "uplink_bytes_per_day_limit",
+        "gauge",
+        "The daily byte budget, max_bytes_per_day (absent without a limit).",
+        [({}, budget.limit)],
+    )
+    out.family(
+        "uplink_budget_waiting",
+        "gauge",
+        "1 while readings are held back for the daily byte budget.",
+        [({}, budget.waiting)],
+    )
 
 
 def _source_metrics(out: _Exposition, sources: tuple[SourcePart, ...]) -> None:

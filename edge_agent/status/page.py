@@ -19,11 +19,10 @@ from edge_agent.status.health import verdict
 from edge_agent.status.history import Sample
 from edge_agent.status.snapshot import (
     BufferPart,
-    ClockPart,
     ErrorPart,
+    Snapshot,
     SourcePart,
     Status,
-    UploaderPart,
 )
 
 PAGE_REFRESH_S = 10
@@ -66,7 +65,7 @@ def render_page(doc: Status, samples: list[Sample], now: float) -> str:
         _health(doc, now),
         _sources(snap.sources, now),
         _buffer(snap.buffer),
-        _uploads(snap.uploader, snap.clock, now),
+        _uploads(snap, now),
         _charts(samples),
         _errors(snap.errors, now),
     ]
@@ -150,7 +149,8 @@ def _facts(facts: list[tuple[str, str]]) -> Markup:
     return fill("facts", facts=_join(fill("fact", name=k, value=v) for k, v in facts))
 
 
-def _uploads(uploader: UploaderPart, clock: ClockPart, now: float) -> Markup:
+def _uploads(snap: Snapshot, now: float) -> Markup:
+    uploader = snap.uploader
     by_status = ", ".join(f"{s}: {human.count(n)}" for s, n in sorted(uploader.requests.items()))
     failing = uploader.failing_for_s
     paused = "; ".join(
@@ -167,8 +167,12 @@ def _uploads(uploader: UploaderPart, clock: ClockPart, now: float) -> Markup:
         ("requests", by_status or "none yet"),
         ("retries", human.count(uploader.retries)),
         ("failing on one record", human.isolated(uploader)),
-        ("clock", human.clock(clock)),
+        ("clock", human.clock(snap.clock)),
     ]
+    if snap.drain is not None:
+        facts.insert(1, ("backlog", human.backlog(snap.drain)))
+    if snap.budget is not None:
+        facts.insert(2, ("byte budget", human.budget(snap.budget)))
     return fill("uploads", facts=_facts(facts))
 
 

@@ -163,6 +163,31 @@ class UploaderPart(Part):
 
 
 @dataclass(frozen=True)
+class DrainPart(Part):
+    """The backlog: pending readings accepted before the live window (drain.py)."""
+
+    mode: str  # "live_first" or "oldest_first"
+    live_window_s: float
+    backlog_readings: int
+    oldest_backlog_age_s: float | None
+    rate_per_s: float | None  # backlog readings delivered per second lately
+    eta_s: float | None  # time to drain the backlog at that rate; None: nothing measured
+
+
+@dataclass(frozen=True)
+class BudgetPart(Part):
+    """The daily byte budget (budget.py): bytes on the wire this UTC day."""
+
+    limit: int | None  # None: no limit (bytes are counted all the same)
+    used: int
+    remaining: int | None
+    day: str  # the UTC day counted
+    resets_in_s: float  # until 00:00 UTC
+    waiting: bool  # readings are held back for the budget now
+    spent: bool  # nothing more goes out before the next UTC day
+
+
+@dataclass(frozen=True)
 class ClockPart(Part):
     trusted: bool  # readings get reliable times (from the system clock or the endpoint's)
     # Waiting for the first confirmation (one exchange) is no fault of the clock's.
@@ -193,6 +218,8 @@ class Snapshot(Part):
     uploader: UploaderPart
     clock: ClockPart
     errors: tuple[ErrorPart, ...]
+    drain: DrainPart | None = dataclasses.field(default=None, metadata=OPTIONAL)
+    budget: BudgetPart | None = dataclasses.field(default=None, metadata=OPTIONAL)
 
 
 # -- health and the documents ------------------------------------------------------------

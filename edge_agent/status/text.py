@@ -33,6 +33,8 @@ def render_status_text(doc: Status | OfflineStatus, now: float | None = None) ->
         *_source_lines(snap.sources, now),
         *_buffer_lines(snap.buffer),
         *_upload_lines(snap.uploader, now),
+        *([f"  backlog: {human.backlog(snap.drain)}"] if snap.drain else []),
+        *([f"  byte budget: {human.budget(snap.budget)}"] if snap.budget else []),
         f"clock: {human.clock(snap.clock)}",
         *_error_lines(snap.errors, now),
     ]
