@@ -129,7 +129,7 @@ def read_small_file(path: str | Path, limit: int) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise NotASmallFile(f"is {_file_kind(st.st_mode)}, not a regular file")
+            raise NotASmallFile(f"is {file_kind(st.st_mode)}, not a regular file")
         if st.st_size > limit:
             raise NotASmallFile(f"is {st.st_size:,} bytes, more than the {_size(limit)} allowed")
         chunks, total = [], 0
@@ -146,7 +146,8 @@ def read_small_file(path: str | Path, limit: int) -> bytes:
         os.close(fd)
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, in words (`a FIFO (named pipe)`)."""
     for check, kind in (
         (stat.S_ISCHR, "a character device"),
         (stat.S_ISBLK, "a block device"),

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any, BinaryIO, TextIO
 
 from edge_agent.buffer import MAX_EXPORT_LINE, Exported, parse_exported
+from edge_agent.credentials import file_kind
 from edge_agent.errors import EdgeAgentError
 from edge_agent.lock import LOCK_SUFFIX
 
@@ -86,15 +87,7 @@ def _special_kind(path: Path) -> str | None:
         mode = os.stat(path).st_mode
     except OSError:
         return None
-    for check, kind in (
-        (stat.S_ISFIFO, "a FIFO (named pipe)"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if check(mode):
-            return kind
-    return None if stat.S_ISREG(mode) else "not a regular file"
+    return None if stat.S_ISREG(mode) else file_kind(mode)
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -136,11 +136,8 @@ def test_a_token_file_that_is_a_device_a_fifo_or_huge_stops_run_and_check_at_onc
         )
 
 
-@pytest.mark.parametrize("kind", ["urandom", "fifo", "huge"])
-def test_an_mqtt_password_file_that_is_a_device_a_fifo_or_huge_is_refused(
-    tmp_path: Path, kind: str
-) -> None:
-    password, what = special_file(tmp_path, kind)
+def mqtt_config(tmp_path: Path, password: Path) -> Path:
+    """A config with one MQTT source whose password is read from `password`."""
     mqtt = {
         "name": "plant",
         "type": "mqtt",
@@ -150,12 +147,20 @@ def test_an_mqtt_password_file_that_is_a_device_a_fifo_or_huge_is_refused(
         "username": "agent",
         "password_file": str(password),
     }
-    config = write_config(
+    return write_config(
         tmp_path / "agent.toml",
         url="https://api.example.com/restapi/datasource/insert",
         data_dir=tmp_path / "data",
         sources=[mqtt],
     )
+
+
+@pytest.mark.parametrize("kind", ["urandom", "fifo", "huge"])
+def test_an_mqtt_password_file_that_is_a_device_a_fifo_or_huge_is_refused(
+    tmp_path: Path, kind: str
+) -> None:
+    password, what = special_file(tmp_path, kind)
+    config = mqtt_config(tmp_path, password)
     proc = cli("check", "--config", str(config))
     assert_config_error(proc, f"password_file: {password} {what}", "holds the password on one line")
 
@@ -195,21 +200,7 @@ def test_an_mqtt_password_file_with_a_line_break_is_refused_naming_the_file(
 ) -> None:
     password = tmp_path / "mqtt-password"
     password.write_text(f"pass word\n{SECRET_TAIL}\n")
-    mqtt = {
-        "name": "plant",
-        "type": "mqtt",
-        "broker": "mqtt://127.0.0.1:1883",
-        "topics": ["sensors/#"],
-        "datasource_id": DATASOURCE,
-        "username": "agent",
-        "password_file": str(password),
-    }
-    config = write_config(
-        tmp_path / "agent.toml",
-        url="https://api.example.com/restapi/datasource/insert",
-        data_dir=tmp_path / "data",
-        sources=[mqtt],
-    )
+    config = mqtt_config(tmp_path, password)
     with pytest.raises(ConfigError) as info:
         load_config(config)
     assert f"password_file: {password} holds 2 lines" in str(info.value)
