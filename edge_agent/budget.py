@@ -20,20 +20,25 @@ the request plus a headroom of 1 % of the budget; the headroom travels with each
 transaction (`settled`), so in steady state no write is added. A clean stop stores the
 exact figure; a crash may count up to the headroom that was not sent.
 
-The day comes from the injected `Clock` (tests turn it by hand) and never goes back: a wall
-clock set back (a gateway booted without a real-time clock) keeps counting on the later
-day, so a wrong clock cannot restart a day's budget.
+The day is always the injected `Clock`'s UTC day (tests turn it by hand). When the clock's day
+is earlier than the day counted (a wall clock set back, a gateway booted without a real-time
+clock, or a day stored while the clock was ahead), the count carries over to the clock's day:
+a clock set back cannot spend a day twice, and a clock that was once a year ahead does not
+leave the budget spent for a year. When the day moves forward the count starts from 0.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import math
 import threading
 from dataclasses import dataclass
 
 from edge_agent.clock import Clock
+
+log = logging.getLogger(__name__)
 
 DAY_S = 86_400
 META_KEY = "uplink_bytes_day"
@@ -94,14 +99,17 @@ class DailyBudget:
         self._lock = threading.Lock()
         self._day = int(clock.wall() // DAY_S)
         self._used = 0  # bytes sent on `_day`
-        self._stored = 0  # what the buffer holds for `_day` (never below `_used`)
+        # What the buffer holds for `_day` (never below `_used` once written; 0: nothing yet).
+        self._stored = 0
         self.waiting = False
         self.spent = False
+        self._said_behind = False  # the clock behind the day counted was logged
 
     # -- persistence -----------------------------------------------------------------------
 
     def load(self, stored: str | None) -> None:
-        """Take the figure kept in the buffer (`META_KEY`); a later day there wins."""
+        """Take the figure kept in the buffer (`META_KEY`): today's, or a later day's carried
+        over to today (the clock was ahead when it was stored, or is behind now)."""
         if not stored:
             return
         try:
@@ -111,11 +119,12 @@ class DailyBudget:
             return  # unreadable: count from zero rather than stop uploading
         with self._lock:
             self._roll()
-            if day > self._day:
-                self._day, self._used = day, used
+            if day > self._day:  # carried over; the buffer holds another day: write anew
+                self._behind(self._day, day, used)
+                self._used = max(self._used, used)
             elif day == self._day:
                 self._used = max(self._used, used)
-            self._stored = self._used
+                self._stored = max(self._stored, self._used)
 
     def ahead(self, nbytes: int) -> str | None:
         """Before sending `nbytes`: a value to store first when the stored one does not cover
@@ -191,12 +200,32 @@ class DailyBudget:
             self._used += nbytes
 
     def _roll(self) -> float:
-        """Move to the clock's day if it is later; returns the wall clock."""
+        """Move to the clock's day: from 0 if it is later, with the count if it is earlier;
+        returns the wall clock."""
         now = self._clock.wall()
         day = int(now // DAY_S)
         if day > self._day:
             self._day, self._used, self._stored = day, 0, 0
+        elif day < self._day:
+            self._behind(day, self._day, self._used)
+            # The count carries over; the buffer holds the later day: the next request
+            # writes the count ahead on this one.
+            self._day, self._stored = day, 0
         return now
+
+    def _behind(self, day: int, counted: int, used: int) -> None:
+        """Say once that the clock's day is earlier than a day counted (lock held)."""
+        if self._said_behind:
+            return
+        self._said_behind = True
+        log.warning(
+            "uploader: daily byte budget: the clock's UTC day (%s) is earlier than the day "
+            "counted (%s): the clock was ahead or went back; %s used is carried over to %s",
+            day_text(day),
+            day_text(counted),
+            size_text(used),
+            day_text(day),
+        )
 
     def view(self) -> BudgetView:
         with self._lock:

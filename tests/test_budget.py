@@ -78,14 +78,28 @@ def test_a_spent_budget_waits_for_the_next_utc_day_and_the_day_resets_the_count(
     assert (view.used, view.remaining, view.day) == (0, 10_000, "2027-03-02")
 
 
-def test_a_wall_clock_set_back_keeps_counting_on_the_later_day() -> None:
+def test_a_wall_clock_set_back_carries_the_count_to_its_day_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     clock = FakeClock(DAY0 + 3600)
     budget = DailyBudget(10_000, clock)
     budget.spend(9_000)
+    caplog.set_level(logging.WARNING, "edge_agent.budget")
     clock.jump(-30 * DAY_S)  # a gateway that lost its time: the day must not start again
+    view = budget.view()
+    assert (view.day, view.used) == ("2027-01-30", 9_000)  # the clock's day, with the count
+    assert view.resets_at == DAY0 - 29 * DAY_S
+    assert budget.allows(2_000, "high") == pytest.approx(23 * 3600)  # to the clock's 00:00
+    stored = budget.ahead(500)  # the buffer holds the later day: write on the clock's
+    assert stored is not None and json.loads(stored)["day"] == "2027-01-30"
+    assert json.loads(stored)["bytes"] >= 9_500
+    clock.jump(-DAY_S)  # back again: still carried, but said only once
     assert budget.view().used == 9_000
-    assert budget.view().day == "2027-03-01"
-    assert budget.allows(2_000, "high") > 0
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "clock's UTC day (2027-01-30) is earlier than the day counted (2027-03-01)" in said
+    assert "9 kB used is carried over" in said
+    clock.advance(DAY_S)  # the clock's day moves forward: a new day from 0
+    assert (budget.view().day, budget.view().used) == ("2027-01-30", 0)
 
 
 def test_budget_view_is_a_frozen_snapshot_of_the_figures() -> None:
@@ -126,7 +140,7 @@ def test_the_stored_count_is_never_below_what_was_sent() -> None:
     assert again.view().used == 3_000  # after a crash: at most the headroom too much
 
 
-def test_loading_a_stored_count_takes_the_later_day_and_ignores_garbage() -> None:
+def test_loading_a_stored_count_carries_a_later_day_to_the_clocks_and_ignores_garbage() -> None:
     clock = FakeClock(DAY0 + 3600)
     budget = DailyBudget(10_000, clock)
     budget.load(json.dumps({"day": "2027-02-28", "bytes": 9_999}))  # yesterday's
@@ -136,8 +150,12 @@ def test_loading_a_stored_count_takes_the_later_day_and_ignores_garbage() -> Non
     budget.load("not json")
     budget.load(json.dumps({"day": "someday"}))
     assert budget.view().used == 4_000
-    budget.load(json.dumps({"day": "2027-03-05", "bytes": 10}))  # the clock is behind
-    assert (budget.view().day, budget.view().used) == ("2027-03-05", 10)
+    budget.load(json.dumps({"day": "2027-03-05", "bytes": 6_000}))  # the clock is behind
+    assert (budget.view().day, budget.view().used) == ("2027-03-01", 6_000)  # carried over
+    stored = budget.ahead(100)  # what the buffer holds is another day's: written anew
+    assert stored is not None and json.loads(stored)["day"] == "2027-03-01"
+    clock.advance(DAY_S)
+    assert (budget.view().day, budget.view().used) == ("2027-03-02", 0)
 
 
 def test_days_and_sizes_read_as_people_write_them() -> None:
@@ -334,6 +352,31 @@ def test_a_restart_does_not_reset_the_days_count(tmp_path: Path) -> None:
         assert second.budget_view().used == used
         assert rig.sandbox.stats()["requests"] == requests  # it spent nothing more
         assert rig.wire() <= LIMIT
+
+
+def test_a_day_stored_while_the_clock_was_a_year_ahead_does_not_freeze_the_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "edge_agent.budget")
+    with open_rig(tmp_path, DAY0 + DAY_S - 1) as rig:  # 23:59:59
+        rig.put(0, 30)
+        s = BufferSession(rig.buffer.path)
+        try:  # a run a year ahead spent its day
+            s.write_meta(META_KEY, json.dumps({"day": "2028-03-01", "bytes": LIMIT}))
+        finally:
+            s.close()
+        up = rig.start(max_bytes_per_day=LIMIT, gzip=False)
+        wait_until(lambda: up.budget_view().spent, what="the carried count holding back")
+        assert up.budget_view().day == "2027-03-01"  # the clock's day, not the stored one
+        assert rig.sandbox.stats()["requests"] == 0  # the day was spent: carried over
+        rig.clock.advance(1)  # the clock's next day: not a year later
+        wait_until(lambda: rig.pending() == 0, timeout=20, what="the readings, the next day")
+        assert rig.seqs() == list(range(30))
+        rig.stop(up)
+        stored = json.loads(rig.stored_meta(META_KEY) or "{}")
+        assert stored == {"day": "2027-03-02", "bytes": up.budget_view().used}
+    (said,) = [r.getMessage() for r in caplog.records if "carried over" in r.getMessage()]
+    assert "(2027-03-01) is earlier than the day counted (2028-03-01)" in said
 
 
 def test_gzip_auto_falls_back_on_415_for_good_and_everything_arrives(tmp_path: Path) -> None:
