@@ -155,6 +155,10 @@ class UplinkTime:
     def probe_batch(self) -> Batch:
         self._sampled_since_probe = False
         self.probes += 1
+        return self.empty_batch()
+
+    def empty_batch(self) -> Batch:
+        """The probe's batch, without counting a probe: to weigh it against the budget."""
         return Batch(self._probe_datasource, 0, (), 0.0)
 
     def probed(self, answer: Answer) -> bool:

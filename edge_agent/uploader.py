@@ -596,20 +596,36 @@ class Uploader:
             frozenset(self._isolation.skipped()),
         )
         if pick.batch is None:
-            if not pick.waiting and self._probe_time():
+            if not pick.waiting and self._probe_time(session):
                 return
             self._forget_expired_pauses(now)
             self._idle(min(pick.wait_s, self._next_resume(now)))
             return
         self._deliver(session, pick.batch)
 
-    def _probe_time(self) -> bool:
+    def _probe_time(self, session: BufferSession) -> bool:
         """While the clock waits for confirmation and nothing else goes out: one request
-        without readings, for the API's Date (uplink_time.py). True when one was sent."""
+        without readings, for the API's Date (uplink_time.py). True when one was sent.
+
+        A probe is weighed against the daily budget like a high-priority request: none goes
+        while there is no room for it (its bytes are counted as any request's)."""
         source = self.time_source
         if source is None or self._client is None or not source.probe_due():
             return False
-        answer = self.send_batch(self._client, source.probe_batch())
+        request = None
+        if self.budget.limit is not None:
+            try:
+                request = self._request(self._client, source.empty_batch(), self._gzip)
+            except Exception:
+                pass  # `send_batch` builds it again and reports why it cannot
+            else:
+                cost = request_bytes(request) + ANSWER_ALLOWANCE
+                if self.budget.allows(cost, "high") > 0:
+                    return False
+                ahead = self.budget.ahead(cost)
+                if ahead is not None:
+                    session.write_meta(META_KEY, ahead)
+        answer = self.send_batch(self._client, source.probe_batch(), request)
         if not source.probed(answer):  # not the API's answer: said and paced like an upload's
             self._failed(answer)
             self._back_off(answer)

@@ -34,6 +34,7 @@ from edge_agent.config import BufferConfig, EndpointConfig, Secret, parse_size
 from edge_agent.records import Reading
 from edge_agent.sandbox import DEFAULT_DATASOURCE, DEFAULT_TOKEN, Faults, Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.uplink_time import UplinkTime
 from edge_agent.uploader import Uploader
 from tests.fakes import FakeClock
 from tests.helpers import DATASOURCE, TOKEN, AgentProcess, serial_source, wait_until, write_config
@@ -377,6 +378,37 @@ def test_a_day_stored_while_the_clock_was_a_year_ahead_does_not_freeze_the_budge
         assert stored == {"day": "2027-03-02", "bytes": up.budget_view().used}
     (said,) = [r.getMessage() for r in caplog.records if "carried over" in r.getMessage()]
     assert "(2027-03-01) is earlier than the day counted (2028-03-01)" in said
+
+
+def test_clock_probes_stay_within_the_budget_and_go_again_the_next_day(tmp_path: Path) -> None:
+    """A server whose Date never confirms the clock: the uploader probes every second (on
+    the fake monotonic clock here), each probe weighed like a high-priority request."""
+    limit = 5_000
+    with open_rig(tmp_path, DAY0 + 12 * 3600) as rig:
+        up = Uploader(
+            EndpointConfig(url=rig.sandbox.url, token_file="unused", max_bytes_per_day=limit),
+            Secret(DEFAULT_TOKEN),
+            rig.buffer,
+            clock=rig.clock,
+        )
+        source = up.time_source = UplinkTime(rig.clock, rig.sandbox.url, DEFAULT_DATASOURCE)
+        up.start()
+        rig.uploaders.append(up)
+        wait_until(lambda: source.probes == 1, what="the first probe")
+        for _ in range(limit // 100):  # more rounds than the budget has probes for
+            before = source.probes
+            rig.clock.advance(1.0)  # the next probe is due
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda n=before: source.probes > n, timeout=2.0)
+            if source.probes == before:
+                break  # no room for another probe
+        probes = rig.sandbox.stats()["requests"]
+        assert 3 <= probes < limit // 100, "probes went on past the budget"
+        assert rig.wire() <= up.budget_view().used <= limit
+        assert up.budget_view().remaining < rig.wire() // probes + 512  # no room for one more
+        rig.clock.advance(DAY_S)  # the next UTC day: probes go again
+        wait_until(lambda: rig.sandbox.stats()["requests"] > probes, what="a probe, next day")
+        assert up.budget_view().day == "2027-03-02"
 
 
 def test_gzip_auto_falls_back_on_415_for_good_and_everything_arrives(tmp_path: Path) -> None:
