@@ -2,7 +2,9 @@
 
 Pending readings fall into lanes, tried in this order each round:
 
-    high     priority "high" readings, whenever any is pending (they never wait to fill)
+    high     priority "high" readings, whenever any is pending (they never wait to fill),
+             except that after HIGH_RUN high batches in a row the next request goes to
+             another lane if one has a batch ready: a chatty high source starves nothing
     live     normal readings accepted in the last `live_window_s`
     backlog  normal readings accepted before that, oldest first
     low      priority "low" readings, only when no other lane has a batch ready
@@ -36,6 +38,9 @@ from edge_agent.store import HIGH, LOW, NORMAL
 
 Lane = Literal["high", "live", "backlog", "low"]
 LANES: tuple[Lane, ...] = ("high", "live", "backlog", "low")
+# High batches in a row before another lane with a batch ready gets a request: high takes
+# at most HIGH_RUN of every HIGH_RUN + 1 requests while others wait.
+HIGH_RUN = 4
 # A batch not full waits for flush_interval_s only if it is at least this share of full.
 _FULL_SHARE = 0.9
 # Backlog readings delivered over this many seconds give the drain rate.
@@ -52,10 +57,12 @@ class Pick:
 
 
 class DrainPolicy:
-    """Chooses the next batch by lanes; keeps the fair-share credit between rounds."""
+    """Chooses the next batch by lanes; keeps the fair-share credit and the run of high
+    batches between rounds."""
 
     def __init__(self) -> None:
         self._credit = 0.0
+        self._high_run = 0  # high batches picked in a row
 
     def pick(
         self,
@@ -94,7 +101,8 @@ class DrainPolicy:
         ) -> Head | None:
             return session.lane_head(priority, since, before, exclude, skip)
 
-        found = ready(head(HIGH), "high")
+        high = ready(head(HIGH), "high")
+        found = high if self._high_run < HIGH_RUN else None
         if found is None:
             if ep.drain == "live_first":
                 live = ready(head(NORMAL, since=cutoff), "live")
@@ -106,6 +114,8 @@ class DrainPolicy:
                 found = ready(first, lane)
         if found is None:
             found = ready(head(LOW), "low")
+        found = found or high  # high's turn, or nothing else is ready
+        self._high_run = self._high_run + 1 if found is not None and found is high else 0
         if found is None:
             return Pick(None, max(0.0, min(waits, default=1.0)), bool(waits))
         return Pick(found.batch or build(found.head, found.lane))

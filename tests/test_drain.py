@@ -20,7 +20,7 @@ import pytest
 from edge_agent.buffer import Batch, Buffer, BufferSession
 from edge_agent.clock import utc_stamp
 from edge_agent.config import BufferConfig, EndpointConfig, Secret, load_config, priorities
-from edge_agent.drain import DrainPolicy, DrainView, RateMeter, drain_view
+from edge_agent.drain import HIGH_RUN, DrainPolicy, DrainView, RateMeter, drain_view
 from edge_agent.errors import ConfigError
 from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
@@ -169,6 +169,37 @@ def test_high_goes_before_everything_and_low_only_when_nothing_else_is_ready(
     put(buffer, [reading(7, HIGH_DS)])
     pick = DrainPolicy().pick(session, ep, 1_000_000, clock.wall())
     assert pick.batch is not None and (pick.batch.lane, seqs(pick.batch)) == ("high", [7])
+
+
+def test_a_chatty_high_source_takes_four_of_five_requests_and_the_others_still_arrive(
+    buffer: Buffer, session: BufferSession, clock: FakeClock
+) -> None:
+    buffer.set_priorities({HIGH_DS: HIGH, "low-ds": LOW})
+    put(buffer, [reading(i) for i in range(20)])
+    put(buffer, [reading(i, "low-ds") for i in range(10)])
+    clock.advance(600)
+    policy, ep = DrainPolicy(), endpoint()
+    lanes: list[tuple[str, list[int]]] = []
+    for r in range(15):  # a full batch of alarms is pending before every request
+        put(buffer, [reading(1000 + 10 * r + i, HIGH_DS) for i in range(10)])
+        pick = policy.pick(session, ep, 1_000_000, clock.wall())
+        assert pick.batch is not None
+        lanes.append((pick.batch.lane, seqs(pick.batch)))
+        session.ack(pick.batch)
+    assert [lane for lane, _ in lanes] == (["high"] * HIGH_RUN + ["backlog"]) * 2 + [
+        "high"
+    ] * HIGH_RUN + ["low"]  # low gets the turn once nothing normal is ready
+    assert [s for lane, b in lanes if lane == "backlog" for s in b] == list(range(20))
+    assert [s for lane, b in lanes if lane == "low" for s in b] == list(range(10))
+    high = [s for lane, b in lanes if lane == "high" for s in b]
+    assert high == list(range(1000, 1000 + len(high)))  # alarms still in order
+    # Nothing else is ready: high goes on past its run, to the last alarm.
+    put(buffer, [reading(2000 + i, HIGH_DS) for i in range(60)])  # 30 + 60 pending
+    for _ in range(9):
+        pick = policy.pick(session, ep, 1_000_000, clock.wall())
+        assert pick.batch is not None and pick.batch.lane == "high"
+        session.ack(pick.batch)
+    assert policy.pick(session, ep, 1_000_000, clock.wall()).batch is None
 
 
 def test_held_readings_keep_their_priority_when_the_clock_is_trusted_again(
