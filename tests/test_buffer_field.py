@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -226,7 +227,7 @@ def test_block_holds_waiting_sources_and_drops_only_those_that_cannot_wait(
     while not buf.full:
         buf.put(
             [Reading(DATASOURCE, {"seq": seq, "pad": "p" * 300})],
-            lambda s=seq: acked.append(s),
+            functools.partial(acked.append, seq),
             can_wait=True,
         )
         seq += 1
@@ -235,7 +236,7 @@ def test_block_holds_waiting_sources_and_drops_only_those_that_cannot_wait(
     buf.flush(timeout=5)
     waiting = [Reading(DATASOURCE, {"seq": seq + i, "pad": "p" * 300}) for i in range(50)]
     for r in waiting:
-        buf.put([r], lambda s=r.record["seq"]: acked.append(s), can_wait=True)
+        buf.put([r], functools.partial(acked.append, r.record["seq"]), can_wait=True)
     buf.put([reading(-1)])  # a serial reading: cannot wait, dropped and counted
     time.sleep(0.5)
     assert max(acked) < seq, "nothing may be acknowledged while the buffer is full"

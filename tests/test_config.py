@@ -9,6 +9,7 @@ import pytest
 
 from edge_agent.config import Secret, load_config
 from edge_agent.errors import ConfigError
+from edge_agent.sources.serial.config import SerialConfig
 from edge_agent.testing.harness import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,7 @@ def test_issue_example_is_accepted_as_written(tmp_path: Path) -> None:
     assert config.endpoint.max_batch_bytes == 1_000_000
     assert config.buffer.when_full == "drop_oldest"
     (source,) = config.sources
+    assert isinstance(source, SerialConfig)
     assert (source.name, source.type, source.port, source.format) == (
         "weather",
         "serial",

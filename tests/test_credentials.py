@@ -26,6 +26,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.logs import RecentErrors
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.sources.mqtt.config import MqttConfig
 from edge_agent.testing.harness import free_port, run_cli
 from edge_agent.uploader import Uploader
 from tests.helpers import DATASOURCE, TOKEN, AgentProcess, serial_source, wait_until, write_config
@@ -216,6 +217,7 @@ def test_an_mqtt_password_file_with_a_line_break_is_refused_naming_the_file(
     assert SECRET_TAIL not in str(info.value)
     password.write_text("pass wörd\n")  # spaces and any script are fine in a password
     (source,) = load_config(config).sources
+    assert isinstance(source, MqttConfig)
     assert source.password is not None and source.password.reveal() == "pass wörd"
 
 

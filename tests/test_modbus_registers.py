@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+from typing import Literal
 
 import pytest
 from hypothesis import example, given
@@ -99,7 +100,7 @@ def _value(data_type: str) -> st.SearchStrategy[float | bool]:
     if data_type == "bool":
         return st.booleans()
     if data_type.startswith("float"):
-        width = 32 if data_type == "float32" else 64
+        width: Literal[32, 64] = 32 if data_type == "float32" else 64
         return st.floats(allow_nan=False, allow_infinity=False, width=width)
     bits = 16 * WORDS[data_type]
     if data_type.startswith("u"):
