@@ -548,11 +548,13 @@ def _agent_stopped(args: argparse.Namespace, doing: str) -> Iterator[BufferSessi
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
+    from edge_agent.status import BufferPart
+
     config = _inspection_config(args.config)
     with BufferSession(config.buffer_path) as session:
         recount = session.recount() if args.recount else None
         st = session.stats()
-    doc = st.as_dict(config.buffer.max_bytes, time.time())
+    doc = BufferPart.of(st, config.buffer.max_bytes, time.time()).to_json()
     if recount is not None:
         doc["recount"] = {
             "readings": recount.readings,
