@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ def reading(seq: int, ds: str = "67890", **extra: object) -> Reading:
 
 
 @pytest.fixture
-def buffer(tmp_path: Path):  # type: ignore[no-untyped-def]
+def buffer(tmp_path: Path) -> Iterator[Buffer]:
     buf = Buffer(tmp_path / "buffer.db", BufferConfig(commit_interval_ms=20))
     buf.open()
     yield buf
@@ -172,10 +173,9 @@ def test_max_bytes_is_kept_and_every_drop_counted(tmp_path: Path, policy: str) -
     dropped = session.stats().counters.get("dropped.buffer_full.67890", 0)
     assert dropped > 0
     assert kept + dropped == total
-    seqs = [
-        int(r.record.split('"seq":')[1].split(",")[0])
-        for r in session.next_batch(100_000, 1 << 30).rows  # type: ignore[union-attr]
-    ]
+    batch = session.next_batch(100_000, 1 << 30)
+    assert batch is not None
+    seqs = [int(r.record.split('"seq":')[1].split(",")[0]) for r in batch.rows]
     if policy == "drop_oldest":
         assert seqs == list(range(total - kept, total))  # the newest survive
     else:

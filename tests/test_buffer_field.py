@@ -301,11 +301,12 @@ def test_boot_at_1970_holds_readings_then_sends_them_with_true_times(
     agent.start()
     try:
         assert agent.guard is not None and not agent.guard.trusted
+        assert agent.intake is not None
         from edge_agent.clock import utc_stamp
 
         for i in range(5):
             record = {"timestamp": utc_stamp(clock.wall()), "seq": i}
-            agent.intake.put([Reading(DATASOURCE, record)])  # type: ignore[union-attr]
+            agent.intake.put([Reading(DATASOURCE, record)])
             clock.advance(1.0)
         agent.buffer.flush()
         time.sleep(0.5)
@@ -340,7 +341,8 @@ def test_a_jump_backwards_does_not_reorder_or_misstamp(tmp_path: Path, sandbox: 
 
     def put(seq: int) -> None:
         record = {"timestamp": utc_stamp(clock.wall()), "seq": seq}
-        agent.intake.put([Reading(DATASOURCE, record)])  # type: ignore[union-attr]
+        assert agent.intake is not None
+        agent.intake.put([Reading(DATASOURCE, record)])
 
     try:
         for i in range(3):

@@ -216,8 +216,9 @@ def test_variables_are_expanded_in_string_values(tmp_path: Path) -> None:
     assert config.agent.data_dir == "/var/lib/edge-agent"  # unset: the default
     assert config.endpoint.url.startswith("https://api.example.com/")  # empty: the default
     source = config.sources[0]
-    assert source.port == "/dev/ttyAMA0"  # type: ignore[attr-defined]
-    assert source.pattern == "T=(?P<t>[-0-9.]+) cost=${PRICE}"  # type: ignore[attr-defined]
+    assert isinstance(source, SerialConfig)
+    assert source.port == "/dev/ttyAMA0"
+    assert source.pattern == "T=(?P<t>[-0-9.]+) cost=${PRICE}"
     # Keys are never expanded, values in inline tables are.
     assert dict(source.tags) == {"site": "north", "${KEY_NOT_EXPANDED}": "x"}
 
