@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.buffer import Buffer, BufferSession, signature
-from edge_agent.config import BufferConfig
+from edge_agent.config import BufferConfig, WhenFull
 from edge_agent.records import Reading
 
 
@@ -153,11 +153,11 @@ def test_rows_survive_reopen(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
-def test_max_bytes_is_kept_and_every_drop_counted(tmp_path: Path, policy: str) -> None:
+def test_max_bytes_is_kept_and_every_drop_counted(tmp_path: Path, policy: WhenFull) -> None:
     max_bytes = 2 * 1024 * 1024
     buf = Buffer(
         tmp_path / "b.db",
-        BufferConfig(max_bytes=max_bytes, when_full=policy, commit_interval_ms=5),  # type: ignore[arg-type]
+        BufferConfig(max_bytes=max_bytes, when_full=policy, commit_interval_ms=5),
     )
     buf.open()
     total = 40_000  # about 5x what fits

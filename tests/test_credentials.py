@@ -278,6 +278,7 @@ def test_an_unsendable_token_never_reaches_the_answer_text(tmp_path: Path) -> No
     sandbox.start()
     try:
         endpoint = EndpointConfig(url=sandbox.url, token_file="unused", timeout_s=5.0)
+        # No buffer: this test only sends one batch by hand.
         uploader = Uploader(endpoint, Secret(f"{TOKEN}\n{SECRET_TAIL}"), buffer=None)  # type: ignore[arg-type]
         record = json.dumps({"timestamp": "2024-01-01T00:00:00Z", "value": 1})
         batch = Batch(DATASOURCE, 1, (BatchRow(1, record),), time.time())
