@@ -1,5 +1,10 @@
 """The `edge-agent` command: run, check, demo, sandbox, status, buffer ...
 
+Over 600 lines on purpose: one argparse tree with every subcommand's options and help, so
+`--help` and the exit codes are written in one place. Each `cmd_*` is short and hands the work
+to the module that owns it (imported lazily where that module is heavy); what is left here is
+argument handling and printing.
+
 Exit status (EXIT_CODES, printed by --help): 0 fine, 1 a runtime failure, 2 a configuration
 or usage error (with one line that says what to fix); `status` adds 3 (the agent is not
 running) and 4 (it runs, but its status cannot be read).
@@ -548,11 +553,13 @@ def _agent_stopped(args: argparse.Namespace, doing: str) -> Iterator[BufferSessi
 
 
 def cmd_buffer_stats(args: argparse.Namespace) -> int:
+    from edge_agent.status import BufferPart
+
     config = _inspection_config(args.config)
     with BufferSession(config.buffer_path) as session:
         recount = session.recount() if args.recount else None
         st = session.stats()
-    doc = st.as_dict(config.buffer.max_bytes, time.time())
+    doc = BufferPart.of(st, config.buffer.max_bytes, time.time()).to_json()
     if recount is not None:
         doc["recount"] = {
             "readings": recount.readings,

@@ -7,8 +7,8 @@ module owns that format, in its three forms:
     SecondStamps    utc_stamp for a stream of times, the date and time of day made once a second
     sql_utc_stamp   the same stamp made by SQLite, from an SQL expression of epoch seconds
 
-and the two other forms a time takes: `readable_utc` for people (log lines), `file_stamp` in a
-file name.
+and the other forms a time takes: `readable_utc` for people (log lines), `brief_utc` for people
+where room is short (the status page and `edge-agent status`), `file_stamp` in a file name.
 
 Components take a `Clock` so tests can drive time without sleeping.
 """
@@ -94,6 +94,11 @@ def sql_utc_stamp(epoch_seconds: str) -> str:
 def readable_utc(epoch_seconds: float) -> str:
     """`2025-01-01 12:00:00 UTC`: a time for people, to the second."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch_seconds))
+
+
+def brief_utc(epoch_seconds: float) -> str:
+    """`2025-01-01 12:00:00Z`: a time for people where room is short (status page and text)."""
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch_seconds))
 
 
 def file_stamp(epoch_seconds: float) -> str:

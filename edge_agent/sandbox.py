@@ -1,5 +1,9 @@
 """A local stand-in for the Madevo insert API, with fault injection.
 
+Over 600 lines on purpose: one tool with one job, used whole by the demo, the tests, the soak
+and users; its parts (listed below) are small and only meet here, and it is imported only by
+the commands that run it, never by `run`.
+
 This module owns the sandbox: an HTTP server (`httpserver.QuietServer`, one thread per
 request) that answers `POST /restapi/datasource/insert` the way the real API does, keeps what it
 accepted in SQLite, and injects faults on demand (status codes, random 503s, latency, a size

@@ -1,5 +1,10 @@
 """The buffer database file: its schema and migrations, its connections, and its recovery.
 
+Over 600 lines on purpose: the schema, each migration to it and the recovery of a damaged
+file are read together (a migration is only right against the schema it ends in), and that
+runs at open; the rest is small helpers on one connection (transactions, meta, the
+running totals) that the buffer's writer and readers share.
+
 Schema history (the version is kept in `meta`):
     1   readings, schemas, dead_letters, counters, meta
     2   + held: readings stamped while the wall clock was not trusted, kept with their

@@ -1,5 +1,11 @@
 """The uploader: batches from the buffer become requests to the insert API.
 
+Over 600 lines on purpose: the decision table (what each answer does to a batch) and the
+pacing that follows from it (backoff, Retry-After, pauses, probing) share the uploader
+thread's state and are only right read together. What stands apart already lives beside it:
+the drain order (drain.py), setting a failing record aside (isolation.py), the link's state
+(uplink.py), the byte budget (budget.py) and one HTTP exchange (exchange.py).
+
 It owns the decision table of the design (what each answer of the server does to a batch)
 and its pacing: exponential backoff with full jitter, `Retry-After`, pauses per data source
 (403) or for everything (401, 404), and probing instead of sending while nothing answers at

@@ -1,5 +1,10 @@
 """Benchmarks of the agent, each row measured against a baseline in the same run.
 
+Over 600 lines on purpose: one script prints one table, and its rows share the worker protocol,
+the machine description and the table; each row is a parent function and its `_worker`, read
+together. Rows with machinery of their own are scripts beside it: bench_mqtt.py and
+bench_modbus.py (their `measure()` imported), bench_processors.py (run, its JSON read).
+
     ./scripts/bench [--quick]
                     [--rows ingest,footprint,drain,serial,mqtt,modbus,health,pi,processors,fresh]
                     [--json FILE]

@@ -1,5 +1,9 @@
 """Soak test: the real agent, real parts, faults from a seed, and a ledger of every reading.
 
+Over 600 lines on purpose: a script read and run whole. The fault schedule, the agent's
+supervision, the inputs' writers and the ledger share one run's state; the parts other scripts
+and the tests need (ports, broker, agent process, publisher) live in edge_agent/testing.
+
     ./scripts/soak [--minutes N] [--seed S] [--workdir DIR] [--drain-timeout S]
 
 The agent runs as `python -m edge_agent run --config ...`, the way systemd runs it. Two inputs

@@ -119,7 +119,7 @@ def test_budget_view_is_a_frozen_snapshot_of_the_figures() -> None:
     )
     assert view.resets_in(clock.wall()) == 18 * 3600
     with pytest.raises(dataclasses.FrozenInstanceError):
-        view.used = 0  # type: ignore[misc]
+        view.used = 0  # type: ignore[misc]  # a frozen field, on purpose
     budget.spend(1)
     assert view.used == 2_500  # a snapshot: later spending does not change it
     unlimited = DailyBudget(None, clock).view()

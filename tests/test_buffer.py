@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from edge_agent.buffer import Buffer, BufferSession, signature
-from edge_agent.config import BufferConfig
+from edge_agent.config import BufferConfig, WhenFull
 from edge_agent.records import Reading
 
 
@@ -18,7 +19,7 @@ def reading(seq: int, ds: str = "67890", **extra: object) -> Reading:
 
 
 @pytest.fixture
-def buffer(tmp_path: Path):  # type: ignore[no-untyped-def]
+def buffer(tmp_path: Path) -> Iterator[Buffer]:
     buf = Buffer(tmp_path / "buffer.db", BufferConfig(commit_interval_ms=20))
     buf.open()
     yield buf
@@ -152,11 +153,11 @@ def test_rows_survive_reopen(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("policy", ["drop_oldest", "drop_newest"])
-def test_max_bytes_is_kept_and_every_drop_counted(tmp_path: Path, policy: str) -> None:
+def test_max_bytes_is_kept_and_every_drop_counted(tmp_path: Path, policy: WhenFull) -> None:
     max_bytes = 2 * 1024 * 1024
     buf = Buffer(
         tmp_path / "b.db",
-        BufferConfig(max_bytes=max_bytes, when_full=policy, commit_interval_ms=5),  # type: ignore[arg-type]
+        BufferConfig(max_bytes=max_bytes, when_full=policy, commit_interval_ms=5),
     )
     buf.open()
     total = 40_000  # about 5x what fits
@@ -172,10 +173,9 @@ def test_max_bytes_is_kept_and_every_drop_counted(tmp_path: Path, policy: str) -
     dropped = session.stats().counters.get("dropped.buffer_full.67890", 0)
     assert dropped > 0
     assert kept + dropped == total
-    seqs = [
-        int(r.record.split('"seq":')[1].split(",")[0])
-        for r in session.next_batch(100_000, 1 << 30).rows  # type: ignore[union-attr]
-    ]
+    batch = session.next_batch(100_000, 1 << 30)
+    assert batch is not None
+    seqs = [int(r.record.split('"seq":')[1].split(",")[0]) for r in batch.rows]
     if policy == "drop_oldest":
         assert seqs == list(range(total - kept, total))  # the newest survive
     else:

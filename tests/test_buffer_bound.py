@@ -16,7 +16,7 @@ import pytest
 import sqlite_utils
 
 from edge_agent.buffer import Buffer, BufferSession, DiskBudget
-from edge_agent.config import BufferConfig
+from edge_agent.config import BufferConfig, WhenFull
 from edge_agent.records import Reading
 from edge_agent.sandbox import Faults, Sandbox
 from edge_agent.simulator import PtySensor, kv_line
@@ -75,10 +75,10 @@ def pending(data_dir: Path) -> int:
     ],
 )
 def test_a_burst_of_80000_readings_stays_within_max_bytes_and_every_drop_is_counted(
-    tmp_path: Path, policy: str, max_bytes: int
+    tmp_path: Path, policy: WhenFull, max_bytes: int
 ) -> None:
     data = tmp_path / "data"
-    buf = Buffer(data / "buffer.db", BufferConfig(max_bytes=max_bytes, when_full=policy))  # type: ignore[arg-type]
+    buf = Buffer(data / "buffer.db", BufferConfig(max_bytes=max_bytes, when_full=policy))
     buf.open()
     total = 80_000
     with PeakSampler(lambda: on_disk(data), 0.05) as sampler:

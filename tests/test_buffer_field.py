@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -226,7 +227,7 @@ def test_block_holds_waiting_sources_and_drops_only_those_that_cannot_wait(
     while not buf.full:
         buf.put(
             [Reading(DATASOURCE, {"seq": seq, "pad": "p" * 300})],
-            lambda s=seq: acked.append(s),
+            functools.partial(acked.append, seq),
             can_wait=True,
         )
         seq += 1
@@ -235,7 +236,7 @@ def test_block_holds_waiting_sources_and_drops_only_those_that_cannot_wait(
     buf.flush(timeout=5)
     waiting = [Reading(DATASOURCE, {"seq": seq + i, "pad": "p" * 300}) for i in range(50)]
     for r in waiting:
-        buf.put([r], lambda s=r.record["seq"]: acked.append(s), can_wait=True)
+        buf.put([r], functools.partial(acked.append, r.record["seq"]), can_wait=True)
     buf.put([reading(-1)])  # a serial reading: cannot wait, dropped and counted
     time.sleep(0.5)
     assert max(acked) < seq, "nothing may be acknowledged while the buffer is full"
@@ -300,11 +301,12 @@ def test_boot_at_1970_holds_readings_then_sends_them_with_true_times(
     agent.start()
     try:
         assert agent.guard is not None and not agent.guard.trusted
+        assert agent.intake is not None
         from edge_agent.clock import utc_stamp
 
         for i in range(5):
             record = {"timestamp": utc_stamp(clock.wall()), "seq": i}
-            agent.intake.put([Reading(DATASOURCE, record)])  # type: ignore[union-attr]
+            agent.intake.put([Reading(DATASOURCE, record)])
             clock.advance(1.0)
         agent.buffer.flush()
         time.sleep(0.5)
@@ -339,7 +341,8 @@ def test_a_jump_backwards_does_not_reorder_or_misstamp(tmp_path: Path, sandbox: 
 
     def put(seq: int) -> None:
         record = {"timestamp": utc_stamp(clock.wall()), "seq": seq}
-        agent.intake.put([Reading(DATASOURCE, record)])  # type: ignore[union-attr]
+        assert agent.intake is not None
+        agent.intake.put([Reading(DATASOURCE, record)])
 
     try:
         for i in range(3):

@@ -10,6 +10,7 @@ import json
 import shutil
 import sqlite3
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +227,11 @@ def test_stats_reads_the_totals_not_the_readings(tmp_path: Path) -> None:
         fill(db, n)
         session = BufferSession(db)
         counted = itertools.count()
-        session.conn.set_progress_handler(lambda c=counted: next(c) and 0, 100)
+
+        def count_step(steps: Iterator[int] = counted) -> int:
+            return next(steps) and 0  # 0: go on with the query
+
+        session.conn.set_progress_handler(count_step, 100)
         stats = session.stats()
         session.conn.set_progress_handler(None, 0)
         session.close()

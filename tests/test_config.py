@@ -9,6 +9,7 @@ import pytest
 
 from edge_agent.config import Secret, load_config
 from edge_agent.errors import ConfigError
+from edge_agent.sources.serial.config import SerialConfig
 from edge_agent.testing.harness import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,7 @@ def test_issue_example_is_accepted_as_written(tmp_path: Path) -> None:
     assert config.endpoint.max_batch_bytes == 1_000_000
     assert config.buffer.when_full == "drop_oldest"
     (source,) = config.sources
+    assert isinstance(source, SerialConfig)
     assert (source.name, source.type, source.port, source.format) == (
         "weather",
         "serial",
@@ -214,8 +216,9 @@ def test_variables_are_expanded_in_string_values(tmp_path: Path) -> None:
     assert config.agent.data_dir == "/var/lib/edge-agent"  # unset: the default
     assert config.endpoint.url.startswith("https://api.example.com/")  # empty: the default
     source = config.sources[0]
-    assert source.port == "/dev/ttyAMA0"  # type: ignore[attr-defined]
-    assert source.pattern == "T=(?P<t>[-0-9.]+) cost=${PRICE}"  # type: ignore[attr-defined]
+    assert isinstance(source, SerialConfig)
+    assert source.port == "/dev/ttyAMA0"
+    assert source.pattern == "T=(?P<t>[-0-9.]+) cost=${PRICE}"
     # Keys are never expanded, values in inline tables are.
     assert dict(source.tags) == {"site": "north", "${KEY_NOT_EXPANDED}": "x"}
 

@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from edge_agent.config import load_config
+from edge_agent.sources.mqtt.config import MqttConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -141,8 +142,10 @@ def test_compose_runs_the_agent_beside_mosquitto_with_the_buffer_on_a_volume() -
     config = load_config(CONTAINER_CONFIG, compose_environment(), secrets=False)
     volume, _, target = agent["volumes"][0].partition(":")
     assert target == config.agent.data_dir and volume in doc["volumes"]
-    assert config.sources[0].broker == agent["environment"]["MQTT_BROKER"]  # type: ignore[attr-defined]
-    assert config.sources[0].broker.split("//")[1].split(":")[0] in services
+    (source,) = config.sources
+    assert isinstance(source, MqttConfig)
+    assert source.broker is not None and source.broker == agent["environment"]["MQTT_BROKER"]
+    assert source.broker.split("//")[1].split(":")[0] in services
     # The status page and the broker reach the host's loopback only.
     status_port = config.status.listen.rsplit(":", 1)[1]
     assert agent["ports"] == [f"127.0.0.1:{status_port}:{status_port}"]

@@ -26,6 +26,7 @@ from edge_agent.errors import ConfigError
 from edge_agent.logs import RecentErrors
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
+from edge_agent.sources.mqtt.config import MqttConfig
 from edge_agent.testing.harness import free_port, run_cli
 from edge_agent.uploader import Uploader
 from tests.helpers import DATASOURCE, TOKEN, AgentProcess, serial_source, wait_until, write_config
@@ -207,6 +208,7 @@ def test_an_mqtt_password_file_with_a_line_break_is_refused_naming_the_file(
     assert SECRET_TAIL not in str(info.value)
     password.write_text("pass wörd\n")  # spaces and any script are fine in a password
     (source,) = load_config(config).sources
+    assert isinstance(source, MqttConfig)
     assert source.password is not None and source.password.reveal() == "pass wörd"
 
 
@@ -267,6 +269,7 @@ def test_an_unsendable_token_never_reaches_the_answer_text(tmp_path: Path) -> No
     sandbox.start()
     try:
         endpoint = EndpointConfig(url=sandbox.url, token_file="unused", timeout_s=5.0)
+        # No buffer: this test only sends one batch by hand.
         uploader = Uploader(endpoint, Secret(f"{TOKEN}\n{SECRET_TAIL}"), buffer=None)  # type: ignore[arg-type]
         record = json.dumps({"timestamp": "2024-01-01T00:00:00Z", "value": 1})
         batch = Batch(DATASOURCE, 1, (BatchRow(1, record),), time.time())

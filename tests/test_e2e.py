@@ -68,20 +68,19 @@ def test_kill_9_while_uploading_loses_nothing(
     for round_ in range(3):
         agent = AgentProcess(config, tmp_path / "agent.log").start()
         agents.append(agent)
-        wait_until(
-            lambda a=agent, n=round_: a.log_text().count("serial weather: reading") >= n + 1,
-            what="the port to be opened",
-        )
+
+        def opened(a: AgentProcess = agent, n: int = round_) -> bool:
+            return a.log_text().count("serial weather: reading") >= n + 1
+
+        wait_until(opened, what="the port to be opened")
         first = written
         written = write_lines(sensor, written, 200)
+
         # Serial lines are accepted once committed: wait for that, then kill mid-upload.
-        wait_until(
-            lambda lo=first, hi=written: (
-                set(range(lo, hi)) <= pending_seqs(db) | set(received_seqs(sandbox))
-            ),
-            timeout=20,
-            what="all lines committed",
-        )
+        def committed(lo: int = first, hi: int = written) -> bool:
+            return set(range(lo, hi)) <= pending_seqs(db) | set(received_seqs(sandbox))
+
+        wait_until(committed, timeout=20, what="all lines committed")
         assert pending_seqs(db), "the kill should land while readings wait for upload"
         agent.kill9()
     agent = AgentProcess(config, tmp_path / "agent.log").start()

@@ -74,14 +74,22 @@ def test_a_record_the_server_always_fails_on_is_set_aside_while_its_data_source_
         seq = 300
         while True:
             h.put([record(seq)])
-            wait_until(lambda n=seq: len(stored_seqs(sandbox)) == n, what=f"reading {seq}")
+
+            def stored(n: int = seq) -> bool:
+                return len(stored_seqs(sandbox)) == n
+
+            wait_until(stored, what=f"reading {seq}")
             seq += 1
             if h.dead_letters():
                 break
             assert seq < 320, "the suspect was never set aside"
             before = failures(sandbox)
             clock.advance(100.0)
-            wait_until(lambda n=before: failures(sandbox) > n, what="its next try")
+
+            def tried(n: int = before) -> bool:
+                return failures(sandbox) > n
+
+            wait_until(tried, what="its next try")
         # Strikes 2 to 7 came at 100 to 600 s: 5 strikes by 400 s, the age of 600 s at the 7th.
         assert seq == 307
         (dead,) = h.dead_letters()
@@ -121,7 +129,11 @@ def test_a_server_down_for_everyone_sets_nothing_aside_and_backs_off(
         for _ in range(6):
             before = sandbox.stats()["requests"]
             clock.advance(1000.0)  # any record sent alone would be due again, and old enough
-            wait_until(lambda n=before: sandbox.stats()["requests"] > n, what="another try")
+
+            def tried(n: int = before) -> bool:
+                return bool(sandbox.stats()["requests"] > n)
+
+            wait_until(tried, what="another try")
         if count > 1:
             wait_until(lambda: up.stats.split_requests >= 4, what="two halvings tried")
         requests = sandbox.stats()["requests"]  # first: the uploader counts after the answer

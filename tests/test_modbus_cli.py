@@ -30,6 +30,12 @@ def edge_agent(*args: str) -> subprocess.CompletedProcess[str]:
     return run_cli(*args)
 
 
+def rtu_link(slave: SlaveProcess) -> Path:
+    """The port of an RTU slave (`meter` is one; a TCP slave has no link)."""
+    assert slave.link is not None, "an RTU slave"
+    return slave.link
+
+
 def modbus_source(port: Path | str, **extra: Any) -> dict[str, Any]:
     return {
         "name": "meter",
@@ -66,7 +72,7 @@ def meter(slaves: Callable[..., SlaveProcess], tmp_path: Path) -> SlaveProcess:
 def test_modbus_read_polls_once_and_prints_each_decoded_value(
     tmp_path: Path, meter: SlaveProcess
 ) -> None:
-    config = config_with(tmp_path, modbus_source(meter.link))
+    config = config_with(tmp_path, modbus_source(rtu_link(meter)))
     proc = edge_agent("modbus", "read", "--config", str(config), "--source", "meter")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -93,7 +99,7 @@ def test_modbus_read_polls_once_and_prints_each_decoded_value(
 def test_modbus_read_of_a_unit_that_does_not_answer_says_what_to_check(
     tmp_path: Path, meter: SlaveProcess
 ) -> None:
-    config = config_with(tmp_path, modbus_source(meter.link, unit_id=9))
+    config = config_with(tmp_path, modbus_source(rtu_link(meter), unit_id=9))
     proc = edge_agent("modbus", "read", "--config", str(config), "--source", "meter")
     assert proc.returncode == 1
     assert proc.stdout == ""
@@ -116,7 +122,7 @@ def test_modbus_read_of_a_missing_port_says_what_to_check(tmp_path: Path) -> Non
 def test_modbus_read_beside_the_running_agent_names_the_agent_holding_the_port(
     tmp_path: Path, meter: SlaveProcess, agents: list[AgentProcess]
 ) -> None:
-    config = config_with(tmp_path, modbus_source(meter.link))
+    config = config_with(tmp_path, modbus_source(rtu_link(meter)))
     (tmp_path / "no-token-here").write_text("test-token\n")
     (tmp_path / "no-token-here").chmod(0o600)
     agent = AgentProcess(config, tmp_path / "agent.log").start()
@@ -198,7 +204,7 @@ def test_check_describes_each_modbus_source_and_the_requests_of_a_poll(tmp_path:
 def test_run_once_stops_after_one_poll_of_a_modbus_source(
     tmp_path: Path, meter: SlaveProcess
 ) -> None:
-    source = modbus_source(meter.link, poll_interval_s=1.0, shape="wide")
+    source = modbus_source(rtu_link(meter), poll_interval_s=1.0, shape="wide")
     config = config_with(tmp_path, source)
     proc = edge_agent("run", "--once", "--config", str(config), "--seconds", "30")
     assert proc.returncode == 0, proc.stderr
@@ -218,7 +224,7 @@ def test_check_and_the_agent_warn_of_a_register_number_given_as_an_address(
         {"name": "voltage", "address": 30001, "kind": "input", "type": "float32"},
         {"name": "count", "address": 0, "type": "uint16"},
     ]
-    config = config_with(tmp_path, modbus_source(meter.link, registers=registers))
+    config = config_with(tmp_path, modbus_source(rtu_link(meter), registers=registers))
     (tmp_path / "no-token-here").write_text("a-token\n")
     (tmp_path / "no-token-here").chmod(0o600)
     holding = (

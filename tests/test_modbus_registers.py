@@ -5,12 +5,20 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+from typing import Literal, get_args
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from edge_agent.sources.modbus.config import BIT_KINDS, WORDS, RegisterConfig
+from edge_agent.sources.modbus.config import (
+    BIT_KINDS,
+    WORDS,
+    DataType,
+    Kind,
+    RegisterConfig,
+    WordOrder,
+)
 from edge_agent.sources.modbus.registers import (
     MAX_BITS,
     MAX_REGISTERS,
@@ -22,8 +30,9 @@ from edge_agent.sources.modbus.registers import (
 )
 from edge_agent.sources.polling import PollGrid
 
-_TYPES = list(WORDS)
-_KINDS = ["holding", "input", "coil", "discrete"]
+_TYPES: list[DataType] = list(get_args(DataType))  # the keys of WORDS, in its order
+_KINDS: list[Kind] = ["holding", "input", "coil", "discrete"]
+_ORDERS: list[WordOrder] = ["big", "little"]
 
 
 @st.composite
@@ -34,9 +43,9 @@ def registers(draw: st.DrawFn) -> list[RegisterConfig]:
     out = []
     for i in range(count):
         kind = draw(st.sampled_from(_KINDS))
-        data_type = "bool" if kind in BIT_KINDS else draw(st.sampled_from(_TYPES))
+        data_type: DataType = "bool" if kind in BIT_KINDS else draw(st.sampled_from(_TYPES))
         address = draw(st.integers(0, top))
-        out.append(RegisterConfig(f"r{i}", address, data_type, kind))  # type: ignore[arg-type]
+        out.append(RegisterConfig(f"r{i}", address, data_type, kind))
     return out
 
 
@@ -99,7 +108,7 @@ def _value(data_type: str) -> st.SearchStrategy[float | bool]:
     if data_type == "bool":
         return st.booleans()
     if data_type.startswith("float"):
-        width = 32 if data_type == "float32" else 64
+        width: Literal[32, 64] = 32 if data_type == "float32" else 64
         return st.floats(allow_nan=False, allow_infinity=False, width=width)
     bits = 16 * WORDS[data_type]
     if data_type.startswith("u"):
@@ -108,9 +117,9 @@ def _value(data_type: str) -> st.SearchStrategy[float | bool]:
 
 
 @st.composite
-def typed_values(draw: st.DrawFn) -> tuple[str, str, float | bool]:
+def typed_values(draw: st.DrawFn) -> tuple[DataType, WordOrder, float | bool]:
     data_type = draw(st.sampled_from(_TYPES))
-    return data_type, draw(st.sampled_from(["big", "little"])), draw(_value(data_type))
+    return data_type, draw(st.sampled_from(_ORDERS)), draw(_value(data_type))
 
 
 def _decode(reg: RegisterConfig, words: list[int]) -> dict[str, object]:
@@ -120,10 +129,12 @@ def _decode(reg: RegisterConfig, words: list[int]) -> dict[str, object]:
 
 
 @given(typed_values())
-def test_every_type_and_word_order_round_trips(case: tuple[str, str, float | bool]) -> None:
+def test_every_type_and_word_order_round_trips(
+    case: tuple[DataType, WordOrder, float | bool],
+) -> None:
     data_type, order, value = case
-    reg = RegisterConfig("x", 0, data_type, word_order=order)  # type: ignore[arg-type]
-    words = encode(data_type, order, value)  # type: ignore[arg-type]
+    reg = RegisterConfig("x", 0, data_type, word_order=order)
+    words = encode(data_type, order, value)
     assert len(words) == WORDS[data_type] and all(0 <= w <= 0xFFFF for w in words)
     decoded = _decode(reg, words)["x"]
     if data_type == "float32":  # sent as the shortest decimal of the same float32
@@ -148,9 +159,9 @@ def test_every_type_and_word_order_round_trips(case: tuple[str, str, float | boo
     ],
 )
 def test_words_are_big_endian_and_word_order_only_orders_words(
-    data_type: str, order: str, words: list[int], expected: object
+    data_type: DataType, order: WordOrder, words: list[int], expected: object
 ) -> None:
-    reg = RegisterConfig("x", 0, data_type, word_order=order)  # type: ignore[arg-type]
+    reg = RegisterConfig("x", 0, data_type, word_order=order)
     assert _decode(reg, words)["x"] == expected
 
 
@@ -165,12 +176,12 @@ def test_scale_and_offset(raw: int, scale: float, offset: float) -> None:
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("data_type", ["float32", "float64"])
-def test_nan_and_infinity_are_refused_not_decoded(data_type: str, value: float) -> None:
+def test_nan_and_infinity_are_refused_not_decoded(data_type: DataType, value: float) -> None:
     regs = (
-        RegisterConfig("bad", 0, data_type),  # type: ignore[arg-type]
+        RegisterConfig("bad", 0, data_type),
         RegisterConfig("good", WORDS[data_type], "uint16"),
     )
-    words = [*encode(data_type, "big", value), 42]  # type: ignore[arg-type]
+    words = [*encode(data_type, "big", value), 42]
     values, refused = Decoder(Request("holding", 0, len(words), regs)).decode(words)
     assert values == {"good": 42}
     assert [r.name for r in refused] == ["bad"]

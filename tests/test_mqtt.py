@@ -160,19 +160,31 @@ def test_kill_9_twice_while_publishing_loses_nothing(
         uploaded = 0
         for kill in (1, 2):
             mark = SOAK_MESSAGES * kill // 3
-            wait_until(lambda m=mark: publisher.acked() >= m, 60, f"{mark} messages published")
+
+            def published(m: int = mark) -> bool:
+                return publisher.acked() >= m
+
+            wait_until(published, 60, f"{mark} messages published")
             # Kill a running agent in the middle of its work, not one still starting.
             wait_until(
                 lambda: agents[-1].log_text().count("mqtt plant: connected to") == len(agents),
                 30,
                 "the agent connected",
             )
-            wait_until(lambda n=uploaded: len(sandbox.records(DS)) > n, 30, "this agent uploading")
+
+            def uploading(n: int = uploaded) -> bool:
+                return len(sandbox.records(DS)) > n
+
+            wait_until(uploading, 30, "this agent uploading")
             killed = agents[-1]
             assert killed.proc is not None and link_processes(killed.proc.pid)
             killed.kill9()
             # Its MQTT link dies with it, or it would hold the session's client id.
-            wait_until(lambda k=killed.proc.pid: not link_processes(k), 10, "the link gone")
+
+            def link_gone(pid: int = killed.proc.pid) -> bool:
+                return not link_processes(pid)
+
+            wait_until(link_gone, 10, "the link gone")
             uploaded = len(sandbox.records(DS))
             agents.append(AgentProcess(config, log).start())
     finally:

@@ -134,6 +134,7 @@ def test_deleting_the_lock_file_under_a_running_agent_lets_no_second_agent_start
     first = AgentProcess(config, tmp_path / "first.log").start()
     agents.append(first)
     assert first.proc is not None
+    first_pid = first.proc.pid
     first.wait_log("serial weather: reading")
     written = write_lines(pty_sensor, 0, 20)
     wait_until(lambda: len(received(sandbox)) >= 20, what="the first readings")
@@ -144,13 +145,13 @@ def test_deleting_the_lock_file_under_a_running_agent_lets_no_second_agent_start
     assert second.proc is not None
     assert second.proc.wait(30) == 2, second.log_text()
     message = second.log_text()
-    assert f"PID {first.proc.pid}" in message and "another agent already runs" in message, message
+    assert f"PID {first_pid}" in message and "another agent already runs" in message, message
     refused = cli("buffer", "drop", "--config", str(config), "--datasource", DATASOURCE, "--yes")
-    assert refused.returncode == 2 and f"PID {first.proc.pid}" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and f"PID {first_pid}" in refused.stderr, refused.stderr
 
     # The holder makes its lock file again, with its PID, and says so.
     wait_until(lock_file.exists, timeout=30, what="the lock file made again")
-    wait_until(lambda: lock_file.read_text().strip() == str(first.proc.pid), what="its PID")
+    wait_until(lambda: lock_file.read_text().strip() == str(first_pid), what="its PID")
     first.wait_log("was deleted while the agent runs; took it again, with the agent's PID")
     status = cli("status", "--config", str(config))
     assert status.returncode != 3, "status finds the agent running: " + status.stdout

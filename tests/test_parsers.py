@@ -20,6 +20,7 @@ from edge_agent.parsers import (
     FramerStats,
     LineFormat,
     LineFramer,
+    PayloadKind,
     Value,
     _flat_json_object,
     _parse_payload_fully,
@@ -341,6 +342,7 @@ def test_error_quotes_short_lines_whole() -> None:
         (LineFormat("json", pattern="x"), "'pattern' does not apply"),
         (LineFormat("json", delimiter=";"), "'delimiter' does not apply"),
         (LineFormat("csv", columns=("a",), metric="m"), "'metric' does not apply"),
+        # A format that does not exist, on purpose:
         (LineFormat("yaml"), "one of 'json', 'kv'"),  # type: ignore[arg-type]
     ],
 )
@@ -383,8 +385,8 @@ def test_payload_number_and_kv() -> None:
         (b"t", "kv", "has no '=' or ':'"),
     ],
 )
-def test_payload_errors(payload: bytes, kind: str, expected: str) -> None:
-    message = parse_error(lambda: parse_payload(payload, kind))  # type: ignore[arg-type]
+def test_payload_errors(payload: bytes, kind: PayloadKind, expected: str) -> None:
+    message = parse_error(lambda: parse_payload(payload, kind))
     assert message.startswith(f"{kind} payload: ")
     assert expected in message
 
@@ -395,7 +397,7 @@ def test_payload_error_names_the_metric() -> None:
 
 def test_payload_unknown_kind() -> None:
     with pytest.raises(ValueError, match="one of 'json', 'number', 'kv'"):
-        parse_payload(b"1", "csv")  # type: ignore[arg-type]
+        parse_payload(b"1", "csv")  # type: ignore[arg-type]  # a kind payloads lack, on purpose
 
 
 # --- properties of the parsers -------------------------------------------------------------
@@ -443,8 +445,8 @@ def test_any_json_document_gives_values_or_parse_error(document: object) -> None
 
 @PROPERTY
 @given(payload=st.binary(max_size=80), kind=st.sampled_from(["json", "number", "kv"]))
-def test_any_payload_gives_values_or_parse_error(payload: bytes, kind: str) -> None:
-    parses_or_refuses(lambda: parse_payload(payload, kind))  # type: ignore[arg-type]
+def test_any_payload_gives_values_or_parse_error(payload: bytes, kind: PayloadKind) -> None:
+    parses_or_refuses(lambda: parse_payload(payload, kind))
 
 
 flat_objects = st.dictionaries(
@@ -591,7 +593,7 @@ def test_framer_reset_drops_a_partial_line_once() -> None:
 )
 def test_framer_refuses_bad_settings(kwargs: dict[str, object], expected: str) -> None:
     with pytest.raises(ValueError, match=expected):
-        LineFramer(**kwargs)  # type: ignore[arg-type]
+        LineFramer(**kwargs)  # type: ignore[arg-type]  # bad settings, on purpose
 
 
 def test_framer_is_linear() -> None:

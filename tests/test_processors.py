@@ -94,7 +94,11 @@ class Rig:
             self.clock.advance(T0 + at - self.clock.wall())
             before = stats.lines
             assert self.sensor.write_line(line)
-            wait_until(lambda b=before: stats.lines > b, what=f"the agent to read {line!r}")
+
+            def read(b: int = before) -> bool:
+                return stats.lines > b
+
+            wait_until(read, what=f"the agent to read {line!r}")
 
     def settle(self, until: float, expected: int) -> list[dict[str, Any]]:
         """Move the clock to T0 + `until` (past every window), wait for `expected` records."""
@@ -312,10 +316,11 @@ def test_kill_9_during_an_open_window_sends_each_window_once_with_every_value(
         for run in range(3):
             agent = AgentProcess(config, tmp_path / "agent.log").start()
             agents.append(agent)
-            wait_until(
-                lambda a=agent, n=run: a.log_text().count("serial weather: reading") > n,
-                what="the port open",
-            )
+
+            def opened(a: AgentProcess = agent, n: int = run) -> bool:
+                return a.log_text().count("serial weather: reading") > n
+
+            wait_until(opened, what="the port open")
             if run == 2:
                 break
             # Into the middle of a window, then the crash while it is open.

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from edge_agent.agent import Agent
 from edge_agent.buffer import BufferSession
 from edge_agent.sandbox import Sandbox
 from edge_agent.simulator import PtySensor
@@ -15,7 +18,7 @@ from tests.helpers import serial_connected as connected
 
 
 def test_lines_become_records_with_utc_stamps_and_tags(
-    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox
+    serial_agent: Callable[..., Agent], pty_sensor: PtySensor, sandbox: Sandbox
 ) -> None:
     agent = serial_agent(port=pty_sensor.link, shape="long", tags={"site": "north"})
     wait_until(lambda: connected(agent), what="port open")
@@ -41,8 +44,14 @@ def test_lines_become_records_with_utc_stamps_and_tags(
         ({"format": "kv"}, "t:1,h:2", {"t": 1, "h": 2}),
     ],
 )
-def test_line_formats(serial_agent, pty_sensor: PtySensor, sandbox: Sandbox,  # type: ignore[no-untyped-def]
-                      source, line, expected) -> None:  # fmt: skip
+def test_line_formats(
+    serial_agent: Callable[..., Agent],
+    pty_sensor: PtySensor,
+    sandbox: Sandbox,
+    source: dict[str, Any],
+    line: str,
+    expected: dict[str, Any],
+) -> None:
     agent = serial_agent(port=pty_sensor.link, **source)
     wait_until(lambda: connected(agent), what="port open")
     pty_sensor.write_line(line)
@@ -51,7 +60,10 @@ def test_line_formats(serial_agent, pty_sensor: PtySensor, sandbox: Sandbox,  # 
 
 
 def test_bad_input_is_counted_and_never_stops_the_source(
-    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox, caplog: pytest.LogCaptureFixture
+    serial_agent: Callable[..., Agent],
+    pty_sensor: PtySensor,
+    sandbox: Sandbox,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     agent = serial_agent(port=pty_sensor.link, max_line_bytes=64)
     wait_until(lambda: connected(agent), what="port open")
@@ -75,7 +87,7 @@ def test_bad_input_is_counted_and_never_stops_the_source(
 
 
 def test_unplug_and_replug_resume_reading(
-    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox
+    serial_agent: Callable[..., Agent], pty_sensor: PtySensor, sandbox: Sandbox
 ) -> None:
     agent = serial_agent(port=pty_sensor.link)
     wait_until(lambda: connected(agent), what="port open")
@@ -93,7 +105,7 @@ def test_unplug_and_replug_resume_reading(
 
 
 def test_missing_port_at_start_is_retried_until_it_appears(
-    serial_agent, tmp_path: Path, sandbox: Sandbox
+    serial_agent: Callable[..., Agent], tmp_path: Path, sandbox: Sandbox
 ) -> None:
     sensor = PtySensor(tmp_path / "late-device")
     agent = serial_agent(port=sensor.link)
@@ -109,7 +121,7 @@ def test_missing_port_at_start_is_retried_until_it_appears(
 
 
 def test_silent_port_is_reported_and_reopened(
-    serial_agent, pty_sensor: PtySensor, sandbox: Sandbox
+    serial_agent: Callable[..., Agent], pty_sensor: PtySensor, sandbox: Sandbox
 ) -> None:
     agent = serial_agent(port=pty_sensor.link, silence_timeout_s=1.0)
     wait_until(lambda: connected(agent), what="port open")

@@ -435,7 +435,8 @@ def test_status_tells_an_agent_with_its_endpoint_off_from_one_not_running(
     agent.wait_log("agent: started")
     running = edge_agent_status(config)
     assert running.returncode == 4, running.stdout + running.stderr
-    assert f"the agent runs (PID {agent.proc.pid}" in running.stdout  # type: ignore[union-attr]
+    assert agent.proc is not None
+    assert f"the agent runs (PID {agent.proc.pid}" in running.stdout
     assert 'its status endpoint is off ([status] listen = "off")' in running.stdout
     assert "health: unknown" in running.stdout
     assert agent.terminate() == 0

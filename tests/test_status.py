@@ -769,24 +769,25 @@ def test_an_older_agents_document_reads_with_what_it_did_not_say_empty() -> None
     assert doc.health.concerns == ()
 
 
+# A part of the test's own, not a real one: Snapshot already has `budget` and `drain`.
 @dataclass(frozen=True)
-class _Budget(Part):
+class _Quota(Part):
     used: int
-    budget: int
+    limit: int
 
 
 @dataclass(frozen=True)
-class _WithBudget(Snapshot):
-    budget: _Budget | None = field(default=None, metadata=OPTIONAL)
+class _WithQuota(Snapshot):
+    quota: _Quota | None = field(default=None, metadata=OPTIONAL)
 
 
 def test_an_optional_part_is_left_out_of_the_json_until_it_is_set() -> None:
-    plain = _WithBudget(**{f: getattr(make_snapshot(), f) for f in Snapshot.__dataclass_fields__})
-    assert "budget" not in plain.to_json()
-    assert _WithBudget.from_json(plain.to_json()) == plain
-    with_budget = replace(plain, budget=_Budget(used=10, budget=100))
-    assert with_budget.to_json()["budget"] == {"used": 10, "budget": 100}
-    assert _WithBudget.from_json(with_budget.to_json()) == with_budget
+    plain = _WithQuota(**{f: getattr(make_snapshot(), f) for f in Snapshot.__dataclass_fields__})
+    assert "quota" not in plain.to_json()
+    assert _WithQuota.from_json(plain.to_json()) == plain
+    with_quota = replace(plain, quota=_Quota(used=10, limit=100))
+    assert with_quota.to_json()["quota"] == {"used": 10, "limit": 100}
+    assert _WithQuota.from_json(with_quota.to_json()) == with_quota
 
 
 def test_backlog_and_byte_budget_show_on_the_page_metrics_terminal_and_json(

@@ -129,7 +129,9 @@ class Running:
     logs: LogLines
 
     def put(self, records: list[dict[str, Any]], datasource_id: str = DATASOURCE) -> None:
-        assert self.agent.intake.put([Reading(datasource_id, r) for r in records])
+        intake = self.agent.intake
+        assert intake is not None, "the agent is started"
+        assert intake.put([Reading(datasource_id, r) for r in records])
         assert self.agent.buffer.flush()
 
     def _session(self) -> BufferSession:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 
+from edge_agent.clock import brief_utc
 from edge_agent.status.snapshot import BudgetPart, ClockPart, DrainPart, UploaderPart
 
 
@@ -42,7 +42,8 @@ def when(wall: float | None, now: float) -> str:
 
 
 def stamp(wall: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(wall))
+    """`2025-01-01 12:00:00Z`: clock.py owns the time formats."""
+    return brief_utc(wall)
 
 
 def plural(n: int, word: str, words: str | None = None) -> str:
