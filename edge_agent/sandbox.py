@@ -108,6 +108,8 @@ class Faults:
     date_skew_step_s: float = 0.0
     # A server that takes no compressed bodies: 415 to every insert sent with gzip.
     no_gzip: bool = False
+    # A server or proxy that takes no compressed bodies but says so with 400, not 415.
+    gzip_400: bool = False
 
     def __post_init__(self) -> None:
         _require_rate("fail_rate", self.fail_rate)
@@ -128,6 +130,8 @@ class Faults:
             raise ConfigError(f"portal: {self.portal!r} is not true/false")
         if not isinstance(self.no_gzip, bool):
             raise ConfigError(f"no_gzip: {self.no_gzip!r} is not true/false")
+        if not isinstance(self.gzip_400, bool):
+            raise ConfigError(f"gzip_400: {self.gzip_400!r} is not true/false")
         _require_seconds("trickle_s", self.trickle_s, high=60.0)
         _require_int("huge_body_mb", self.huge_body_mb, low=0, high=1024)
         _require_skew("date_skew_s", self.date_skew_s)
@@ -670,10 +674,13 @@ class Sandbox:
         datasource_id = "-"
         try:
             _check_token(authorization, tokens)
-            if faults.no_gzip and (content_encoding or "").strip().lower() == "gzip":
+            gzipped = (content_encoding or "").strip().lower() == "gzip"
+            if faults.no_gzip and gzipped:
                 raise _Rejected(
                     415, "Content-Encoding gzip is not accepted here (no_gzip); send plain JSON"
                 )
+            if faults.gzip_400 and gzipped:
+                raise _Rejected(400, "body: not valid JSON (gzip_400: compressed bodies)")
             datasource_id, data = _envelope(_decode_body(body, content_encoding, faults.max_bytes))
             if datasource_id not in self._datasources:
                 served = ", ".join(sorted(self._datasources))
@@ -1006,6 +1013,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="answer 415 to every insert sent with Content-Encoding: gzip",
     )
     add(
+        "--gzip-400",
+        action="store_true",
+        help="answer 400 to every insert sent with Content-Encoding: gzip (as some proxies do)",
+    )
+    add(
         "--faults-file",
         type=Path,
         metavar="FILE",
@@ -1140,6 +1152,7 @@ def _faults_from_args(args: argparse.Namespace) -> Faults:
         date_skew_s=args.date_skew_s,
         date_skew_step_s=args.date_skew_step_s,
         no_gzip=args.no_gzip,
+        gzip_400=args.gzip_400,
     )
 
 

@@ -177,6 +177,10 @@ def _head(batch: Batch) -> int:
     return batch.rows[0].id if batch.rows else -1
 
 
+def _gzipped(request: httpx.Request) -> bool:
+    return "Content-Encoding" in request.headers
+
+
 def tls_context(ep: EndpointConfig) -> ssl.SSLContext | bool:
     """Certificate checks on by default; our CA file and client certificate when given."""
     if not ep.verify_tls:
@@ -340,6 +344,7 @@ class _Split:
     records: int
     extra_requests: int = 0
     dead_lettered: int = 0
+    plain_tried: bool = False  # a 400 to gzip was tried once as plain JSON
 
 
 class Uploader:
@@ -372,6 +377,11 @@ class Uploader:
         self._byte_limit = endpoint.max_batch_bytes
         self._gzip = endpoint.gzip is not False
         self._gzip_refused: str | None = None  # the URL that refused gzip, with "auto"
+        # With "auto", the URL that took a gzip body (a 2xx): from then on a 400 to gzip is
+        # about the records. Until then a 400 to a gzip body is tried once as plain JSON: the
+        # head of that batch, while its plain request is due.
+        self._gzip_confirmed: str | None = None
+        self._plain_trial: int | None = None
         # Wall times it reports or judges (the last success, an answer's Retry-After date, the
         # budget's UTC day) come from the agent's clock. What decides when to wait stays on
         # real time: timers (sleeps, pauses, the heartbeat) on time.monotonic, as the events
@@ -613,15 +623,18 @@ class Uploader:
         """While the clock waits for confirmation and nothing else goes out: one request
         without readings, for the API's Date (uplink_time.py). True when one was sent.
 
-        A probe is weighed against the daily budget like a high-priority request: none goes
-        while there is no room for it (its bytes are counted as any request's)."""
+        A probe goes plain (`_gzips`); were one ever refused for gzip (415), the uploads
+        fall back to plain JSON as after an upload's 415. It is weighed against the daily
+        budget like a high-priority request: none goes while there is no room for it (its
+        bytes are counted as any request's)."""
         source = self.time_source
         if source is None or self._client is None or not source.probe_due():
             return False
         request = None
         if self.budget.limit is not None:
+            empty = source.empty_batch()
             try:
-                request = self._request(self._client, source.empty_batch(), self._gzip)
+                request = self._request(self._client, empty, self._gzips(empty))
             except Exception:
                 pass  # `send_batch` builds it again and reports why it cannot
             else:
@@ -632,6 +645,10 @@ class Uploader:
                 if ahead is not None:
                     session.write_meta(META_KEY, ahead)
         answer = self.send_batch(self._client, source.probe_batch(), request)
+        if answer.verdict is Verdict.NO_GZIP:
+            self._no_gzip(session, 415)
+            source.probed(answer)
+            return True
         if not source.probed(answer):  # not the API's answer: said and paced like an upload's
             self._failed(answer)
             self._back_off(answer)
@@ -733,13 +750,15 @@ class Uploader:
                 break  # held back for the budget: the rest is read again later
             part, request = fitted
             self._carried.update(part.ids)
+            gzip_sent = self._gzips(part) if request is None else _gzipped(request)
             answer = self.send_batch(self._client, part, request)
             if answer.status is not None:
                 self.uplink.answered()
-            halves = self._decide(session, part, answer, split)
+            halves = self._decide(session, part, answer, split, gzip_sent)
             if halves is None:
                 break  # transient or paused: the rest is read again later
             todo.extend(reversed(halves))
+        self._plain_trial = None
         self._isolation.end()
         self.stats.suspects = self._isolation.suspects
         if split.extra_requests:
@@ -753,11 +772,25 @@ class Uploader:
             )
 
     def _decide(
-        self, session: BufferSession, batch: Batch, answer: Answer, split: _Split
+        self,
+        session: BufferSession,
+        batch: Batch,
+        answer: Answer,
+        split: _Split,
+        gzip_sent: bool = False,
     ) -> list[Batch] | None:
         """Settle the batch per the design's table; returns parts still to send, or None."""
         v = answer.verdict
+        trial, self._plain_trial = self._plain_trial == _head(batch), None
+        if self._gzip_400_unsure(answer, gzip_sent, split):
+            # Some servers and proxies answer 400, not 415, to a body they cannot decode:
+            # the same batch once more as plain JSON tells that from a bad record.
+            split.plain_tried = True
+            self._plain_trial = _head(batch)
+            return [batch]
         step = self._isolation.answered(batch, answer.status, v is Verdict.DELIVERED)
+        if v is Verdict.DELIVERED and trial and not gzip_sent:
+            self._no_gzip(session, 400)
         if v is Verdict.DELIVERED:
             self._note_confirmation(answer.message)
             session.ack(batch, meta={META_KEY: self.budget.settled()})
@@ -767,7 +800,7 @@ class Uploader:
             self._succeeded(batch.datasource_id, len(batch.rows))
             return []
         if v is Verdict.NO_GZIP:
-            self._no_gzip(session)
+            self._no_gzip(session, 415)
             return [batch]
         if v in (Verdict.BAD_RECORDS, Verdict.TOO_LARGE):
             return self._split_or_dead_letter(session, batch, answer, split)
@@ -813,17 +846,35 @@ class Uploader:
             )
         return None
 
-    def _no_gzip(self, session: BufferSession) -> None:
+    def _gzip_400_unsure(self, answer: Answer, gzip_sent: bool, split: _Split) -> bool:
+        """A 400 to a gzip body, with "auto", from a URL that never took gzip: try plain."""
+        return (
+            answer.status == 400
+            and gzip_sent
+            and self.endpoint.gzip == "auto"
+            and self._gzip_confirmed != self.endpoint.url
+            and not split.plain_tried
+        )
+
+    def _no_gzip(self, session: BufferSession, status: int) -> None:
+        """Plain JSON from now on: a 415 to gzip, or (with "auto") a 400 to gzip while the
+        same batch went through as plain JSON."""
         self._gzip = False
         if self.endpoint.gzip != "auto":
             log.warning("uploader: the server does not take gzip (415); sending plain JSON")
             return
         self._gzip_refused = self.endpoint.url
         session.write_meta(GZIP_REFUSED_KEY, self.endpoint.url)
+        said = (
+            "does not take gzip (415)"
+            if status == 415
+            else "answered 400 to gzip and took the same batch as plain JSON"
+        )
         log.warning(
-            "uploader: %s does not take gzip (415); sending plain JSON from now on, also after "
-            'a restart (gzip = "auto"; set gzip = true to try gzip again)',
+            "uploader: %s %s; sending plain JSON from now on, also after a restart "
+            '(gzip = "auto"; set gzip = true to try gzip again)',
             self.endpoint.url,
+            said,
         )
 
     # -- the daily byte budget -------------------------------------------------------------
@@ -847,7 +898,7 @@ class Uploader:
             self._wait_for_budget(lane, held[2])
             return None
         try:
-            request = self._request(client, batch, self._gzip)
+            request = self._request(client, batch, self._gzips(batch))
         except Exception:
             return batch, None
         cost = request_bytes(request) + ANSWER_ALLOWANCE
@@ -855,7 +906,7 @@ class Uploader:
             # Send what fits: a part sized by the share that fits (halves when that misses).
             keep = max(1, min(len(batch.rows) // 2, len(batch.rows) * room // cost))
             batch = replace(batch, rows=batch.rows[:keep])
-            request = self._request(client, batch, self._gzip)
+            request = self._request(client, batch, self._gzips(batch))
             cost = request_bytes(request) + ANSWER_ALLOWANCE
         if cost > room:
             self._hold_back(session, batch, lane, room, cost)
@@ -1011,7 +1062,7 @@ class Uploader:
     ) -> Answer:
         """One request (`request`, when the budget built it already); whatever comes of it
         becomes an Answer here, and only here. Its bytes on the wire count in the budget."""
-        gzip_sent = self._gzip if request is None else "Content-Encoding" in request.headers
+        gzip_sent = self._gzips(batch) if request is None else _gzipped(request)
         try:
             request = request or self._request(client, batch, gzip_sent)
             outcome = self._exchange.send(
@@ -1044,9 +1095,16 @@ class Uploader:
                 self.budget.spend(request_bytes(request) + outcome.wire_bytes)
                 self.stats.requests[str(outcome.status)] += 1
                 answer = judge(outcome, gzip_sent, self._clock.wall())
+                if gzip_sent and answer.verdict is Verdict.DELIVERED:
+                    self._gzip_confirmed = self.endpoint.url
                 if self.time_source is not None:
                     self.time_source.observe(outcome, answer, probe=not batch.rows)
                 return answer
+
+    def _gzips(self, batch: Batch) -> bool:
+        """Whether the batch's request is compressed: never one without readings (a clock
+        probe, ~50 bytes), nor the plain try of a batch that got 400 to gzip."""
+        return self._gzip and bool(batch.rows) and self._plain_trial != _head(batch)
 
     def _request(self, client: httpx.Client, batch: Batch, gzip_sent: bool) -> httpx.Request:
         """The request for a batch; its body is the only copy of the batch's bytes it adds,

@@ -433,6 +433,74 @@ def test_gzip_auto_falls_back_on_415_for_good_and_everything_arrives(tmp_path: P
         rig.stop(second)
 
 
+def dead_letters(rig: Rig) -> list[dict[str, Any]]:
+    s = BufferSession(rig.buffer.path)
+    try:
+        return s.dead_letters()
+    finally:
+        s.close()
+
+
+def test_gzip_auto_falls_back_on_400_to_gzip_when_plain_json_goes_through(
+    tmp_path: Path,
+) -> None:
+    with open_rig(tmp_path, DAY0 + 12 * 3600) as rig:
+        rig.sandbox.set_faults(Faults(gzip_400=True))
+        rig.put(0, 50)
+        first = rig.start()  # gzip = "auto", the default
+        wait_until(lambda: rig.pending() == 0, what="delivery as plain JSON")
+        assert rig.seqs() == list(range(50))
+        assert dead_letters(rig) == []
+        assert rig.sandbox.stats()["by_status"] == {"200": 5, "400": 1}
+        (said,) = rig.logs.matching("answered 400 to gzip", logging.WARNING)
+        assert "plain JSON from now on, also after a restart" in said
+        assert rig.stored_meta("gzip_refused_url") == rig.sandbox.url
+        rig.stop(first)
+
+        second = rig.start()  # remembered in the buffer: no gzip request again
+        rig.put(50, 20)
+        wait_until(lambda: rig.pending() == 0, what="delivery after the restart")
+        assert rig.seqs() == list(range(70))
+        assert rig.sandbox.stats()["by_status"] == {"200": 7, "400": 1}
+        assert len(rig.logs.matching("answered 400 to gzip")) == 1
+        rig.stop(second)
+
+
+def test_a_bad_record_under_gzip_auto_is_tried_plain_once_then_split_as_usual(
+    tmp_path: Path,
+) -> None:
+    with open_rig(tmp_path, DAY0 + 12 * 3600) as rig:
+        rig.sandbox.set_faults(Faults(reject_fields={"seq": "3"}))
+        rig.put(0, 10)  # one batch, seq 3 refused
+        rig.start()
+        wait_until(lambda: rig.pending() == 0, what="the batch settled")
+        assert rig.seqs() == [i for i in range(10) if i != 3]
+        assert [d["record"]["seq"] for d in dead_letters(rig)] == [3]
+        assert not rig.logs.matching("400 to gzip")
+        assert rig.stored_meta("gzip_refused_url") is None
+        # The batch gzip, then plain (both 400); the halves gzip: once a gzip request was
+        # delivered, a 400 to gzip is about the records and no plain try is made.
+        requests = rig.sandbox.stats()["requests"]
+        rig.sandbox.set_faults(Faults(reject_fields={"seq": "13"}))
+        rig.put(10, 10)
+        wait_until(lambda: rig.pending() == 0, what="the second batch settled")
+        assert len(dead_letters(rig)) == 2
+        bisection = 1 + 2 * 4  # split_bound(10, 1): 9 requests at most, none plain
+        assert rig.sandbox.stats()["requests"] - requests <= bisection
+        assert rig.seqs() == [i for i in range(20) if i not in (3, 13)]
+
+
+def test_gzip_true_takes_a_400_to_gzip_as_bad_records(tmp_path: Path) -> None:
+    with open_rig(tmp_path, DAY0 + 12 * 3600) as rig:
+        rig.sandbox.set_faults(Faults(gzip_400=True))
+        rig.put(0, 2)
+        rig.start(gzip=True)
+        wait_until(lambda: rig.pending() == 0, what="the batch settled")
+        assert len(dead_letters(rig)) == 2 and rig.seqs() == []
+        assert rig.sandbox.stats()["by_status"] == {"400": 3}
+        assert not rig.logs.matching("400 to gzip")
+
+
 def test_gzip_auto_compresses_where_the_server_takes_it(tmp_path: Path) -> None:
     with open_rig(tmp_path, DAY0 + 12 * 3600) as rig:
         rig.put(0, 50)

@@ -136,6 +136,18 @@ def test_no_gzip_answers_415_to_a_gzip_body_and_takes_plain_json(
     assert sandbox.records() == [reading(8)]
 
 
+def test_gzip_400_answers_400_to_a_gzip_body_and_takes_plain_json(
+    sandbox: Sandbox, client: httpx.Client
+) -> None:
+    sandbox.set_faults(Faults(gzip_400=True))
+    body = gzip.compress(json.dumps(batch(reading(7))).encode())
+    refused = post(client, sandbox, body, {**AUTH, "Content-Encoding": "gzip"})
+    assert refused.status_code == 400, refused.text
+    assert "gzip_400" in refused.json()["message"]
+    assert post(client, sandbox, batch(reading(8))).status_code == 200
+    assert sandbox.records() == [reading(8)]
+
+
 # --------------------------------------------------------------------------- validation
 
 NAN_BODY = b'{"datasource_id": "67890", "data": [{"value": 1}, {"value": NaN}]}'

@@ -270,6 +270,32 @@ def test_without_ntp_one_probe_confirms_a_right_clock_and_readings_go_exact(
         agent.ensure_dead()
 
 
+def test_a_server_refusing_gzip_confirms_the_clock_and_gets_every_reading(
+    tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
+) -> None:
+    # 415 to gzip, the clock not confirmed (gzip = "auto", time_from_uplink, no NTP): the
+    # probe goes plain and confirms the clock; the first upload falls back to plain JSON.
+    sandbox.set_faults(Faults(no_gzip=True))
+    config = write_config(
+        tmp_path / "agent.toml",
+        url=sandbox.url,
+        data_dir=tmp_path / "data",
+        sources=[serial_source(pty_sensor.link)],
+    )
+    agent = AgentProcess(config, tmp_path / "agent.log", env={NTP_SYNCED_ENV: "no"}).start()
+    try:
+        agent.wait_log("serial weather: reading")
+        write_seqs(pty_sensor, 0, 20)
+        wait_until(lambda: len(received(sandbox)) == 20, timeout=20, what="every reading")
+        by_status = sandbox.stats()["by_status"]
+        assert by_status.get("400") == 1 and by_status.get("415") == 1, by_status
+        assert "the clock is trusted (confirmed by the Date of" in agent.log_text()
+        assert agent.log_text().count("does not take gzip (415)") == 1, agent.log_text()
+        assert agent.terminate() == 0
+    finally:
+        agent.ensure_dead()
+
+
 def test_a_wall_clock_3_hours_behind_never_stamps_a_reading(
     tmp_path: Path, sandbox: Sandbox, pty_sensor: PtySensor
 ) -> None:
