@@ -106,6 +106,9 @@ _SHRINK_QUIET_S = 1.0
 _SHRINK_PAUSE_S = 5.0
 
 
+_DROP_ROUNDS = 6  # drop_oldest: rounds of dropping before a commit is cut to fit
+
+
 def wal_reserve(max_bytes: int) -> int:
     """Part of `max_bytes` kept for the WAL file and its index; the database gets the rest."""
     return min(max_bytes // 4, 32 * 1024 * 1024)
@@ -858,8 +861,16 @@ class Buffer:
         room: float = budget - used_bytes(conn)
         need = sum(p.nbytes for p in taken) * ratio
         if need > room and self.config.when_full == "drop_oldest":
-            self._drop_oldest(conn, need - room + budget // 50, plan.drops)
-            room = budget - used_bytes(conn)
+            # Deleting rows frees fewer pages than their bytes (index pages stay partly
+            # used): drop more of the oldest until the commit fits, rather than cut the
+            # commit, which would drop new readings (of any priority) while older ones stay.
+            extra = budget // 50
+            for _ in range(_DROP_ROUNDS):
+                self._drop_oldest(conn, need - room + extra, plan.drops)
+                room = budget - used_bytes(conn)
+                if need <= room:
+                    break
+                extra *= 2
         elif self._refusing and room < self.budget.commit_bytes:  # drop_newest, block
             # Once full, refuse until a commit's worth of room is back (the uploader deleted):
             # no reading slips in between refused ones, and the oldest survive as they were.
