@@ -528,3 +528,44 @@ def test_drain_and_priority_keys_default_and_refuse_bad_values_by_name(tmp_path:
         with pytest.raises(ConfigError) as info:
             load_config(config_with(tmp_path, sources, **ep))
         assert expected in str(info.value), str(info.value)
+
+
+def test_drop_oldest_under_a_steady_overflow_keeps_every_high_and_normal_reading(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    # Found by an outside attack: a commit that did not fit after one round of dropping was
+    # cut, dropping new high and normal readings while low ones stayed buffered.
+    buf = Buffer(
+        tmp_path / "buffer.db",
+        BufferConfig(max_bytes=1_048_576, when_full="drop_oldest", commit_interval_ms=10),
+        clock,
+    )
+    buf.set_priorities({HIGH_DS: HIGH, "low-ds": LOW})
+    buf.open()
+    pad = "x" * 200
+    try:
+        for n in range(200):  # 20,000 low readings into 1 MiB: low takes every drop
+            put(
+                buf,
+                [reading(n * 100 + i, "low-ds", pad) for i in range(100)]
+                + [reading(n * 2 + i, DATASOURCE, pad) for i in range(2)]
+                + [reading(n + i, HIGH_DS, pad) for i in range(1)],
+            )
+            clock.advance(0.1)
+    finally:
+        buf.close()
+    assert buf.dropped[f"dropped.buffer_full.{HIGH_DS}"] == 0
+    assert buf.dropped[f"dropped.buffer_full.{DATASOURCE}"] == 0
+    assert buf.dropped["dropped.buffer_full.low-ds"] > 10_000
+    s = BufferSession(buf.path)
+    try:
+        for ds, count in ((HIGH_DS, 200), (DATASOURCE, 400)):
+            seqs = [
+                json.loads(r)["seq"]
+                for (r,) in s.conn.execute(
+                    "SELECT record FROM readings WHERE datasource_id = ? ORDER BY id", (ds,)
+                )
+            ]
+            assert seqs == list(range(count)), ds
+    finally:
+        s.close()
