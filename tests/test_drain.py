@@ -234,7 +234,8 @@ def test_paused_data_sources_and_skipped_readings_stay_out_of_every_lane(
     assert (pick.batch.datasource_id, seqs(pick.batch)) == (DATASOURCE, [1, 2])
 
 
-def test_drop_oldest_drops_low_before_normal_before_high(tmp_path: Path, clock: FakeClock) -> None:
+def full_buffer(tmp_path: Path, clock: FakeClock) -> Buffer:
+    """An open 1 MiB drop_oldest buffer with a high and a low data source (and normal)."""
     buf = Buffer(
         tmp_path / "buffer.db",
         BufferConfig(max_bytes=1_048_576, when_full="drop_oldest", commit_interval_ms=10),
@@ -242,6 +243,11 @@ def test_drop_oldest_drops_low_before_normal_before_high(tmp_path: Path, clock: 
     )
     buf.set_priorities({HIGH_DS: HIGH, "low-ds": LOW})
     buf.open()
+    return buf
+
+
+def test_drop_oldest_drops_low_before_normal_before_high(tmp_path: Path, clock: FakeClock) -> None:
+    buf = full_buffer(tmp_path, clock)
     pad = "x" * 200
     try:
         # High first, then low, then normal: age alone would drop the high ones first.
@@ -535,13 +541,7 @@ def test_drop_oldest_under_a_steady_overflow_keeps_every_high_and_normal_reading
 ) -> None:
     # Found by an outside attack: a commit that did not fit after one round of dropping was
     # cut, dropping new high and normal readings while low ones stayed buffered.
-    buf = Buffer(
-        tmp_path / "buffer.db",
-        BufferConfig(max_bytes=1_048_576, when_full="drop_oldest", commit_interval_ms=10),
-        clock,
-    )
-    buf.set_priorities({HIGH_DS: HIGH, "low-ds": LOW})
-    buf.open()
+    buf = full_buffer(tmp_path, clock)
     pad = "x" * 200
     try:
         for n in range(200):  # 20,000 low readings into 1 MiB: low takes every drop
